@@ -1,0 +1,39 @@
+"""The repository: timelines, branches, LSN-versioned records and GetPage@LSN.
+
+Import the value types and :func:`open_repository` from here; the engine behind it is an
+implementation detail (SQLite today).
+"""
+
+from __future__ import annotations
+
+import os
+
+from zenith.storage.api import (
+    KEY_SIZE,
+    BranchInfo,
+    Record,
+    RecordKind,
+    Repository,
+    TimelineInfo,
+    WriteResult,
+    validate_branch_name,
+)
+from zenith.storage.sqlite import SqliteRepository
+
+__all__ = [
+    "KEY_SIZE",
+    "BranchInfo",
+    "Record",
+    "RecordKind",
+    "Repository",
+    "SqliteRepository",
+    "TimelineInfo",
+    "WriteResult",
+    "open_repository",
+    "validate_branch_name",
+]
+
+
+def open_repository(path: str | os.PathLike[str], *, durable: bool = True) -> SqliteRepository:
+    """Open (creating if needed) the repository database at ``path``."""
+    return SqliteRepository(path, durable=durable)

@@ -1,0 +1,155 @@
+"""The storage interface: value types and the calls every repository engine answers.
+
+The rest of zenith talks to storage only through :class:`Repository`, so another engine
+(LMDB, layer files) can replace the SQLite one by passing the same shared tests.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Final, Protocol
+
+from zenith.errors import InvalidArgument
+from zenith.ids import TimelineId
+from zenith.lsn import Lsn
+
+KEY_SIZE: Final = 18
+MAX_PAYLOAD: Final = 64 * 1024 * 1024
+#: Largest LSN storage accepts: SQLite integers are signed 64-bit.
+MAX_STORED_LSN: Final = Lsn((1 << 63) - 1)
+
+_BRANCH_NAME: Final = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._/-]{0,254}")
+
+
+class RecordKind(IntEnum):
+    IMAGE = 0  # the whole value at that LSN
+    DELTA = 1  # a change on top of the previous value, applied by the redo registry
+    TOMBSTONE = 2  # the key has no value from that LSN on
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    key: bytes
+    lsn: Lsn
+    kind: RecordKind
+    payload: bytes = b""
+
+    def validate(self) -> None:
+        """Raise :class:`InvalidArgument` unless this record can be stored."""
+        if not isinstance(self.key, bytes) or len(self.key) != KEY_SIZE:
+            raise InvalidArgument(f"a key is {KEY_SIZE} bytes, got {self.key!r:.60}")
+        if not isinstance(self.lsn, int) or not 0 < self.lsn <= MAX_STORED_LSN:
+            raise InvalidArgument(f"record LSN {self.lsn!r} is out of range")
+        if not isinstance(self.kind, RecordKind):
+            raise InvalidArgument(f"unknown record kind {self.kind!r}")
+        if not isinstance(self.payload, bytes) or len(self.payload) > MAX_PAYLOAD:
+            raise InvalidArgument("a payload is bytes of at most 64 MiB")
+        if self.kind is RecordKind.TOMBSTONE and self.payload:
+            raise InvalidArgument("a tombstone carries no payload")
+        if self.kind is RecordKind.DELTA and not self.payload:
+            raise InvalidArgument("a delta needs a payload naming its redo type")
+
+
+@dataclass(frozen=True, slots=True)
+class TimelineInfo:
+    timeline_id: TimelineId
+    ancestor_id: TimelineId | None
+    ancestor_lsn: Lsn | None
+    last_record_lsn: Lsn
+    #: Reads below this LSN are refused (an imported base backup is consistent only from
+    #: its end LSN; a child timeline starts at its branch point).
+    min_readable_lsn: Lsn
+
+    @property
+    def start_lsn(self) -> Lsn:
+        return self.ancestor_lsn if self.ancestor_lsn is not None else Lsn(0)
+
+
+@dataclass(frozen=True, slots=True)
+class BranchInfo:
+    name: str
+    timeline: TimelineInfo
+
+
+@dataclass(frozen=True, slots=True)
+class WriteResult:
+    records: int
+    last_record_lsn: Lsn
+
+
+def validate_branch_name(name: str) -> str:
+    """Branch names follow git's rules loosely: no spaces, ``@``, ``:``, ``..`` or leading -."""
+    if (
+        not isinstance(name, str)
+        or _BRANCH_NAME.fullmatch(name) is None
+        or ".." in name
+        or name.endswith(("/", ".", ".lock"))
+        or "//" in name
+        or TimelineId.looks_like(name)
+    ):
+        raise InvalidArgument(
+            f"invalid branch name {name!r}",
+            hint="use letters, digits, '_', '-', '.', '/' (no '..', no 32-hex-digit names)",
+        )
+    return name
+
+
+class Repository(Protocol):
+    """What the pageserver needs from storage. All calls are thread-safe."""
+
+    # timelines -----------------------------------------------------------------------------
+    def create_timeline(
+        self,
+        timeline_id: TimelineId | None = None,
+        ancestor: tuple[TimelineId, Lsn] | None = None,
+        *,
+        min_readable_lsn: Lsn | None = None,
+    ) -> TimelineInfo: ...
+
+    def get_timeline(self, timeline_id: TimelineId) -> TimelineInfo: ...
+
+    def list_timelines(self) -> list[TimelineInfo]: ...
+
+    def set_min_readable_lsn(self, timeline_id: TimelineId, lsn: Lsn) -> None: ...
+
+    # branches ------------------------------------------------------------------------------
+    def create_branch(
+        self, name: str, source: str | TimelineId | None = None, lsn: Lsn | None = None
+    ) -> BranchInfo: ...
+
+    def set_branch(self, name: str, timeline_id: TimelineId) -> BranchInfo: ...
+
+    def get_branch(self, name: str) -> BranchInfo: ...
+
+    def list_branches(self) -> list[BranchInfo]: ...
+
+    def delete_branch(self, name: str) -> None: ...
+
+    def resolve(self, name_or_id: str) -> TimelineInfo: ...
+
+    # records -------------------------------------------------------------------------------
+    def put_records(
+        self,
+        timeline_id: TimelineId,
+        records: Iterable[Record],
+        last_record_lsn: Lsn | None = None,
+    ) -> WriteResult: ...
+
+    def get_value(self, timeline_id: TimelineId, key: bytes, lsn: Lsn) -> bytes | None: ...
+
+    def iter_records(self, timeline_id: TimelineId, after: Lsn, upto: Lsn) -> Iterator[Record]: ...
+
+    def count_records(self, timeline_id: TimelineId, after: Lsn, upto: Lsn) -> tuple[int, int]:
+        """Number of records and payload bytes with lsn in ``(after, upto]``."""
+        ...
+
+    def materialize(self, timeline_id: TimelineId, lsn: Lsn) -> Iterator[tuple[bytes, bytes]]:
+        """Every key with a value at ``lsn`` and that value, in key order."""
+        ...
+
+    def digest(self, timeline_id: TimelineId, lsn: Lsn) -> str: ...
+
+    def close(self) -> None: ...
