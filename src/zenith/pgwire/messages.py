@@ -3,29 +3,16 @@
 Server and client share this one module. Each message is a frozen dataclass with an
 ``encode()`` method that returns its bytes on the wire; a :class:`Decoder` is fed chunks of
 bytes exactly as they come off a socket (in any split) and hands back complete messages.
-Nothing here reads or writes a socket, so the codec is unit-tested and fuzzed without one;
-``server.py`` and ``client.py`` only drive it from asyncio streams.
+Nothing here (nor in ``decoder.py``) reads or writes a socket, so the codec is unit-tested
+and fuzzed without one; ``server.py`` and ``client.py`` only drive it from asyncio streams.
 
-Two properties keep a hostile peer harmless:
-
-* every length prefix is checked (at least 4, at most a configurable maximum, exact for
-  fixed-size messages, a known type byte) as soon as its header has arrived, before the
-  body is buffered, so a header claiming 2 GiB fails at once instead of making us wait for,
-  or allocate, 2 GiB;
-* every body is parsed with bounds checks and must be consumed exactly; any mismatch is a
-  :class:`~zenith.errors.ProtocolViolation` (SQLSTATE 08P01).
-
-A connection starts in the *startup* phase, where frontend packets have no type byte
-(StartupMessage, SSLRequest, GSSENCRequest, CancelRequest); the decoder of frontend
-messages switches to typed messages by itself after a StartupMessage. Message type bytes
-mean different things in each direction (``D`` is DataRow from a backend but Describe from
-a frontend), so a decoder is built for one :class:`Sender`.
+The incremental :class:`~zenith.pgwire.decoder.Decoder` lives in ``decoder.py``.
 """
 
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum, IntEnum, StrEnum
 from typing import Final, TypeAlias
@@ -150,10 +137,10 @@ def _untyped(payload: bytes) -> bytes:
 
 
 # ---------------------------------------------------------------------------------------
-# Decoding helper: a bounds-checked cursor over one message body
+# Decoding helper: a bounds-checked cursor over one message body (used by decoder.py)
 
 
-class _Body:
+class BodyReader:
     __slots__ = ("_data", "_pos", "_what")
 
     def __init__(self, data: bytes, what: str):
@@ -253,32 +240,6 @@ class CancelRequest:
                         + _I32.pack(self.secret_key))
 
 
-def _decode_startup(data: bytes) -> StartupMessage | SSLRequest | GSSENCRequest | CancelRequest:
-    body = _Body(data, "startup packet")
-    code = body.int32()
-    if code == SSL_REQUEST_CODE:
-        body.end()
-        return SSLRequest()
-    if code == GSSENC_REQUEST_CODE:
-        body.end()
-        return GSSENCRequest()
-    if code == CANCEL_REQUEST_CODE:
-        message = CancelRequest(body.int32(), body.int32())
-        body.end()
-        return message
-    if code >> 16 != 3:
-        # Another protocol's layout: keep only the version so the server can refuse it.
-        return StartupMessage((), code)
-    pairs: list[tuple[str, str]] = []
-    while True:
-        name = body.cstr()
-        if not name:
-            break
-        pairs.append((name, body.cstr()))
-    body.end()
-    return StartupMessage(tuple(pairs), code)
-
-
 # ---------------------------------------------------------------------------------------
 # Typed frontend messages
 
@@ -308,13 +269,13 @@ class AuthenticationResponse:
         return _typed(FrontendType.PASSWORD, self.payload)
 
     def to_password(self) -> PasswordMessage:
-        body = _Body(self.payload, "password")
+        body = BodyReader(self.payload, "password")
         message = PasswordMessage(body.cstr())
         body.end()
         return message
 
     def to_sasl_initial(self) -> SASLInitialResponse:
-        body = _Body(self.payload, "SASL initial response")
+        body = BodyReader(self.payload, "SASL initial response")
         mechanism = body.cstr()
         length = body.int32()
         data = None if length == -1 else body.take(length)
@@ -341,10 +302,8 @@ class SASLInitialResponse:
     data: bytes | None
 
     def encode(self) -> bytes:
-        if self.data is None:
-            tail = _I32.pack(-1)
-        else:
-            tail = _I32.pack(len(self.data)) + self.data
+        length = -1 if self.data is None else len(self.data)
+        tail = _I32.pack(length) + (self.data or b"")
         return _typed(FrontendType.PASSWORD, _cstr(self.mechanism) + tail)
 
 
@@ -621,29 +580,29 @@ class NoticeResponse(_FieldsMessage):
 
 
 @dataclass(frozen=True)
-class _CopyResponse:
+class CopyResponse:
     format_code: int = 0
     column_formats: tuple[int, ...] = ()
     _type = BackendType.COPY_BOTH_RESPONSE
 
     def encode(self) -> bytes:
-        body = struct.pack("!bh", self.format_code, len(self.column_formats))
+        body = struct.pack("!Bh", self.format_code, len(self.column_formats))
         body += b"".join(_I16.pack(f) for f in self.column_formats)
         return _typed(self._type, body)
 
 
 @dataclass(frozen=True)
-class CopyInResponse(_CopyResponse):
+class CopyInResponse(CopyResponse):
     _type = BackendType.COPY_IN_RESPONSE
 
 
 @dataclass(frozen=True)
-class CopyOutResponse(_CopyResponse):
+class CopyOutResponse(CopyResponse):
     _type = BackendType.COPY_OUT_RESPONSE
 
 
 @dataclass(frozen=True)
-class CopyBothResponse(_CopyResponse):
+class CopyBothResponse(CopyResponse):
     _type = BackendType.COPY_BOTH_RESPONSE
 
 
@@ -672,8 +631,8 @@ class OtherBackendMessage:
 
 FrontendMessage: TypeAlias = (
     StartupMessage | SSLRequest | GSSENCRequest | CancelRequest | Query | Terminate
-    | AuthenticationResponse | CopyData | CopyDone | CopyFail | Sync | Flush
-    | ExtendedQueryMessage
+    | AuthenticationResponse | PasswordMessage | SASLInitialResponse | SASLResponse
+    | CopyData | CopyDone | CopyFail | Sync | Flush | ExtendedQueryMessage
 )
 BackendMessage: TypeAlias = (
     AuthenticationOk | AuthenticationCleartextPassword | AuthenticationMD5Password
@@ -684,273 +643,6 @@ BackendMessage: TypeAlias = (
     | NegotiateProtocolVersion | OtherBackendMessage
 )
 Message: TypeAlias = FrontendMessage | BackendMessage
-
-
-# ---------------------------------------------------------------------------------------
-# Body decoders, one per type byte and direction
-
-
-def _empty(factory: Callable[[], Message]) -> Callable[[_Body], Message]:
-    def decode(body: _Body) -> Message:
-        body.end()
-        return factory()
-
-    return decode
-
-
-def _one_cstr(factory: Callable[[str], Message]) -> Callable[[_Body], Message]:
-    def decode(body: _Body) -> Message:
-        value = body.cstr()
-        body.end()
-        return factory(value)
-
-    return decode
-
-
-def _decode_authentication(body: _Body) -> Message:
-    code = body.int32()
-    if code == AuthCode.OK:
-        body.end()
-        return AuthenticationOk()
-    if code == AuthCode.CLEARTEXT_PASSWORD:
-        body.end()
-        return AuthenticationCleartextPassword()
-    if code == AuthCode.MD5_PASSWORD:
-        salt = body.take(4)
-        body.end()
-        return AuthenticationMD5Password(salt)
-    if code == AuthCode.SASL:
-        mechanisms = []
-        while (name := body.cstr()) != "":
-            mechanisms.append(name)
-        body.end()
-        return AuthenticationSASL(tuple(mechanisms))
-    if code == AuthCode.SASL_CONTINUE:
-        return AuthenticationSASLContinue(body.rest())
-    if code == AuthCode.SASL_FINAL:
-        return AuthenticationSASLFinal(body.rest())
-    return AuthenticationOther(code, body.rest())
-
-
-def _decode_fields(body: _Body) -> tuple[tuple[str, str], ...]:
-    fields = []
-    while (code := body.byte()) != 0:
-        fields.append((chr(code), body.cstr()))  # chr() of a byte: latin-1, as encode()
-    body.end()
-    return tuple(fields)
-
-
-def _decode_row_description(body: _Body) -> Message:
-    count = body.int16()
-    if count < 0:
-        raise ProtocolViolation("invalid RowDescription message: negative field count")
-    fields = []
-    for _ in range(count):
-        name = body.cstr()
-        table_oid, column, type_oid, size, modifier, fmt = struct.unpack(
-            "!IhIhih", body.take(18))
-        fields.append(FieldDescription(name, type_oid, table_oid, column, size, modifier, fmt))
-    body.end()
-    return RowDescription(tuple(fields))
-
-
-def _decode_data_row(body: _Body) -> Message:
-    count = body.int16()
-    if count < 0:
-        raise ProtocolViolation("invalid DataRow message: negative column count")
-    values: list[bytes | None] = []
-    for _ in range(count):
-        length = body.int32()
-        values.append(None if length == -1 else body.take(length))
-    body.end()
-    return DataRow(tuple(values))
-
-
-def _decode_copy_response(cls: type[_CopyResponse]) -> Callable[[_Body], Message]:
-    def decode(body: _Body) -> Message:
-        fmt = body.byte()
-        count = body.int16()
-        if count < 0:
-            raise ProtocolViolation("invalid copy response: negative column count")
-        formats = tuple(body.int16() for _ in range(count))
-        body.end()
-        return cls(fmt, formats)  # type: ignore[return-value]
-
-    return decode
-
-
-def _decode_negotiate(body: _Body) -> Message:
-    newest = body.int32()
-    count = body.int32()
-    if count < 0:
-        raise ProtocolViolation("invalid NegotiateProtocolVersion: negative option count")
-    options = tuple(body.cstr() for _ in range(count))
-    body.end()
-    return NegotiateProtocolVersion(newest, options)
-
-
-def _decode_ready(body: _Body) -> Message:
-    raw = body.take(1)
-    body.end()
-    try:
-        return ReadyForQuery(TransactionStatus(raw.decode("ascii")))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise ProtocolViolation(f"invalid ReadyForQuery status {raw!r}") from exc
-
-
-def _decode_key_data(body: _Body) -> Message:
-    message = BackendKeyData(body.int32(), body.int32())
-    body.end()
-    return message
-
-
-def _extended(kind: FrontendType) -> Callable[[_Body], Message]:
-    return lambda body: ExtendedQueryMessage(kind, body.rest())
-
-
-def _other(kind: BackendType) -> Callable[[_Body], Message]:
-    return lambda body: OtherBackendMessage(kind, body.rest())
-
-
-def _parameter_status(body: _Body) -> Message:
-    message = ParameterStatus(body.cstr(), body.cstr())
-    body.end()
-    return message
-
-
-_FRONTEND_DECODERS: Final[Mapping[int, Callable[[_Body], Message]]] = {
-    FrontendType.QUERY: _one_cstr(Query),
-    FrontendType.TERMINATE: _empty(Terminate),
-    FrontendType.PASSWORD: lambda body: AuthenticationResponse(body.rest()),
-    FrontendType.COPY_DATA: lambda body: CopyData(body.rest()),
-    FrontendType.COPY_DONE: _empty(CopyDone),
-    FrontendType.COPY_FAIL: _one_cstr(CopyFail),
-    FrontendType.SYNC: _empty(Sync),
-    FrontendType.FLUSH: _empty(Flush),
-    **{kind: _extended(kind) for kind in (
-        FrontendType.PARSE, FrontendType.BIND, FrontendType.DESCRIBE, FrontendType.EXECUTE,
-        FrontendType.CLOSE, FrontendType.FUNCTION_CALL)},
-}
-
-_BACKEND_DECODERS: Final[Mapping[int, Callable[[_Body], Message]]] = {
-    BackendType.AUTHENTICATION: _decode_authentication,
-    BackendType.PARAMETER_STATUS: _parameter_status,
-    BackendType.BACKEND_KEY_DATA: _decode_key_data,
-    BackendType.READY_FOR_QUERY: _decode_ready,
-    BackendType.ROW_DESCRIPTION: _decode_row_description,
-    BackendType.DATA_ROW: _decode_data_row,
-    BackendType.COMMAND_COMPLETE: _one_cstr(CommandComplete),
-    BackendType.EMPTY_QUERY_RESPONSE: _empty(EmptyQueryResponse),
-    BackendType.ERROR_RESPONSE: lambda body: ErrorResponse(_decode_fields(body)),
-    BackendType.NOTICE_RESPONSE: lambda body: NoticeResponse(_decode_fields(body)),
-    BackendType.COPY_IN_RESPONSE: _decode_copy_response(CopyInResponse),
-    BackendType.COPY_OUT_RESPONSE: _decode_copy_response(CopyOutResponse),
-    BackendType.COPY_BOTH_RESPONSE: _decode_copy_response(CopyBothResponse),
-    BackendType.COPY_DATA: lambda body: CopyData(body.rest()),
-    BackendType.COPY_DONE: _empty(CopyDone),
-    BackendType.NEGOTIATE_PROTOCOL_VERSION: _decode_negotiate,
-    **{kind: _other(kind) for kind in (
-        BackendType.NOTIFICATION_RESPONSE, BackendType.PARSE_COMPLETE,
-        BackendType.BIND_COMPLETE, BackendType.CLOSE_COMPLETE, BackendType.NO_DATA,
-        BackendType.PARAMETER_DESCRIPTION, BackendType.PORTAL_SUSPENDED,
-        BackendType.FUNCTION_CALL_RESPONSE)},
-}
-
-# Messages whose length is fixed by the protocol: anything else is a violation.
-_FIXED_LENGTH: Final[Mapping[Sender, Mapping[int, int]]] = {
-    Sender.FRONTEND: {FrontendType.TERMINATE: 4, FrontendType.COPY_DONE: 4,
-                      FrontendType.SYNC: 4, FrontendType.FLUSH: 4},
-    Sender.BACKEND: {BackendType.READY_FOR_QUERY: 5, BackendType.BACKEND_KEY_DATA: 12,
-                     BackendType.COPY_DONE: 4, BackendType.EMPTY_QUERY_RESPONSE: 4},
-}
-
-
-def _type_name(code: int) -> str:
-    return repr(chr(code)) if 32 < code < 127 else str(code)
-
-
-class Decoder:
-    """Incremental decoder of the messages sent by one side of a connection.
-
-    ``feed()`` appends bytes and checks the header of the next message at once;
-    ``next()`` returns the next complete message or ``None`` when more bytes are needed.
-    Both raise :class:`ProtocolViolation` on malformed input; the decoder is then unusable
-    (the connection must be closed). ``max_message_size`` may be changed between messages
-    (the server keeps it small until the client has authenticated).
-    """
-
-    def __init__(self, sender: Sender, *, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
-                 max_startup_size: int = MAX_STARTUP_PACKET_SIZE):
-        self.sender = sender
-        self.max_message_size = max_message_size
-        self.max_startup_size = max_startup_size
-        #: True while untyped startup packets are expected (frontend decoders only).
-        self.in_startup = sender is Sender.FRONTEND
-        self._decoders = _FRONTEND_DECODERS if sender is Sender.FRONTEND else _BACKEND_DECODERS
-        self._buf = bytearray()
-        self._pos = 0
-
-    @property
-    def buffered(self) -> int:
-        """Bytes received and not yet returned as messages."""
-        return len(self._buf) - self._pos
-
-    def feed(self, data: bytes | bytearray | memoryview) -> None:
-        if self._pos:
-            del self._buf[: self._pos]
-            self._pos = 0
-        self._buf += data
-        self._header()
-
-    def _header(self) -> tuple[int | None, int] | None:
-        """Validate the next message's header if it has arrived: (type byte, total size)."""
-        avail = len(self._buf) - self._pos
-        if self.in_startup:
-            if avail < 4:
-                return None
-            length = _U32.unpack_from(self._buf, self._pos)[0]
-            if length < 8 or length > self.max_startup_size:
-                raise ProtocolViolation(f"invalid length of startup packet: {length}")
-            return None, length
-        if avail < 5:
-            return None
-        code = self._buf[self._pos]
-        length = _U32.unpack_from(self._buf, self._pos + 1)[0]
-        if code not in self._decoders:
-            raise ProtocolViolation(
-                f"invalid {self.sender.value} message type {_type_name(code)}")
-        if length < 4:
-            raise ProtocolViolation(f"invalid message length {length}")
-        if length > self.max_message_size - 1:
-            raise ProtocolViolation(
-                f"message of type {_type_name(code)} is too large: {length} bytes claimed, "
-                f"limit {self.max_message_size}")
-        fixed = _FIXED_LENGTH[self.sender].get(code)
-        if fixed is not None and length != fixed:
-            raise ProtocolViolation(
-                f"invalid length {length} for message type {_type_name(code)}")
-        return code, length + 1
-
-    def next(self) -> Message | None:
-        header = self._header()
-        if header is None:
-            return None
-        code, size = header
-        if len(self._buf) - self._pos < size:
-            return None
-        start = self._pos
-        self._pos += size
-        if code is None:
-            message: Message = _decode_startup(bytes(self._buf[start + 4 : start + size]))
-            if isinstance(message, StartupMessage):
-                self.in_startup = False
-            return message
-        body = _Body(bytes(self._buf[start + 5 : start + size]), _type_name(code))
-        return self._decoders[code](body)
-
-    def __iter__(self) -> Iterator[Message]:
-        while (message := self.next()) is not None:
-            yield message
 
 
 def encode_all(messages: Sequence[Message]) -> bytes:

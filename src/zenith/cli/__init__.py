@@ -1,0 +1,1 @@
+"""The ``zenith`` command. It reaches the local pageserver only over the wire protocol."""

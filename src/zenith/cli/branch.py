@@ -1,0 +1,89 @@
+"""``zenith branch``: list branches as a tree, create and delete them."""
+
+from __future__ import annotations
+
+import click
+
+from zenith.cli.local import Answer
+from zenith.cli.context import Repo, pass_repo
+
+
+@click.group()
+def branch() -> None:
+    """List, create and delete branches."""
+
+
+def render_tree(answer: Answer) -> list[str]:
+    """Branches as a tree of timelines: a child under the branch its timeline descends from."""
+    rows = answer.dicts()
+    by_timeline: dict[str, list[dict[str, str | None]]] = {}
+    for row in rows:
+        by_timeline.setdefault(str(row["timeline_id"]), []).append(row)
+    children: dict[str | None, list[dict[str, str | None]]] = {}
+    for row in rows:
+        parent = row["ancestor_timeline_id"]
+        children.setdefault(parent if parent in by_timeline else None, []).append(row)
+
+    def ancestor_text(row: dict[str, str | None]) -> str:
+        parent = row["ancestor_timeline_id"]
+        if parent is None:
+            return "-"
+        names = by_timeline.get(parent)
+        who = names[0]["name"] if names else parent[:8]
+        return f"{who}@{row['ancestor_lsn']}"
+
+    table: list[tuple[str, str, str, str]] = []
+
+    def walk(parent: str | None, prefix: str, depth: int) -> None:
+        kids = sorted(children.get(parent, []), key=lambda r: str(r["name"]))
+        for i, row in enumerate(kids):
+            last = i == len(kids) - 1
+            lead = "" if depth == 0 else prefix + ("└─ " if last else "├─ ")
+            table.append((lead + str(row["name"]), str(row["timeline_id"]), ancestor_text(row),
+                          str(row["last_record_lsn"])))
+            tid = str(row["timeline_id"])
+            if by_timeline[tid][0] is row:  # descend once per timeline
+                walk(tid, "" if depth == 0 else prefix + ("   " if last else "│  "), depth + 1)
+
+    walk(None, "", 0)
+    header = ("NAME", "TIMELINE", "ANCESTOR@LSN", "LAST_RECORD_LSN")
+    widths = [max(len(r[c]) for r in [header, *table]) for c in range(4)]
+    return [
+        "  ".join(cell.ljust(widths[c]) for c, cell in enumerate(r)).rstrip()
+        for r in [header, *table]
+    ]
+
+
+@branch.command("list")
+@pass_repo
+def list_(repo: Repo) -> None:
+    """Show branches as a tree: name, timeline id, ancestor@LSN, last record LSN."""
+    answer = repo.query("branch_list")
+    if not answer.rows:
+        click.echo("no branches yet (create one with `zenith branch create NAME`)")
+        return
+    for line in render_tree(answer):
+        click.echo(line)
+
+
+@branch.command()
+@click.argument("name")
+@click.option("--from", "source", metavar="BRANCH[@LSN]",
+              help="Branch (or timeline id) to start from, at LSN (default: its last record).")
+@pass_repo
+def create(repo: Repo, name: str, source: str | None) -> None:
+    """Create branch NAME, empty or from another branch at an LSN."""
+    words = ["branch_create", name] + ([source] if source else [])
+    row = repo.query(*words).dicts()[0]
+    where = f" from {source}" if source else ""
+    click.echo(f"created branch {row['name']}{where}: timeline {row['timeline_id']} "
+               f"at {row['last_record_lsn']}")
+
+
+@branch.command()
+@click.argument("name")
+@pass_repo
+def delete(repo: Repo, name: str) -> None:
+    """Remove branch NAME (history other branches descend from is kept)."""
+    repo.query("branch_delete", name)
+    click.echo(f"deleted branch {name}")

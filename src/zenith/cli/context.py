@@ -1,0 +1,51 @@
+"""What every ``zenith`` command shares: the repository it works on, and error reporting."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from zenith.cli import local
+from zenith.errors import ZenithError
+from zenith.pageserver.config import RepoConfig
+
+
+class ZenithGroup(click.Group):
+    """Turns zenith's errors into one line on stderr and a non-zero exit status."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except ZenithError as exc:
+            click.secho(f"error: {exc.message}", fg="red", err=True)
+            if exc.detail:
+                click.echo(f"detail: {exc.detail}", err=True)
+            if exc.hint:
+                click.echo(f"hint: {exc.hint}", err=True)
+            ctx.exit(1)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            ctx.exit(130)
+
+
+class Repo:
+    """The repository directory the command works on (``-D``, ``ZENITH_REPO_DIR``, ./.zenith)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._config: RepoConfig | None = None
+
+    @property
+    def config(self) -> RepoConfig:
+        if self._config is None:
+            self._config = RepoConfig.load(self.path)
+        return self._config
+
+    def query(self, *words: str, **kw: Any) -> local.Answer:
+        """Run a command whose words are quoted so that no argument can split or inject."""
+        return local.query(self.config, local.command_text(*words), **kw)
+
+
+pass_repo = click.make_pass_decorator(Repo)

@@ -1,0 +1,52 @@
+"""Talking to the local pageserver: one simple query over pgwire with the CLI's credentials."""
+
+from __future__ import annotations
+
+import asyncio
+import shlex
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from zenith.errors import ConnectionFailed
+from zenith.pageserver.config import RepoConfig
+from zenith.pgwire.client import QueryResult, connect
+
+NoticeFn = Callable[[str], None]
+
+
+@dataclass
+class Answer:
+    columns: list[str]
+    rows: list[list[str | None]]
+    tag: str
+
+    def dicts(self) -> list[dict[str, str | None]]:
+        return [dict(zip(self.columns, row, strict=True)) for row in self.rows]
+
+
+async def _run(config: RepoConfig, sql: str, on_notice: NoticeFn | None, timeout: float) -> Answer:
+    try:
+        conn = await connect(config.local_uri(), timeout=timeout)
+    except ConnectionFailed as exc:
+        raise ConnectionFailed(
+            f"cannot reach the pageserver at {config.listen}: {exc.message}",
+            hint="start it with `zenith start` (or `zenith pageserver` in the foreground)",
+        ) from exc
+    async with conn:
+        if on_notice is not None:
+            notify = on_notice
+            conn.on_notice = lambda notice: notify(notice.message)
+        result: QueryResult = await conn.simple_query(sql)
+    return Answer(list(result.columns), [list(r) for r in result.rows], result.command_tag or "")
+
+
+def command_text(*words: str) -> str:
+    """A command line for the pageserver, each word quoted as its parser (shlex) expects."""
+    return " ".join(shlex.quote(w) for w in words)
+
+
+def query(
+    config: RepoConfig, sql: str, *, on_notice: NoticeFn | None = None, timeout: float = 10.0
+) -> Answer:
+    """Run ``sql`` on the local pageserver; a ZenithError carries the server's error."""
+    return asyncio.run(_run(config, sql, on_notice, timeout))

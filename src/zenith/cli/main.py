@@ -1,0 +1,191 @@
+"""``zenith``: the command line. Every verb but ``init``, ``pageserver``, ``start`` and ``stop``
+asks the local pageserver over the wire protocol, so the CLI holds no storage logic.
+
+Errors from anywhere arrive as :class:`ZenithError` and are printed as ``error: ...`` (with
+the server's hint), exit status 1; a usage error is click's, exit status 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+import click
+
+from zenith import __version__
+from zenith.cli.branch import branch
+from zenith.cli.context import Repo, ZenithGroup, pass_repo
+from zenith.cli.user import user
+from zenith.errors import InvalidArgument, ZenithError
+from zenith.pageserver.config import AUTH_METHODS, DEFAULT_LISTEN, RepoConfig, resolve_repo_dir
+from zenith.pageserver.daemon import running_pid
+
+
+@click.group(cls=ZenithGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "-D",
+    "--repo-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    envvar="ZENITH_REPO_DIR",
+    help="Repository directory (default: ./.zenith, or $ZENITH_REPO_DIR).",
+)
+@click.version_option(__version__, prog_name="zenith")
+@click.pass_context
+def main(ctx: click.Context, repo_dir: Path | None) -> None:
+    """zenith: a PostgreSQL pageserver with git-like push and pull of branches."""
+    ctx.obj = Repo(resolve_repo_dir(repo_dir))
+
+
+# -- repository and daemon --------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--listen", default=DEFAULT_LISTEN, show_default=True, help="HOST:PORT to listen on.")
+@click.option(
+    "--auth-method",
+    type=click.Choice(AUTH_METHODS),
+    default="scram-sha-256",
+    show_default=True,
+    help="How clients authenticate (trust: no password, only for trusted networks).",
+)
+@pass_repo
+def init(repo: Repo, listen: str, auth_method: str) -> None:
+    """Create a repository with an admin user for the local CLI."""
+    from zenith.pageserver.users import Role, UserStore
+    from zenith.pgwire.auth import StoredUser
+    from zenith.storage import open_repository
+
+    config, password = RepoConfig.create(repo.path, listen=listen, auth_method=auth_method)
+    open_repository(config.db_path).close()
+    admin = StoredUser.from_password(config.cli_credentials[0], password, str(Role.ADMIN))
+    UserStore(config.users_path).add(admin.name, Role.ADMIN, admin.scram_verifier or "",
+                                     admin.md5_hash)
+    click.echo(f"Initialized zenith repository in {repo.path}")
+    click.echo(f"  listen address: {config.listen} (auth {auth_method})")
+    click.echo(f"  admin user \"{admin.name}\": password kept in {config.path / 'config.toml'} "
+               "(mode 0600) for the local CLI")
+
+
+@main.command()
+@click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
+@pass_repo
+def pageserver(repo: Repo, verbose: bool) -> None:
+    """Run the pageserver in the foreground (logs to stderr; stop with Ctrl-C or SIGTERM)."""
+    from zenith.pageserver.daemon import run_pageserver
+
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    run_pageserver(repo.config)
+
+
+@main.command()
+@click.option("--timeout", default=15.0, show_default=True, help="Seconds to wait for it to serve.")
+@pass_repo
+def start(repo: Repo, timeout: float) -> None:
+    """Start the pageserver in the background (log: pageserver.log in the repository)."""
+    config = repo.config
+    pid = running_pid(config.pid_path)
+    if pid is not None:
+        raise InvalidArgument(f"the pageserver is already running (pid {pid})")
+    with open(config.log_path, "ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "zenith.cli", "-D", str(config.path), "pageserver"],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+            close_fds=True,
+        )
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            tail = config.log_path.read_text(errors="replace").splitlines()[-5:]
+            raise InvalidArgument(
+                f"the pageserver exited with status {proc.returncode} while starting",
+                detail="\n".join(tail),
+            )
+        try:
+            repo.query("status", timeout=2.0)
+            break
+        except ZenithError:
+            if time.monotonic() > deadline:
+                proc.terminate()
+                raise
+            time.sleep(0.1)
+    click.echo(f"pageserver started (pid {proc.pid}), listening on {config.listen}")
+
+
+@main.command()
+@click.option("--timeout", default=30.0, show_default=True, help="Seconds to wait for it to stop.")
+@pass_repo
+def stop(repo: Repo, timeout: float) -> None:
+    """Stop the background pageserver and wait until it has shut down cleanly."""
+    import signal
+
+    config = repo.config
+    pid = running_pid(config.pid_path)
+    if pid is None:
+        raise InvalidArgument("the pageserver is not running")
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while running_pid(config.pid_path) is not None:
+        if time.monotonic() > deadline:
+            raise InvalidArgument(f"the pageserver (pid {pid}) did not stop in {timeout:.0f} s")
+        time.sleep(0.05)
+    click.echo(f"pageserver stopped (pid {pid})")
+
+
+@main.command()
+@pass_repo
+def status(repo: Repo) -> None:
+    """Show whether the pageserver runs and what it serves."""
+    answer = repo.query("status").dicts()[0]
+    click.echo(f"pageserver {answer['server_version']} on {answer['listen_address']}")
+    click.echo(f"  repository {answer['repository_id']} at {repo.path}")
+    click.echo(f"  up {answer['uptime_seconds']} s; you are {answer['user']} ({answer['role']})")
+
+
+# -- history ----------------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("branch")
+@click.option("--pages", type=click.IntRange(1, 1 << 24), required=True, help="Pages per round.")
+@click.option("--rounds", type=click.IntRange(1, 1 << 20), default=1, show_default=True,
+              help="Rounds; each rewrites every page at growing LSNs.")
+@click.option("--seed", type=click.IntRange(0, 1 << 62), default=0, show_default=True)
+@click.option("--page-size", type=click.IntRange(16, 1 << 20), default=8192, show_default=True)
+@pass_repo
+def generate(repo: Repo, branch: str, pages: int, rounds: int, seed: int, page_size: int) -> None:
+    """Write deterministic synthetic page history into BRANCH (created if missing)."""
+    answer = repo.query(
+        "generate", branch, str(pages), str(rounds), str(seed), str(page_size),
+        on_notice=lambda m: click.echo(f"  {m}", err=True),
+        timeout=3600.0,
+    ).dicts()[0]
+    click.echo(
+        f"{branch}: {answer['records']} records, "
+        f"{answer['start_lsn']}..{answer['last_record_lsn']}"
+    )
+
+
+@main.command()
+@click.argument("target", metavar="BRANCH[@LSN]")
+@pass_repo
+def digest(repo: Repo, target: str) -> None:
+    """Print a hash of BRANCH's whole state at LSN (default: its last record LSN)."""
+    answer = repo.query("digest", target, timeout=3600.0).dicts()[0]
+    click.echo(f"{answer['digest']}  {answer['name']}@{answer['lsn']}")
+
+
+main.add_command(branch)
+main.add_command(user)
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,196 @@
+"""The repository directory and its ``config.toml``.
+
+Layout of a repository directory (``./.zenith`` unless ``-D``/``ZENITH_REPO_DIR`` say
+otherwise)::
+
+    config.toml      listen address, authentication, TLS, the local CLI's credentials (0600)
+    zenith.db        the repository (storage)
+    users.json       users and their SCRAM/MD5 verifiers, never passwords (0600)
+    pageserver.pid   pid of the running pageserver
+    pageserver.log   log of a pageserver started with ``zenith start``
+
+``config.toml`` is read and written with tomlkit, so comments a user adds survive.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import tomlkit
+import tomlkit.exceptions
+
+from zenith.errors import InvalidArgument, NotFound
+
+DEFAULT_LISTEN: Final = "127.0.0.1:64000"
+AUTH_METHODS: Final = ("scram-sha-256", "md5", "trust")
+CONFIG_FILE: Final = "config.toml"
+DB_FILE: Final = "zenith.db"
+USERS_FILE: Final = "users.json"
+PID_FILE: Final = "pageserver.pid"
+LOG_FILE: Final = "pageserver.log"
+ADMIN_USER: Final = "admin"
+
+_HOST_PORT: Final = re.compile(r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9.\-]+)):(?P<port>\d{1,5})")
+
+
+class RepoNotFound(NotFound):
+    pass
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:PORT`` for IPv6) to its parts."""
+    match = _HOST_PORT.fullmatch(text.strip()) if isinstance(text, str) else None
+    if match is None or not 0 < int(match["port"]) < 65536:
+        raise InvalidArgument(f"invalid listen address {text!r}: expected HOST:PORT")
+    return match["v6"] or match["host"], int(match["port"])
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically with mode 0600 (never readable by others)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def resolve_repo_dir(option: str | os.PathLike[str] | None) -> Path:
+    if option:
+        return Path(option)
+    env = os.environ.get("ZENITH_REPO_DIR")
+    return Path(env) if env else Path.cwd() / ".zenith"
+
+
+@dataclass
+class RepoConfig:
+    """A repository directory and its parsed ``config.toml``."""
+
+    path: Path
+    doc: tomlkit.TOMLDocument
+
+    # -- creation and loading --------------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls, path: Path, *, listen: str = DEFAULT_LISTEN, auth_method: str = "scram-sha-256"
+    ) -> tuple[RepoConfig, str]:
+        """Create the directory and ``config.toml``; returns the config and the admin
+        password generated for the local CLI."""
+        parse_listen(listen)
+        if auth_method not in AUTH_METHODS:
+            raise InvalidArgument(f"unknown auth method {auth_method!r}: one of {AUTH_METHODS}")
+        if (path / CONFIG_FILE).exists():
+            raise InvalidArgument(f"{path} already holds a zenith repository")
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        password = secrets.token_urlsafe(24)
+        doc = tomlkit.document()
+        doc.add(tomlkit.comment("zenith pageserver configuration"))
+        doc.add("listen", listen)
+        doc["listen"].comment("HOST:PORT the pageserver listens on")
+        doc.add("auth_method", auth_method)
+        doc["auth_method"].comment("scram-sha-256 | md5 | trust")
+        doc.add(tomlkit.comment('tls_cert_file = "server.crt"  # TLS when both are set'))
+        doc.add(tomlkit.comment('tls_key_file = "server.key"'))
+        doc.add(tomlkit.nl())
+        cli = tomlkit.table()
+        cli.add(tomlkit.comment("credentials the local `zenith` command uses to reach it"))
+        cli.add("user", ADMIN_USER)
+        cli.add("password", password)
+        doc.add("cli", cli)
+        config = cls(path, doc)
+        config.save()
+        return config, password
+
+    @classmethod
+    def load(cls, path: Path) -> RepoConfig:
+        file = path / CONFIG_FILE
+        try:
+            text = file.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise RepoNotFound(
+                f"no zenith repository at {path}",
+                hint="run `zenith init`, or point -D / ZENITH_REPO_DIR at one",
+            ) from None
+        try:
+            doc = tomlkit.parse(text)
+        except tomlkit.exceptions.TOMLKitError as exc:
+            raise InvalidArgument(f"{file} is not valid TOML: {exc}") from exc
+        config = cls(path, doc)
+        config.listen_address  # validate early
+        if config.auth_method not in AUTH_METHODS:
+            raise InvalidArgument(f"{file}: auth_method must be one of {AUTH_METHODS}")
+        return config
+
+    def save(self) -> None:
+        write_private(self.path / CONFIG_FILE, tomlkit.dumps(self.doc))
+
+    # -- values ----------------------------------------------------------------------------
+
+    def _get(self, name: str, default: Any = None) -> Any:
+        value = self.doc.get(name, default)
+        return value.unwrap() if hasattr(value, "unwrap") else value
+
+    @property
+    def listen(self) -> str:
+        return str(self._get("listen", DEFAULT_LISTEN))
+
+    @property
+    def listen_address(self) -> tuple[str, int]:
+        return parse_listen(self.listen)
+
+    @property
+    def auth_method(self) -> str:
+        return str(self._get("auth_method", "scram-sha-256"))
+
+    @property
+    def tls_files(self) -> tuple[Path, Path] | None:
+        cert, key = self._get("tls_cert_file"), self._get("tls_key_file")
+        if not cert or not key:
+            return None
+        return self.path / str(cert), self.path / str(key)
+
+    @property
+    def cli_credentials(self) -> tuple[str, str]:
+        cli = self._get("cli") or {}
+        return str(cli.get("user", ADMIN_USER)), str(cli.get("password", ""))
+
+    def local_uri(self) -> str:
+        """The URI the local CLI connects to (password included: never print it)."""
+        from urllib.parse import quote
+
+        host, port = self.listen_address
+        if host in ("0.0.0.0", ""):
+            host = "127.0.0.1"
+        elif host == "::":
+            host = "::1"
+        user, password = self.cli_credentials
+        shown = f"[{host}]" if ":" in host else host
+        return f"postgresql://{quote(user, safe='')}:{quote(password, safe='')}@{shown}:{port}/zenith"
+
+    @property
+    def db_path(self) -> Path:
+        return self.path / DB_FILE
+
+    @property
+    def users_path(self) -> Path:
+        return self.path / USERS_FILE
+
+    @property
+    def pid_path(self) -> Path:
+        return self.path / PID_FILE
+
+    @property
+    def log_path(self) -> Path:
+        return self.path / LOG_FILE

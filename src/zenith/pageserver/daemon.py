@@ -1,0 +1,148 @@
+"""The pageserver process: repository + users + pgwire listener, and its pid file.
+
+``run_pageserver`` serves in the foreground until SIGTERM or SIGINT, then stops listening,
+lets open connections finish briefly, closes the repository and removes the pid file. The
+pid file is locked (``flock``) for the life of the process, which is how ``zenith start``
+and a second ``zenith pageserver`` know that one is already running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import signal
+import ssl
+import time
+from pathlib import Path
+from typing import IO
+
+from zenith import __version__
+from zenith.errors import InvalidState
+from zenith.pageserver.config import RepoConfig
+from zenith.pageserver.page_service import dispatch
+from zenith.pageserver.users import UserStore
+from zenith.pgwire.server import ServerConfig, Session, close_server, start_server
+from zenith.storage import SqliteRepository, open_repository
+
+log = logging.getLogger("zenith.pageserver")
+
+
+class AlreadyRunning(InvalidState):
+    pass
+
+
+class PidFile:
+    """``pageserver.pid``: ``<pid>\\n<listen>\\n``, locked while the process lives."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file: IO[str] | None = None
+
+    def acquire(self, listen: str) -> None:
+        f = open(self.path, "a+", encoding="ascii")  # noqa: SIM115 - held for the lifetime
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            pid = running_pid(self.path)
+            raise AlreadyRunning(
+                f"a pageserver is already running on this repository (pid {pid})"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n{listen}\n")
+        f.flush()
+        self._file = f
+
+    def release(self) -> None:
+        if self._file is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+            self._file.close()
+            self._file = None
+
+
+def running_pid(path: Path) -> int | None:
+    """The pid of the pageserver holding the pid file's lock, or None if none does."""
+    try:
+        f = open(path, encoding="ascii")  # noqa: SIM115
+    except FileNotFoundError:
+        return None
+    with f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            first = f.readline().strip()
+            return int(first) if first.isdigit() else -1
+        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+        return None
+
+
+class Pageserver:
+    """What command handlers see: the repository, the users and the configuration."""
+
+    def __init__(self, config: RepoConfig, repo: SqliteRepository, users: UserStore) -> None:
+        self.config = config
+        self.repo = repo
+        self.users = users
+        self.listen = config.listen
+        self.started = time.monotonic()
+
+    async def handle(self, session: Session, query: str) -> None:
+        await dispatch(self, session, query)
+
+
+def _ssl_context(config: RepoConfig) -> ssl.SSLContext | None:
+    files = config.tls_files
+    if files is None:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(str(files[0]), str(files[1]))
+    return ctx
+
+
+async def serve(server: Pageserver, stop: asyncio.Event) -> None:
+    host, port = server.config.listen_address
+    listener = await start_server(
+        host,
+        port,
+        config=ServerConfig(
+            auth_method=server.config.auth_method,
+            ssl_context=_ssl_context(server.config),
+            server_version=f"15.0 (zenith {__version__})",
+        ),
+        credentials=server.users,
+        handler=server.handle,
+    )
+    log.info("zenith %s listening on %s (repository %s)", __version__, server.listen,
+             server.config.path)
+    try:
+        await stop.wait()
+    finally:
+        log.info("shutting down")
+        await close_server(listener, grace=5.0)
+
+
+def run_pageserver(config: RepoConfig) -> None:
+    """Serve in the foreground until SIGTERM/SIGINT."""
+    pid = PidFile(config.pid_path)
+    pid.acquire(config.listen)
+    repo = open_repository(config.db_path)
+    try:
+        server = Pageserver(config, repo, UserStore(config.users_path))
+
+        async def main() -> None:
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, stop.set)
+            await serve(server, stop)
+
+        asyncio.run(main())
+    finally:
+        repo.close()
+        pid.release()
+        log.info("stopped")

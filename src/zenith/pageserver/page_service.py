@@ -1,0 +1,310 @@
+"""The pageserver's commands: a dispatch table from command word to handler.
+
+Every simple-query string a client sends is either a statement that standard clients send
+around their work (``SET``, ``BEGIN``, ``COMMIT``, ...), answered as a no-op with the tag
+PostgreSQL would send, or one of the commands below. Arguments are separated by
+whitespace; a trailing ``;`` is ignored. ``docs/protocol.md`` documents each command and
+its answer; a handler checks the caller's role before it acts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import re
+import shlex
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final
+
+from zenith import __version__
+from zenith.errors import SyntaxError_, ZenithError
+from zenith.ids import TimelineId
+from zenith.lsn import Lsn
+from zenith.pageserver.users import Role, require
+from zenith.pgwire.server import Session
+from zenith.postgres.keys import DEFAULTTABLESPACE_OID, RelTag, rel_block_key
+from zenith.storage import KEY_SIZE, BranchInfo, Record, RecordKind, TimelineInfo
+
+if TYPE_CHECKING:
+    from zenith.pageserver.daemon import Pageserver
+
+Handler = Callable[["Pageserver", Session, list[str]], Awaitable[None]]
+
+BRANCH_COLUMNS: Final = [
+    "name",
+    "timeline_id",
+    "ancestor_timeline_id",
+    "ancestor_lsn",
+    "last_record_lsn",
+]
+
+#: Statements standard clients send on their own, answered with PostgreSQL's tags.
+_NOOPS: Final = [
+    (re.compile(r"set\b", re.I), "SET"),
+    (re.compile(r"reset\b", re.I), "RESET"),
+    (re.compile(r"begin\b", re.I), "BEGIN"),
+    (re.compile(r"start\s+transaction\b", re.I), "START TRANSACTION"),
+    (re.compile(r"(commit|end)\b", re.I), "COMMIT"),
+    (re.compile(r"(rollback|abort)\b", re.I), "ROLLBACK"),
+]
+
+
+@dataclass(frozen=True)
+class Command:
+    handler: Handler
+    usage: str
+    summary: str
+
+
+COMMANDS: dict[str, Command] = {}
+
+
+def command(name: str, usage: str, summary: str) -> Callable[[Handler], Handler]:
+    def register(fn: Handler) -> Handler:
+        COMMANDS[name] = Command(fn, f"{name} {usage}".strip(), summary)
+        return fn
+
+    return register
+
+
+async def dispatch(server: Pageserver, session: Session, query: str) -> None:
+    """Run one simple-query string. Raises :class:`ZenithError` for the client to see."""
+    text = query.strip().rstrip(";").strip()
+    for pattern, tag in _NOOPS:
+        if pattern.match(text):
+            await session.send_command_complete(tag)
+            return
+    try:
+        words = shlex.split(text)
+    except ValueError as exc:
+        raise SyntaxError_(f"cannot parse command: {exc}") from None
+    if not words:
+        await session.send_command_complete("")
+        return
+    name = words[0].lower()
+    cmd = COMMANDS.get(name)
+    if cmd is None:
+        raise SyntaxError_(
+            f'unknown command "{words[0]}"',
+            hint="commands: " + ", ".join(sorted(COMMANDS)),
+        )
+    try:
+        await cmd.handler(server, session, words[1:])
+    except _Usage as exc:
+        raise SyntaxError_(f"{exc}", hint=f"usage: {cmd.usage}") from None
+
+
+class _Usage(Exception):
+    """Bad arguments for a command; turned into a 42601 with the command's usage."""
+
+
+def _args(args: list[str], least: int, most: int) -> list[str]:
+    if not least <= len(args) <= most:
+        raise _Usage(f"expected {least}..{most} arguments, got {len(args)}" if least != most
+                     else f"expected {least} argument{'s' if least != 1 else ''}, got {len(args)}")
+    return args
+
+
+def _lsn(text: str) -> Lsn:
+    try:
+        return Lsn.parse(text)
+    except ValueError as exc:
+        raise _Usage(str(exc)) from None
+
+
+def _int(text: str, what: str, low: int, high: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise _Usage(f"{what} must be an integer, got {text!r}") from None
+    if not low <= value <= high:
+        raise _Usage(f"{what} must be in {low}..{high}, got {value}")
+    return value
+
+
+def split_at(text: str) -> tuple[str, Lsn | None]:
+    """``NAME[@LSN]`` to its parts."""
+    name, sep, lsn = text.partition("@")
+    if not name or (sep and not lsn):
+        raise _Usage(f"expected NAME[@LSN], got {text!r}")
+    return name, _lsn(lsn) if sep else None
+
+
+def timeline_row(name: str | None, tl: TimelineInfo) -> list[str | None]:
+    return [
+        name,
+        str(tl.timeline_id),
+        str(tl.ancestor_id) if tl.ancestor_id else None,
+        str(tl.ancestor_lsn) if tl.ancestor_lsn is not None else None,
+        str(tl.last_record_lsn),
+    ]
+
+
+def branch_rows(branches: Sequence[BranchInfo]) -> list[list[str | None]]:
+    return [timeline_row(b.name, b.timeline) for b in branches]
+
+
+# -- commands -------------------------------------------------------------------------------
+
+
+@command("status", "", "server version, repository id, listen address")
+async def _status(server: Pageserver, session: Session, args: list[str]) -> None:
+    _args(args, 0, 0)
+    uptime = f"{time.monotonic() - server.started:.0f}"
+    await session.send_rows(
+        ["server_version", "repository_id", "listen_address", "uptime_seconds", "user", "role"],
+        [[f"zenith {__version__}", server.repo.repository_id, server.listen, uptime,
+          session.user.name, session.user.role]],
+        "SELECT 1",
+    )
+
+
+@command("branch_list", "", "one row per branch")
+async def _branch_list(server: Pageserver, session: Session, args: list[str]) -> None:
+    _args(args, 0, 0)
+    rows = branch_rows(server.repo.list_branches())
+    await session.send_rows(BRANCH_COLUMNS, rows, f"SELECT {len(rows)}")
+
+
+@command("branch_create", "<name> [<branch-or-timeline>[@<lsn>]]", "create a branch")
+async def _branch_create(server: Pageserver, session: Session, args: list[str]) -> None:
+    _args(args, 1, 2)
+    require(session.user, Role.ADMIN, "create branches")
+    source, lsn = split_at(args[1]) if len(args) == 2 else (None, None)
+    info = await asyncio.to_thread(server.repo.create_branch, args[0], source, lsn)
+    await session.send_rows(BRANCH_COLUMNS, branch_rows([info]), "SELECT 1")
+
+
+@command("branch_delete", "<name>", "remove a branch name (data others depend on is kept)")
+async def _branch_delete(server: Pageserver, session: Session, args: list[str]) -> None:
+    _args(args, 1, 1)
+    require(session.user, Role.ADMIN, "delete branches")
+    await asyncio.to_thread(server.repo.delete_branch, args[0])
+    await session.send_command_complete("BRANCH_DELETE")
+
+
+@command("get_page", "<branch-or-timeline> <lsn> <key-hex>", "a key's value at an LSN")
+async def _get_page(server: Pageserver, session: Session, args: list[str]) -> None:
+    _args(args, 3, 3)
+    lsn = _lsn(args[1])
+    try:
+        key = bytes.fromhex(args[2])
+    except ValueError:
+        raise _Usage(f"key must be {KEY_SIZE} bytes in hex, got {args[2]!r:.60}") from None
+    if len(key) != KEY_SIZE:
+        raise _Usage(f"key must be {KEY_SIZE} bytes in hex, got {len(key)} bytes")
+    # A point lookup is fast enough to answer without a thread hop.
+    tl = server.repo.resolve(args[0])
+    value = server.repo.get_value(tl.timeline_id, key, lsn)
+    await session.send_rows(["page"], [[value]], "SELECT 1")
+
+
+@command("digest", "<branch-or-timeline>[@<lsn>]", "hash of the whole state at an LSN")
+async def _digest(server: Pageserver, session: Session, args: list[str]) -> None:
+    _args(args, 1, 1)
+    name, lsn = split_at(args[0])
+    tl = server.repo.resolve(name)
+    at = tl.last_record_lsn if lsn is None else lsn
+    digest = await asyncio.to_thread(server.repo.digest, tl.timeline_id, at)
+    await session.send_rows(
+        ["name", "timeline_id", "lsn", "digest"], [[name, str(tl.timeline_id), str(at), digest]],
+        "SELECT 1",
+    )
+
+
+@command(
+    "generate",
+    "<branch> <pages> <rounds> [<seed>] [<page-size>]",
+    "write deterministic synthetic page history (round r rewrites every page)",
+)
+async def _generate(server: Pageserver, session: Session, args: list[str]) -> None:
+    _args(args, 3, 5)
+    require(session.user, Role.ADMIN, "generate history")
+    pages = _int(args[1], "pages", 1, 1 << 24)
+    rounds = _int(args[2], "rounds", 1, 1 << 20)
+    seed = _int(args[3], "seed", 0, 1 << 62) if len(args) > 3 else 0
+    page_size = _int(args[4], "page size", 16, 1 << 20) if len(args) > 4 else 8192
+    repo = server.repo
+    try:
+        tl = repo.resolve(args[0])
+    except ZenithError:
+        if TimelineId.looks_like(args[0]):
+            raise
+        tl = (await asyncio.to_thread(repo.create_branch, args[0])).timeline
+    start = tl.last_record_lsn
+    total = 0
+    for r in range(rounds):
+        written = await asyncio.to_thread(
+            generate_round, server, tl.timeline_id, pages, seed, r, page_size
+        )
+        total += written
+        await session.send_notice(f"round {r + 1}/{rounds}: {total} records")
+    end = repo.get_timeline(tl.timeline_id).last_record_lsn
+    await session.send_rows(
+        ["name", "timeline_id", "start_lsn", "last_record_lsn", "records"],
+        [[args[0], str(tl.timeline_id), str(start), str(end), str(total)]],
+        "SELECT 1",
+    )
+
+
+SYNTHETIC_REL: Final = RelTag(DEFAULTTABLESPACE_OID, 5, 16384)
+_GEN_BATCH: Final = 1024
+
+
+def synthetic_page(seed: int, round_no: int, blkno: int, lsn: int, page_size: int) -> bytes:
+    """Page ``blkno`` as round ``round_no`` writes it: its LSN, then seeded bytes."""
+    rng = random.Random((seed << 40) ^ (round_no << 24) ^ blkno)
+    header = lsn.to_bytes(8, "big") + blkno.to_bytes(4, "big") + round_no.to_bytes(4, "big")
+    return (header + rng.randbytes(page_size - len(header)))[:page_size]
+
+
+def generate_round(
+    server: Pageserver, tid: TimelineId, pages: int, seed: int, round_no: int, page_size: int
+) -> int:
+    """Rewrite every page once, at growing LSNs after the timeline's last record."""
+    repo = server.repo
+    base = int(repo.get_timeline(tid).last_record_lsn)
+    step = page_size + 64  # as if each page were one WAL record with a full-page image
+    for first in range(0, pages, _GEN_BATCH):
+        batch = [
+            Record(
+                rel_block_key(SYNTHETIC_REL, blk),
+                Lsn(base + (blk + 1) * step),
+                RecordKind.IMAGE,
+                synthetic_page(seed, round_no, blk, base + (blk + 1) * step, page_size),
+            )
+            for blk in range(first, min(pages, first + _GEN_BATCH))
+        ]
+        repo.put_records(tid, batch)
+    return pages
+
+
+
+@command("user_add", "<name> <admin|push|read> <scram-verifier> [<md5-hash>]",
+         "add a user by its password verifier (never the password)")
+async def _user_add(server: Pageserver, session: Session, args: list[str]) -> None:
+    _args(args, 3, 4)
+    require(session.user, Role.ADMIN, "manage users")
+    role = Role.parse(args[1])
+    user = await asyncio.to_thread(
+        server.users.add, args[0], role, args[2], args[3] if len(args) > 3 else None
+    )
+    await session.send_rows(["name", "role"], [[user.name, user.role]], "SELECT 1")
+
+
+@command("user_list", "", "users and their roles")
+async def _user_list(server: Pageserver, session: Session, args: list[str]) -> None:
+    _args(args, 0, 0)
+    require(session.user, Role.ADMIN, "list users")
+    rows = [[u.name, u.role] for u in server.users.list()]
+    await session.send_rows(["name", "role"], rows, f"SELECT {len(rows)}")
+
+
+@command("user_remove", "<name>", "remove a user")
+async def _user_remove(server: Pageserver, session: Session, args: list[str]) -> None:
+    _args(args, 1, 1)
+    require(session.user, Role.ADMIN, "manage users")
+    await asyncio.to_thread(server.users.remove, args[0])
+    await session.send_command_complete("USER_REMOVE")

@@ -1,0 +1,396 @@
+"""Connection parameters the way libpq reads them: URIs, ``PGPASSWORD`` and ``~/.pgpass``.
+
+Users hand zenith the same ``postgresql://user:pass@host:port/db?sslmode=...`` URIs they give
+psql, so :func:`parse_uri` follows libpq's ``conninfo_uri_parse`` rules: ``postgresql://`` or
+``postgres://``; user info up to the first ``@`` before any ``/``; IPv6 hosts in brackets;
+percent-decoding everywhere (``+`` is not a space, ``%00`` is refused); query parameters
+override the parts before them. Unlike libpq it reads no ``PGHOST``-style defaults: an empty
+host is ``localhost`` and an empty port 5432, so a URI means the same thing everywhere.
+Only the password falls back to the environment (:func:`lookup_password`).
+
+Passwords never reach a log: ``ConnInfo``'s repr, :meth:`ConnInfo.masked` and
+:func:`mask_uri` show them as ``***``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import stat
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Final
+from urllib.parse import quote
+
+from zenith.errors import InvalidArgument
+
+logger = logging.getLogger(__name__)
+
+SSL_MODES: Final = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+DEFAULT_PORT: Final = 5432
+DEFAULT_HOST: Final = "localhost"
+
+_SCHEMES: Final = ("postgresql://", "postgres://")
+_SUPPORTED: Final = frozenset({
+    "host", "hostaddr", "port", "dbname", "user", "password", "sslmode", "sslrootcert",
+    "sslcert", "sslkey", "connect_timeout", "application_name", "fallback_application_name",
+    "options", "ssl",
+})
+# libpq keywords that change nothing for zenith's use, accepted so that URIs written for
+# psql keep working.
+_IGNORED: Final = frozenset({
+    "keepalives", "keepalives_idle", "keepalives_interval", "keepalives_count",
+    "tcp_user_timeout", "sslcompression", "sslsni", "gssencmode", "channel_binding",
+    "target_session_attrs", "load_balance_hosts", "client_encoding", "sslpassword",
+    "sslcrl", "sslcrldir", "ssl_min_protocol_version", "ssl_max_protocol_version",
+})
+
+
+@dataclass(frozen=True)
+class ConnInfo:
+    """Where and how to connect. ``None`` means "not given" (see :func:`lookup_password`
+    for the password; the user defaults to ``PGUSER`` or the OS user, the database to the
+    user, when connecting)."""
+
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    user: str | None = None
+    password: str | None = field(default=None, repr=False)
+    dbname: str | None = None
+    sslmode: str = "prefer"
+    sslrootcert: str | None = None
+    sslcert: str | None = None
+    sslkey: str | None = None
+    connect_timeout: float | None = None
+    application_name: str | None = None
+    options: str | None = None
+    #: Numeric address to connect to instead of resolving ``host`` (libpq's hostaddr).
+    hostaddr: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.sslmode not in SSL_MODES:
+            raise InvalidArgument(f'invalid sslmode value: "{self.sslmode}"',
+                                  hint=f"Use one of {', '.join(SSL_MODES)}.")
+        if not 1 <= self.port <= 65535:
+            raise InvalidArgument(f'invalid port number: "{self.port}"')
+
+    def __repr__(self) -> str:
+        return f"ConnInfo({self.masked()!r})"
+
+    @property
+    def address(self) -> str:
+        """``host:port`` as error messages show it (IPv6 in brackets)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    def with_password(self, password: str | None) -> ConnInfo:
+        return replace(self, password=password)
+
+    def to_uri(self, *, mask_password: bool = False) -> str:
+        """The URI for these parameters (``parse_uri(info.to_uri()) == info``)."""
+        userinfo = ""
+        if self.user is not None or self.password is not None:
+            userinfo = _quote(self.user or "")
+            if self.password is not None:
+                userinfo += ":" + ("***" if mask_password else _quote(self.password))
+            userinfo += "@"
+        host = f"[{self.host}]" if ":" in self.host else _quote(self.host)
+        uri = f"postgresql://{userinfo}{host}:{self.port}"
+        if self.dbname is not None:
+            uri += "/" + _quote(self.dbname)
+        params = []
+        defaults = ConnInfo()
+        for name in ("sslmode", "sslrootcert", "sslcert", "sslkey", "connect_timeout",
+                     "application_name", "options", "hostaddr"):
+            value = getattr(self, name)
+            if value != getattr(defaults, name):
+                if isinstance(value, float) and value.is_integer():
+                    value = int(value)
+                params.append(f"{name}={_quote(str(value))}")
+        if params:
+            uri += "?" + "&".join(params)
+        return uri
+
+    def masked(self) -> str:
+        """The URI with the password shown as ``***`` (for logs and ``origin list``)."""
+        return self.to_uri(mask_password=True)
+
+
+def _quote(text: str) -> str:
+    return quote(text, safe="")
+
+
+_USERINFO: Final = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<rest>.*)$", re.S)
+
+
+def mask_uri(uri: str) -> str:
+    """``uri`` with any password replaced by ``***``; works on text that does not parse."""
+    match = _USERINFO.match(uri)
+    if match is None:
+        return uri
+    scheme, rest = match.group("scheme"), match.group("rest")
+    slash = rest.find("/")
+    authority, tail = (rest, "") if slash < 0 else (rest[:slash], rest[slash:])
+    at = authority.rfind("@")
+    if at >= 0:
+        userinfo, hostpart = authority[:at], authority[at:]
+        user, sep, _password = userinfo.partition(":")
+        authority = user + (":***" if sep else "") + hostpart
+    elif "?" in authority:  # postgresql://host?password=...
+        authority, _, query = authority.partition("?")
+        tail = "?" + query + tail
+    tail = re.sub(r"([?&]password=)[^&]*", r"\1***", tail)
+    return scheme + authority + tail
+
+
+def _decode(text: str, what: str, *, secret: bool = False) -> str:
+    shown = "***" if secret else text
+    out = bytearray()
+    i = 0
+    while i < len(text):
+        char = text[i]
+        if char != "%":
+            out += char.encode("utf-8")
+            i += 1
+            continue
+        digits = text[i + 1 : i + 3]
+        if len(digits) != 2 or not all(c in "0123456789abcdefABCDEF" for c in digits):
+            raise InvalidArgument(f'invalid percent-encoded token in {what}: "{shown}"')
+        if digits == "00":
+            raise InvalidArgument(f'forbidden value %00 in percent-encoded {what}: "{shown}"')
+        out.append(int(digits, 16))
+        i += 3
+    try:
+        return out.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidArgument(f'percent-encoded {what} is not UTF-8: "{shown}"') from exc
+
+
+def _find_any(text: str, chars: str) -> int:
+    positions = [p for p in (text.find(c) for c in chars) if p >= 0]
+    return min(positions) if positions else len(text)
+
+
+def parse_uri(uri: str) -> ConnInfo:
+    """Parse a ``postgresql://`` / ``postgres://`` URI as libpq does.
+
+    Raises :class:`InvalidArgument` naming what is wrong (the password never appears).
+    """
+    if not isinstance(uri, str):
+        raise InvalidArgument(f"a connection URI is a string, not {type(uri).__name__}")
+    for scheme in _SCHEMES:
+        if uri.startswith(scheme):
+            rest = uri[len(scheme):]
+            break
+    else:
+        raise InvalidArgument(
+            f'invalid connection URI "{mask_uri(uri)}": it must start with postgresql:// '
+            "or postgres://")
+    values: dict[str, str] = {}
+
+    # user info: up to the first '@' that comes before any '/'
+    end = _find_any(rest, "@/")
+    if end < len(rest) and rest[end] == "@":
+        user, sep, password = rest[:end].partition(":")
+        if user:
+            values["user"] = _decode(user, "user name")
+        if sep:
+            values["password"] = _decode(password, "password", secret=True)
+        rest = rest[end + 1 :]
+
+    # host: bracketed IPv6, or up to ':', '/', '?'
+    if rest.startswith("["):
+        close = rest.find("]")
+        if close < 0:
+            raise InvalidArgument(f'missing "]" in IPv6 host address in URI "{mask_uri(uri)}"')
+        host = rest[1:close]
+        if not host:
+            raise InvalidArgument(f'IPv6 host address may not be empty in URI "{mask_uri(uri)}"')
+        rest = rest[close + 1 :]
+        if rest and rest[0] not in ":/?":
+            raise InvalidArgument(
+                f'unexpected character "{rest[0]}" after IPv6 host address in URI '
+                f'"{mask_uri(uri)}" (expected ":", "/" or "?")')
+        values["host"] = _decode(host, "host")
+    else:
+        end = _find_any(rest, ":/?,")
+        if end:
+            values["host"] = _decode(rest[:end], "host")
+        rest = rest[end:]
+    if rest.startswith(":"):
+        end = _find_any(rest, "/?,")
+        if end > 1:
+            values["port"] = _decode(rest[1:end], "port")
+        rest = rest[end:]
+    if rest.startswith(","):
+        raise InvalidArgument(f'multiple hosts are not supported: "{mask_uri(uri)}"')
+    if rest.startswith("/"):
+        end = _find_any(rest, "?")
+        if end > 1:
+            values["dbname"] = _decode(rest[1:end], "database name")
+        rest = rest[end:]
+    if rest.startswith("?"):
+        _parse_query(rest[1:], values, uri)
+    return _build(values)
+
+
+def _parse_query(query: str, values: dict[str, str], uri: str) -> None:
+    parts = query.split("&")
+    if parts and parts[-1] == "":
+        parts.pop()  # a trailing '&' is harmless, as in libpq
+    for part in parts:
+        key, sep, value = part.partition("=")
+        if not sep:
+            raise InvalidArgument(f'missing key/value separator "=" in URI query parameter: '
+                                  f'"{mask_uri(part)}"')
+        if "=" in value:
+            raise InvalidArgument(f'extra key/value separator "=" in URI query parameter: '
+                                  f'"{key}"')
+        key = _decode(key, "query parameter name")
+        value = _decode(value, f"value of {key}", secret=key == "password")
+        if key == "ssl":
+            if value != "true":
+                raise InvalidArgument(f'invalid value "{value}" for ssl: only "true"')
+            key, value = "sslmode", "require"
+        if key in _IGNORED:
+            continue
+        if key not in _SUPPORTED:
+            raise InvalidArgument(f'invalid URI query parameter: "{key}"',
+                                  hint="Supported: " + ", ".join(sorted(_SUPPORTED)) + ".")
+        if key == "fallback_application_name":
+            values.setdefault("application_name", value)
+            continue
+        values[key] = value
+
+
+def _build(values: Mapping[str, str]) -> ConnInfo:
+    kwargs: dict[str, object] = {}
+    port_text = values.get("port")
+    if port_text is not None:
+        if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+            raise InvalidArgument(f'invalid port number: "{port_text}"')
+        kwargs["port"] = int(port_text)
+    timeout_text = values.get("connect_timeout")
+    if timeout_text is not None:
+        try:
+            timeout = int(timeout_text)
+        except ValueError:
+            raise InvalidArgument(
+                f'invalid integer value "{timeout_text}" for connection option '
+                '"connect_timeout"') from None
+        # As libpq: zero or negative waits forever, and less than 2 seconds means 2.
+        kwargs["connect_timeout"] = None if timeout <= 0 else float(max(timeout, 2))
+    for key in ("host", "user", "password", "dbname", "sslmode", "sslrootcert", "sslcert",
+                "sslkey", "application_name", "options", "hostaddr"):
+        if key in values:
+            kwargs[key] = values[key]
+    if kwargs.get("host") == "":
+        del kwargs["host"]
+    return ConnInfo(**kwargs)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------------------
+# Passwords from the environment
+
+
+@dataclass(frozen=True)
+class PgpassEntry:
+    """One line of a password file; ``None`` is the ``*`` wildcard."""
+
+    host: str | None
+    port: str | None
+    dbname: str | None
+    user: str | None
+    password: str = field(repr=False)
+
+    def matches(self, host: str, port: str, dbname: str, user: str) -> bool:
+        return all(want is None or want == have for want, have in (
+            (self.host, host), (self.port, port), (self.dbname, dbname), (self.user, user)))
+
+
+def _split_pgpass_line(line: str) -> list[tuple[str, bool]]:
+    """Fields split at unescaped ':', as (text, was the bare wildcard '*')."""
+    fields: list[tuple[str, bool]] = []
+    current: list[str] = []
+    escaped_any = False
+    i = 0
+    while i < len(line):
+        char = line[i]
+        if char == "\\" and i + 1 < len(line):
+            current.append(line[i + 1])
+            escaped_any = True
+            i += 2
+            continue
+        if char == ":":
+            text = "".join(current)
+            fields.append((text, text == "*" and not escaped_any))
+            current, escaped_any = [], False
+        else:
+            current.append(char)
+        i += 1
+    text = "".join(current)
+    fields.append((text, text == "*" and not escaped_any))
+    return fields
+
+
+def parse_pgpass(text: str) -> list[PgpassEntry]:
+    """Parse ``hostname:port:database:username:password`` lines (libpq's format: ``#``
+    comments, ``*`` wildcards in the first four fields, ``\\:`` and ``\\\\`` escapes)."""
+    entries = []
+    for raw in text.splitlines():
+        line = raw.rstrip("\r")
+        if not line or line.startswith("#"):
+            continue
+        fields = _split_pgpass_line(line)
+        if len(fields) < 5:
+            continue  # malformed lines are skipped, as libpq does
+        keys = [None if wild else text for text, wild in fields[:4]]
+        entries.append(PgpassEntry(keys[0], keys[1], keys[2], keys[3], fields[4][0]))
+    return entries
+
+
+def read_pgpass(path: str | os.PathLike[str]) -> list[PgpassEntry]:
+    """The entries of a password file; none if it is missing, not a regular file, or
+    readable by group or others (libpq ignores such a file too, with a warning)."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return []
+    if not stat.S_ISREG(info.st_mode):
+        logger.warning('password file "%s" is not a plain file', path)
+        return []
+    if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        logger.warning('password file "%s" has group or world access; permissions should be '
+                       "u=rw (0600) or less", path)
+        return []
+    try:
+        return parse_pgpass(Path(path).read_text(encoding="utf-8", errors="replace"))
+    except OSError:
+        return []
+
+
+def default_pgpass_path(env: Mapping[str, str] | None = None) -> Path:
+    env = os.environ if env is None else env
+    if env.get("PGPASSFILE"):
+        return Path(env["PGPASSFILE"])
+    return Path.home() / ".pgpass"
+
+
+def lookup_password(info: ConnInfo, user: str, dbname: str,
+                    env: Mapping[str, str] | None = None) -> str | None:
+    """The password libpq would use: the URI's, else ``PGPASSWORD``, else the first
+    matching line of ``PGPASSFILE`` or ``~/.pgpass``."""
+    if info.password is not None:
+        return info.password
+    env = os.environ if env is None else env
+    if env.get("PGPASSWORD"):
+        return env["PGPASSWORD"]
+    host = info.host
+    if host.startswith("/"):
+        host = DEFAULT_HOST  # a Unix socket matches "localhost", as in libpq
+    for entry in read_pgpass(default_pgpass_path(env)):
+        if entry.matches(host, str(info.port), dbname, user):
+            return entry.password
+    return None

@@ -1,0 +1,118 @@
+"""The one place where protocol messages meet asyncio streams.
+
+:class:`MessageStream` drives a sans-I/O :class:`~zenith.pgwire.decoder.Decoder` from an
+``asyncio.StreamReader`` and writes encoded messages to the ``StreamWriter``; the server and
+the client are both built on it. A lost connection (EOF, reset) is reported as
+:class:`~zenith.errors.ConnectionFailed` and remembered in ``broken``, so the code above can
+tell "my peer went away" from "the operation I ran failed".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import struct
+
+from zenith.errors import ConnectionFailed, ProtocolViolation
+from zenith.pgwire.decoder import Decoder
+from zenith.pgwire.messages import FrontendType, Message
+
+READ_CHUNK = 256 * 1024
+_COPY_HEADER = struct.Struct("!cI")
+_COPY_DATA = bytes((FrontendType.COPY_DATA,))
+
+StreamFailure = ConnectionFailed | ProtocolViolation
+
+
+class MessageStream:
+    """Messages in and out of one connection. Not safe for concurrent readers."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 decoder: Decoder, *, peer_name: str = "peer"):
+        self.reader = reader
+        self.writer = writer
+        self.decoder = decoder
+        self.peer_name = peer_name
+        #: Set when the connection is unusable: lost, or the peer violated the protocol.
+        self.broken: StreamFailure | None = None
+
+    def _lost(self, cause: OSError | None = None) -> ConnectionFailed:
+        if cause is None:
+            error = ConnectionFailed(f"{self.peer_name} closed the connection unexpectedly")
+        else:
+            error = ConnectionFailed(f"connection to {self.peer_name} lost: {cause}")
+            error.__cause__ = cause
+        self.broken = error
+        return error
+
+    async def recv(self) -> Message:
+        """The next message; :class:`ConnectionFailed` on EOF, :class:`ProtocolViolation`
+        on malformed input (both leave ``broken`` set)."""
+        if self.broken is not None:
+            raise self.broken
+        while True:
+            try:
+                message = self.decoder.next()
+            except ProtocolViolation as exc:
+                self.broken = exc
+                raise
+            if message is not None:
+                return message
+            try:
+                data = await self.reader.read(READ_CHUNK)
+            except OSError as exc:
+                raise self._lost(exc) from exc
+            if not data:
+                raise self._lost()
+            try:
+                self.decoder.feed(data)
+            except ProtocolViolation as exc:
+                self.broken = exc
+                raise
+
+    async def recv_raw(self, limit: int = READ_CHUNK) -> bytes:
+        """Bytes as they arrive, bypassing the decoder (the one-byte SSL answer)."""
+        try:
+            data = await self.reader.read(limit)
+        except OSError as exc:
+            raise self._lost(exc) from exc
+        if not data:
+            raise self._lost()
+        return data
+
+    def write(self, *messages: Message) -> None:
+        """Queue messages (no waiting); :meth:`drain` or :meth:`send` pushes them out."""
+        if len(messages) == 1:
+            self.writer.write(messages[0].encode())
+        else:
+            self.writer.write(b"".join(m.encode() for m in messages))
+
+    def write_raw(self, data: bytes) -> None:
+        self.writer.write(data)
+
+    def write_copy_data(self, data: bytes | bytearray | memoryview) -> None:
+        """A CopyData message without copying a large payload into a new buffer."""
+        self.writer.write(_COPY_HEADER.pack(_COPY_DATA, len(data) + 4))
+        self.writer.write(data)
+
+    async def drain(self) -> None:
+        """Wait until the transport's buffer is below its high-water mark (back-pressure)."""
+        if isinstance(self.broken, ConnectionFailed):
+            raise self.broken
+        try:
+            await self.writer.drain()
+        except OSError as exc:
+            raise self._lost(exc) from exc
+
+    async def send(self, *messages: Message) -> None:
+        self.write(*messages)
+        await self.drain()
+
+    async def close(self, timeout: float = 2.0) -> None:
+        """Close the transport; never raises."""
+        with contextlib.suppress(Exception):
+            self.writer.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.writer.wait_closed(), timeout)
+
+

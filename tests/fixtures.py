@@ -1,0 +1,114 @@
+"""Fixtures shared by the tests that run real pageserver processes (a pytest plugin).
+
+A pageserver is set up as a user would: ``zenith init`` then ``zenith start`` on a free
+loopback port in a temporary directory, and always ``zenith stop``-ped (killed if need be)
+when the test ends, whatever happened.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote
+
+import pytest
+
+from zenith.pageserver.config import RepoConfig
+from zenith.pageserver.daemon import running_pid
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def zenith(*args: str, input: str | None = None, env: dict[str, str] | None = None,
+           timeout: float = 120.0, check: bool = False) -> subprocess.CompletedProcess[str]:
+    """Run the ``zenith`` CLI as a user would (same interpreter, fresh process)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "zenith.cli", *args],
+        input=input,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"zenith {' '.join(args)} failed ({proc.returncode}):\n"
+                             f"{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@dataclass
+class PageserverProc:
+    path: Path
+    port: int
+
+    @property
+    def config(self) -> RepoConfig:
+        return RepoConfig.load(self.path)
+
+    def cli(self, *args: str, **kw: object) -> subprocess.CompletedProcess[str]:
+        return zenith("-D", str(self.path), *args, **kw)  # type: ignore[arg-type]
+
+    def uri(self, user: str | None = None, password: str | None = None, db: str = "zenith",
+            query: str = "") -> str:
+        if user is None:
+            user, password = self.config.cli_credentials
+        auth = quote(user, safe="") + (f":{quote(password, safe='')}" if password else "")
+        return f"postgresql://{auth}@127.0.0.1:{self.port}/{db}{query}"
+
+    def add_user(self, name: str, password: str, role: str) -> None:
+        self.cli("user", "add", name, "--role", role, "--password-stdin", input=password + "\n",
+                 check=True)
+
+    def start(self) -> None:
+        self.cli("start", check=True)
+
+    def stop(self) -> None:
+        pid = running_pid(self.config.pid_path)
+        if pid is None:
+            return
+        if self.cli("stop", timeout=60).returncode != 0:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            time.sleep(0.2)
+
+
+def make_pageserver(base: Path, *init_args: str) -> PageserverProc:
+    port = free_port()
+    ps = PageserverProc(base, port)
+    ps.cli("init", "--listen", f"127.0.0.1:{port}", *init_args, check=True)
+    return ps
+
+
+@pytest.fixture
+def pageserver_factory(tmp_path: Path) -> Iterator[callable]:  # type: ignore[valid-type]
+    started: list[PageserverProc] = []
+
+    def factory(*init_args: str, name: str = "ps", start: bool = True) -> PageserverProc:
+        ps = make_pageserver(tmp_path / f"{name}{len(started)}", *init_args)
+        started.append(ps)
+        if start:
+            ps.start()
+        return ps
+
+    yield factory
+    for ps in started:
+        ps.stop()
+
+
+@pytest.fixture
+def pageserver(pageserver_factory: callable) -> PageserverProc:  # type: ignore[valid-type]
+    return pageserver_factory()  # type: ignore[no-any-return]
