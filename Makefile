@@ -23,7 +23,7 @@ test: install
 	$(BIN)/python -m pytest -q
 
 bench: install
-	$(BIN)/python -m benchmarks.run
+	PYTHONPATH=. $(BIN)/python -m benchmarks.run
 
 demo: install
 	$(BIN)/python -m zenith.demo

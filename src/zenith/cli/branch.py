@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from zenith.cli.local import Answer
 from zenith.cli.context import Repo, pass_repo
+from zenith.cli.local import Answer
 
 
 @click.group()

@@ -36,7 +36,9 @@ PID_FILE: Final = "pageserver.pid"
 LOG_FILE: Final = "pageserver.log"
 ADMIN_USER: Final = "admin"
 
-_HOST_PORT: Final = re.compile(r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9.\-]+)):(?P<port>\d{1,5})")
+_HOST_PORT: Final = re.compile(
+    r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9.\-]+)):(?P<port>\d{1,5})"
+)
 
 
 class RepoNotFound(NotFound):
@@ -128,7 +130,7 @@ class RepoConfig:
         except tomlkit.exceptions.TOMLKitError as exc:
             raise InvalidArgument(f"{file} is not valid TOML: {exc}") from exc
         config = cls(path, doc)
-        config.listen_address  # validate early
+        parse_listen(config.listen)  # refuse a bad address now, not when it is used
         if config.auth_method not in AUTH_METHODS:
             raise InvalidArgument(f"{file}: auth_method must be one of {AUTH_METHODS}")
         return config
@@ -177,7 +179,8 @@ class RepoConfig:
             host = "::1"
         user, password = self.cli_credentials
         shown = f"[{host}]" if ":" in host else host
-        return f"postgresql://{quote(user, safe='')}:{quote(password, safe='')}@{shown}:{port}/zenith"
+        auth = f"{quote(user, safe='')}:{quote(password, safe='')}"
+        return f"postgresql://{auth}@{shown}:{port}/zenith"
 
     @property
     def db_path(self) -> Path:

@@ -50,6 +50,9 @@ _NOOPS: Final = [
     (re.compile(r"(rollback|abort)\b", re.I), "ROLLBACK"),
 ]
 
+_NOOP_STARTS: Final = ("set", "reset", "begin", "start", "commit", "end", "rollb", "abort")
+_QUOTING: Final = frozenset("'\"\\#")
+
 
 @dataclass(frozen=True)
 class Command:
@@ -72,14 +75,18 @@ def command(name: str, usage: str, summary: str) -> Callable[[Handler], Handler]
 async def dispatch(server: Pageserver, session: Session, query: str) -> None:
     """Run one simple-query string. Raises :class:`ZenithError` for the client to see."""
     text = query.strip().rstrip(";").strip()
-    for pattern, tag in _NOOPS:
-        if pattern.match(text):
-            await session.send_command_complete(tag)
-            return
-    try:
-        words = shlex.split(text)
-    except ValueError as exc:
-        raise SyntaxError_(f"cannot parse command: {exc}") from None
+    if text[:5].lower().startswith(_NOOP_STARTS):
+        for pattern, tag in _NOOPS:
+            if pattern.match(text):
+                await session.send_command_complete(tag)
+                return
+    if _QUOTING.isdisjoint(text):
+        words = text.split()  # the common case, without shlex's per-character loop
+    else:
+        try:
+            words = shlex.split(text)
+        except ValueError as exc:
+            raise SyntaxError_(f"cannot parse command: {exc}") from None
     if not words:
         await session.send_command_complete("")
         return

@@ -74,9 +74,10 @@ class ScramVerifier:
 
 
 def make_scram_verifier(password: str, *, iterations: int = SCRAM_ITERATIONS) -> str:
-    """A SCRAM-SHA-256 verifier for ``password`` (SASLprep'd, random 16-byte salt)."""
+    """A SCRAM-SHA-256 verifier for ``password`` (SASLprep'd, random 16-byte salt as
+    PostgreSQL makes them)."""
     salt, stored_key, server_key, count = scramp.ScramMechanism(SCRAM_MECHANISM).make_auth_info(
-        password, iteration_count=iterations)
+        password, iteration_count=iterations, salt=secrets.token_bytes(16))
     return str(ScramVerifier(int(count), bytes(salt), bytes(stored_key), bytes(server_key)))
 
 

@@ -43,7 +43,9 @@ class RelTag:
     forknum: int = ForkNumber.MAIN
 
     def __str__(self) -> str:
-        fork = "" if self.forknum == ForkNumber.MAIN else f"_{ForkNumber(self.forknum).name.lower()}"
+        fork = ""
+        if self.forknum != ForkNumber.MAIN:
+            fork = f"_{ForkNumber(self.forknum).name.lower()}"
         return f"{self.spcnode}/{self.dbnode}/{self.relnode}{fork}"
 
 

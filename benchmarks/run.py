@@ -1,0 +1,53 @@
+"""``make bench``: run every benchmark and write BENCHMARKS.md.
+
+Each figure is a ratio to an anchor measured in the same run on the same machine, never an
+absolute number compared across runs. ``ZENITH_BENCH_QUICK=1`` runs small sizes (to check
+that the benchmarks work; its figures are not the ones to record).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+from pathlib import Path
+
+from benchmarks import pageserver_bench, storage_bench
+from benchmarks.common import Section, machine
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    quick = os.environ.get("ZENITH_BENCH_QUICK") == "1"
+    only = set(sys.argv[1:])
+    benches = {
+        "storage": lambda: storage_bench.run((64 << 20) if quick else (1 << 30)),
+        "pageserver": lambda: pageserver_bench.run(2000 if quick else 20000),
+    }
+    sections: list[Section] = []
+    for name, bench in benches.items():
+        if only and name not in only:
+            continue
+        print(f"== {name}", flush=True)
+        sections.append(bench())
+    if quick or only:
+        print("(quick or partial run: BENCHMARKS.md left as it is)")
+        return
+    text = [
+        "# Benchmarks",
+        "",
+        "Written by `make bench`. Every figure is a ratio to an anchor measured in the same "
+        "run on the same machine.",
+        "",
+        f"- date: {datetime.date.today().isoformat()}",
+        f"- machine: {machine()}",
+        "",
+    ]
+    text += [s.markdown() for s in sections]
+    (ROOT / "BENCHMARKS.md").write_text("\n".join(text))
+    print("wrote BENCHMARKS.md")
+
+
+if __name__ == "__main__":
+    main()
