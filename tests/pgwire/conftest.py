@@ -5,6 +5,8 @@ TLS certificate, and a clean environment for libpq programs."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import os
 import shutil
 import socket
@@ -54,7 +56,7 @@ def make_credentials() -> InMemoryCredentials:
 async def handler(session: Session, sql: str) -> None:
     """The commands the tests use."""
     command, _, arg = sql.strip().partition(" ")
-    command = command.lower()
+    command = command.rstrip(";").lower()
     if command == "echo":
         await session.send_rows(
             ["user", "database", "arg", "tls", "application_name"],
@@ -94,7 +96,7 @@ async def handler(session: Session, sql: str) -> None:
     elif command == "copyin":
         stream = await session.copy_in()
         data = b"".join([chunk async for chunk in stream])
-        await session.send_rows(["bytes"], [[str(len(data))]], "SELECT 1")
+        await session.send_command_complete(f"COPY {len(data)}")
     elif command == "sleep":
         await asyncio.sleep(float(arg or 30))
         await session.send_command_complete("SLEEP")
@@ -107,6 +109,30 @@ async def handler(session: Session, sql: str) -> None:
 def free_errors(loop: asyncio.AbstractEventLoop, sink: list[dict[str, Any]]) -> None:
     """Record anything the event loop would report as an unhandled error."""
     loop.set_exception_handler(lambda _loop, context: sink.append(context))
+
+
+class _ErrorLogs(logging.Handler):
+    """Errors the server logs other than a query handler's own failure (the "crash"
+    command): an exception that escaped the protocol code."""
+
+    def __init__(self, sink: list[dict[str, Any]]):
+        super().__init__(logging.ERROR)
+        self.sink = sink
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not record.msg.startswith("internal error in query handler"):
+            self.sink.append({"log": record.getMessage(), "exc": record.exc_info})
+
+
+@contextlib.contextmanager
+def server_error_logs(sink: list[dict[str, Any]]) -> Iterator[None]:
+    handler = _ErrorLogs(sink)
+    logger = logging.getLogger("zenith.pgwire")
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
 
 
 @dataclass
@@ -137,6 +163,8 @@ async def pg_server() -> AsyncIterator[ServerFactory]:
     servers: list[RunningServer] = []
     errors: list[dict[str, Any]] = []
     free_errors(asyncio.get_running_loop(), errors)
+    logs = server_error_logs(errors)
+    logs.__enter__()
 
     async def start(**config: Any) -> RunningServer:
         server = await start_server("127.0.0.1", 0, config=ServerConfig(**config),
@@ -148,6 +176,7 @@ async def pg_server() -> AsyncIterator[ServerFactory]:
     yield start
     for running in servers:
         await close_server(running.server)
+    logs.__exit__(None, None, None)
     assert not errors, f"unhandled errors in the event loop: {errors}"
 
 
@@ -158,6 +187,8 @@ class ThreadedServer:
         self.errors: list[dict[str, Any]] = []
         self.loop = asyncio.new_event_loop()
         free_errors(self.loop, self.errors)
+        self._logs = server_error_logs(self.errors)
+        self._logs.__enter__()
         ready = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(config, ready), daemon=True)
         self._thread.start()
@@ -182,6 +213,7 @@ class ThreadedServer:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(10)
         self.loop.close()
+        self._logs.__exit__(None, None, None)
 
     def uri(self, user: str = USER, password: str | None = PASSWORD, *,
             query: str = "sslmode=disable") -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import sqlite3
 from pathlib import Path
 
@@ -36,12 +37,16 @@ def repo(tmp_path: Path) -> SqliteRepository:
 
 
 def snapshot(path: Path) -> list[tuple[object, ...]]:
-    """Everything the database holds, to prove a refused call changed nothing."""
+    """Everything the repository holds — every table and every data file's bytes — to prove
+    a refused call changed nothing."""
     with sqlite3.connect(path) as conn:
         out: list[tuple[object, ...]] = []
-        for table in ("timelines", "branches", "records"):
+        for table in ("timelines", "branches", "records", "batches"):
             out += [(table, *r) for r in conn.execute(f"SELECT * FROM {table} ORDER BY 1, 2")]
-        return out
+    data_dir = path.with_name(path.name + ".d")
+    for file in sorted(data_dir.iterdir()):
+        out.append(("file", file.name, hashlib.sha256(file.read_bytes()).hexdigest()))
+    return out
 
 
 def test_write_and_read_with_deltas_and_tombstones(repo: SqliteRepository) -> None:
@@ -156,27 +161,21 @@ def test_set_branch_repoints_without_losing_data(repo: SqliteRepository) -> None
     assert repo.get_value(a, key(1), Lsn(10)) == b"a"
 
 
-def test_iter_records_streams_through_the_lsn_index(repo: SqliteRepository) -> None:
-    plan = (
-        repo._conn()
-        .execute(
-            "EXPLAIN QUERY PLAN SELECT key, lsn, kind, payload FROM records"
-            " INDEXED BY records_by_lsn WHERE tl = 1 AND lsn > 5 AND lsn <= 9 ORDER BY lsn"
-        )
-        .fetchall()
+def test_queries_use_their_indexes(repo: SqliteRepository) -> None:
+    def plan(sql: str) -> str:
+        return " ".join(str(r[-1]) for r in repo._conn().execute("EXPLAIN QUERY PLAN " + sql))
+
+    # GetPage@LSN: a range of the (tl, key, lsn) primary key, already in the wanted order.
+    detail = plan(
+        "SELECT kind, off, len FROM records WHERE tl = 1 AND key = x'00' AND lsn <= 5"
+        " ORDER BY lsn DESC"
     )
-    detail = " ".join(str(r[-1]) for r in plan)
-    assert "records_by_lsn" in detail and "SCAN" not in detail and "TEMP B-TREE" not in detail
-    plan = (
-        repo._conn()
-        .execute(
-            "EXPLAIN QUERY PLAN SELECT kind, payload FROM records WHERE tl = 1 AND key = x'00'"
-            " AND lsn <= 5 ORDER BY lsn DESC"
-        )
-        .fetchall()
+    assert "PRIMARY KEY" in detail and "SCAN" not in detail and "TEMP B-TREE" not in detail
+    # An LSN range: the first frame through the (tl, last_lsn) primary key of batches.
+    detail = plan(
+        "SELECT start FROM batches WHERE tl = 1 AND last_lsn > 5 ORDER BY last_lsn LIMIT 1"
     )
-    detail = " ".join(str(r[-1]) for r in plan)
-    assert "records_by_key" in detail and "TEMP B-TREE" not in detail
+    assert "PRIMARY KEY" in detail and "SCAN" not in detail and "TEMP B-TREE" not in detail
 
 
 def test_iterator_reads_a_snapshot(repo: SqliteRepository) -> None:

@@ -10,6 +10,7 @@ import click
 from zenith.cli import local
 from zenith.errors import ZenithError
 from zenith.pageserver.config import RepoConfig
+from zenith.pageserver.page_service import command_text
 
 
 class ZenithGroup(click.Group):
@@ -45,7 +46,7 @@ class Repo:
 
     def query(self, *words: str, **kw: Any) -> local.Answer:
         """Run a command whose words are quoted so that no argument can split or inject."""
-        return local.query(self.config, local.command_text(*words), **kw)
+        return local.query(self.config, command_text(*words), **kw)
 
 
 pass_repo = click.make_pass_decorator(Repo)

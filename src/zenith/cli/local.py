@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import shlex
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -38,11 +37,6 @@ async def _run(config: RepoConfig, sql: str, on_notice: NoticeFn | None, timeout
             conn.on_notice = lambda notice: notify(notice.message)
         result: QueryResult = await conn.simple_query(sql)
     return Answer(list(result.columns), [list(r) for r in result.rows], result.command_tag or "")
-
-
-def command_text(*words: str) -> str:
-    """A command line for the pageserver, each word quoted as its parser (shlex) expects."""
-    return " ".join(shlex.quote(w) for w in words)
 
 
 def query(

@@ -19,6 +19,7 @@ import click
 from zenith import __version__
 from zenith.cli.branch import branch
 from zenith.cli.context import Repo, ZenithGroup, pass_repo
+from zenith.cli.remote import origin, pull, push
 from zenith.cli.user import user
 from zenith.errors import InvalidArgument, ZenithError
 from zenith.pageserver.config import AUTH_METHODS, DEFAULT_LISTEN, RepoConfig, resolve_repo_dir
@@ -187,6 +188,9 @@ def digest(repo: Repo, target: str) -> None:
 
 main.add_command(branch)
 main.add_command(user)
+main.add_command(origin)
+main.add_command(push)
+main.add_command(pull)
 
 if __name__ == "__main__":
     main()

@@ -25,7 +25,8 @@ from typing import Any, Final
 import tomlkit
 import tomlkit.exceptions
 
-from zenith.errors import InvalidArgument, NotFound
+from zenith.errors import AlreadyExists, InvalidArgument, NotFound
+from zenith.pgwire.conninfo import mask_uri, parse_uri
 
 DEFAULT_LISTEN: Final = "127.0.0.1:64000"
 AUTH_METHODS: Final = ("scram-sha-256", "md5", "trust")
@@ -41,7 +42,14 @@ _HOST_PORT: Final = re.compile(
 )
 
 
+_ORIGIN_NAME: Final = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,62}")
+
+
 class RepoNotFound(NotFound):
+    pass
+
+
+class UnknownOrigin(NotFound):
     pass
 
 
@@ -181,6 +189,43 @@ class RepoConfig:
         shown = f"[{host}]" if ":" in host else host
         auth = f"{quote(user, safe='')}:{quote(password, safe='')}"
         return f"postgresql://{auth}@{shown}:{port}/zenith"
+
+    # -- origins ---------------------------------------------------------------------------
+
+    def origins(self) -> dict[str, str]:
+        """Origin name -> URI (with its password: never print it unmasked)."""
+        table = self._get("origins") or {}
+        return {str(k): str(v) for k, v in table.items()}
+
+    def origin(self, name: str) -> str:
+        try:
+            return self.origins()[name]
+        except KeyError:
+            raise UnknownOrigin(
+                f'unknown origin "{name}"', hint="see `zenith origin list`"
+            ) from None
+
+    def add_origin(self, name: str, uri: str) -> None:
+        if _ORIGIN_NAME.fullmatch(name) is None:
+            raise InvalidArgument(
+                f"invalid origin name {name!r}", hint="letters, digits, '_', '.', '-'"
+            )
+        parse_uri(uri)  # refuses what is not a postgresql:// URI, with the reason
+        if name in self.origins():
+            raise AlreadyExists(
+                f'origin "{name}" already exists ({mask_uri(self.origins()[name])})',
+                hint=f"remove it first: zenith origin remove {name}",
+            )
+        if "origins" not in self.doc:
+            self.doc.add(tomlkit.nl())
+            self.doc.add("origins", tomlkit.table())
+        self.doc["origins"][name] = uri
+        self.save()
+
+    def remove_origin(self, name: str) -> None:
+        self.origin(name)
+        del self.doc["origins"][name]
+        self.save()
 
     @property
     def db_path(self) -> Path:

@@ -21,6 +21,7 @@ from typing import IO
 
 from zenith import __version__
 from zenith.errors import InvalidState
+from zenith.pageserver import transfer_service  # noqa: F401 - registers push/pull commands
 from zenith.pageserver.config import RepoConfig
 from zenith.pageserver.page_service import dispatch
 from zenith.pageserver.users import UserStore
@@ -90,6 +91,7 @@ class Pageserver:
         self.users = users
         self.listen = config.listen
         self.started = time.monotonic()
+        self.receive_lock = asyncio.Lock()  # incoming pushes and pulls, one at a time
 
     async def handle(self, session: Session, query: str) -> None:
         await dispatch(self, session, query)

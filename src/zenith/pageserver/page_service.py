@@ -103,6 +103,11 @@ async def dispatch(server: Pageserver, session: Session, query: str) -> None:
         raise SyntaxError_(f"{exc}", hint=f"usage: {cmd.usage}") from None
 
 
+def command_text(*words: str) -> str:
+    """A command line for :func:`dispatch`, each word quoted so it cannot split or inject."""
+    return " ".join(shlex.quote(w) for w in words)
+
+
 class _Usage(Exception):
     """Bad arguments for a command; turned into a 42601 with the command's usage."""
 
@@ -173,6 +178,22 @@ async def _branch_list(server: Pageserver, session: Session, args: list[str]) ->
     _args(args, 0, 0)
     rows = branch_rows(server.repo.list_branches())
     await session.send_rows(BRANCH_COLUMNS, rows, f"SELECT {len(rows)}")
+
+
+@command("timeline_list", "", "every timeline, named or not, with its branch names")
+async def _timeline_list(server: Pageserver, session: Session, args: list[str]) -> None:
+    _args(args, 0, 0)
+    names: dict[TimelineId, list[str]] = {}
+    for b in server.repo.list_branches():
+        names.setdefault(b.timeline.timeline_id, []).append(b.name)
+    rows = [
+        [*timeline_row(None, t)[1:], str(t.min_readable_lsn),
+         ",".join(names.get(t.timeline_id, []))]
+        for t in server.repo.list_timelines()
+    ]
+    await session.send_rows(
+        [*BRANCH_COLUMNS[1:], "min_readable_lsn", "branches"], rows, f"SELECT {len(rows)}"
+    )
 
 
 @command("branch_create", "<name> [<branch-or-timeline>[@<lsn>]]", "create a branch")

@@ -7,8 +7,8 @@ streams; ``server`` (with ``session`` and ``auth``) is what the pageserver liste
 
 from zenith.pgwire.client import (
     ClientCopyStream,
-    ConnInfo,
     Connection,
+    ConnInfo,
     Notice,
     QueryResult,
     connect,

@@ -266,6 +266,9 @@ class _Connection:
         except ZenithError as exc:  # authentication and startup refusals
             logger.info("connection from %s refused: %s", self.peer, exc.message)
             await self._fatal(_error_from(exc, "FATAL"))
+        except Exception:  # a bug here or in the credentials source: say so, then close
+            logger.exception("internal error serving %s", self.peer)
+            await self._fatal(ErrorResponse.build("XX000", "internal error", severity="FATAL"))
         finally:
             self.state = ServerState.CLOSED
             if pid is not None:
@@ -571,6 +574,10 @@ async def start_server(host: str | None, port: int, *, config: ServerConfig,
             await serve_connection(reader, writer, config=config, credentials=credentials,
                                    handler=handler, on_cancel=on_cancel,
                                    cancel_registry=registry)
+        except asyncio.CancelledError:
+            # close_server() ended the connection. Ending the task normally matters:
+            # asyncio 3.11 logs a cancelled client_connected_cb task as an error.
+            pass
         finally:
             if task is not None:
                 tasks.discard(task)

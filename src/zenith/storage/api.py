@@ -53,6 +53,26 @@ class Record:
             raise InvalidArgument("a delta needs a payload naming its redo type")
 
 
+class _RecordSlots:
+    """:class:`Record`'s memory layout without its frozen ``__setattr__``.
+
+    Why: a frozen dataclass's ``__init__`` sets each field through ``object.__setattr__``,
+    which costs more than reading an 8 KiB payload from the page cache. An engine streaming
+    records it validated when they were written builds this twin (plain slot stores) and
+    re-labels it ``rec.__class__ = Record``: the object is then an ordinary, immutable
+    Record. CPython allows the re-labelling only while both classes have the same slots, so
+    a field added to Record and not here fails loudly (tests/storage checks it too).
+    """
+
+    __slots__ = ("key", "kind", "lsn", "payload")
+
+    def __init__(self, key: bytes, lsn: Lsn, kind: RecordKind, payload: bytes) -> None:
+        self.key = key
+        self.lsn = lsn
+        self.kind = kind
+        self.payload = payload
+
+
 @dataclass(frozen=True, slots=True)
 class TimelineInfo:
     timeline_id: TimelineId
@@ -129,6 +149,10 @@ class Repository(Protocol):
     def delete_branch(self, name: str) -> None: ...
 
     def resolve(self, name_or_id: str) -> TimelineInfo: ...
+
+    def ancestry(self, timeline_id: TimelineId) -> list[TimelineInfo]:
+        """The timeline and its ancestors, nearest first."""
+        ...
 
     # records -------------------------------------------------------------------------------
     def put_records(

@@ -1,16 +1,27 @@
-"""The embedded repository engine: one SQLite database in WAL mode.
+"""The embedded repository engine: a SQLite index beside append-only data files.
 
-Records live in one rowid table with two indexes, which answer every question the
-pageserver asks without scanning unrelated data:
+SQLite (WAL mode, ``synchronous=FULL`` when durable) holds the metadata and the index:
+timelines, branches, and per record ``(tl, key, lsn) -> (kind, offset, length)``. The
+payloads live in one append-only data file per timeline (``datafile.py``), because SQLite
+in WAL mode writes each byte twice and serves 8 KiB blobs several times slower than a
+plain read. The index answers every question without scanning unrelated data:
 
-* ``(tl, key, lsn)`` — GetPage@LSN: the newest record of a key at or below an LSN;
-* ``(tl, lsn)`` — the records of a timeline in an LSN range, in LSN order (what push and
-  pull send), and nothing else of the table is touched.
+* ``records`` (a WITHOUT ROWID table on ``(tl, key, lsn)``) — GetPage@LSN: the newest
+  record of a key at or below an LSN, then one ``pread`` per payload needed;
+* ``batches`` (``(tl, last_lsn)`` -> where the batch's frame starts) — the records of a
+  timeline in an LSN range: find the first frame, then walk the data file, whose frames
+  are in LSN order and carry their own sorted directories.
 
-Writes are batches inside one ``BEGIN IMMEDIATE`` transaction that also advances the
-timeline's ``last_record_lsn``, so a crash leaves a consistent prefix of the history.
-Each thread gets its own connection; iterators get a connection of their own, so they read
-one consistent snapshot however long they run.
+A write batch appends one frame at the timeline's committed end ``data_end``, flushes it
+(``fdatasync``), and only then commits, in ONE transaction, its index rows and the
+timeline's new ``last_record_lsn`` and ``data_end``. So a batch is visible entirely or not
+at all, and bytes past ``data_end`` (a crashed or refused batch) are never cited; they are
+cut off when the repository opens and before each batch. Deleting a timeline deletes its
+rows, then (after the commit) its file; readers already holding the file keep reading.
+
+One writer at a time (a lock per repository object, and SQLite's write lock across
+processes). Each thread gets its own connection for reads; an iterator takes its snapshot
+(the committed end and the first frame) when it is created and then needs only the file.
 """
 
 from __future__ import annotations
@@ -23,7 +34,7 @@ import sqlite3
 import struct
 import threading
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import closing
 from pathlib import Path
 from typing import Final
@@ -50,43 +61,73 @@ from zenith.storage.api import (
     WriteResult,
     validate_branch_name,
 )
+from zenith.storage.datafile import (
+    CorruptDataFile,
+    DataFile,
+    DataFiles,
+    FrameWriter,
+    file_name,
+    read_directory,
+    walk,
+)
 
-SCHEMA_VERSION: Final = 1
-PAGE_SIZE: Final = 65536
+#: 2: payloads moved from the ``records`` table into data files.
+SCHEMA_VERSION: Final = 2
+#: The database holds only small index rows now; small pages keep the commit of a small
+#: batch (WAL ingest) small.
+PAGE_SIZE: Final = 4096
+MMAP_SIZE: Final = 256 * 1024 * 1024
 
-_SCHEMA: Final = """
-CREATE TABLE IF NOT EXISTS meta (
-    name  TEXT PRIMARY KEY,
-    value TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS timelines (
-    id               INTEGER PRIMARY KEY,
-    timeline_id      BLOB NOT NULL UNIQUE,
-    ancestor         INTEGER REFERENCES timelines(id),
-    ancestor_lsn     INTEGER,
-    last_record_lsn  INTEGER NOT NULL,
-    min_readable_lsn INTEGER NOT NULL DEFAULT 0
-);
-CREATE TABLE IF NOT EXISTS branches (
-    name     TEXT PRIMARY KEY,
-    timeline INTEGER NOT NULL REFERENCES timelines(id)
-);
-CREATE TABLE IF NOT EXISTS records (
-    tl      INTEGER NOT NULL,
-    key     BLOB NOT NULL,
-    lsn     INTEGER NOT NULL,
-    kind    INTEGER NOT NULL,
-    payload BLOB NOT NULL
-);
-CREATE UNIQUE INDEX IF NOT EXISTS records_by_key ON records (tl, key, lsn);
-CREATE INDEX IF NOT EXISTS records_by_lsn ON records (tl, lsn);
-"""
+_SCHEMA: Final = (
+    """CREATE TABLE meta (
+        name  TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    )""",
+    # AUTOINCREMENT: an id is never reused, and it names the timeline's data file.
+    """CREATE TABLE timelines (
+        id               INTEGER PRIMARY KEY AUTOINCREMENT,
+        timeline_id      BLOB NOT NULL UNIQUE,
+        ancestor         INTEGER REFERENCES timelines(id),
+        ancestor_lsn     INTEGER,
+        last_record_lsn  INTEGER NOT NULL,
+        min_readable_lsn INTEGER NOT NULL DEFAULT 0,
+        data_end         INTEGER NOT NULL DEFAULT 0
+    )""",
+    """CREATE TABLE branches (
+        name     TEXT PRIMARY KEY,
+        timeline INTEGER NOT NULL REFERENCES timelines(id)
+    )""",
+    """CREATE TABLE records (
+        tl   INTEGER NOT NULL,
+        key  BLOB NOT NULL,
+        lsn  INTEGER NOT NULL,
+        kind INTEGER NOT NULL,
+        off  INTEGER NOT NULL,
+        len  INTEGER NOT NULL,
+        PRIMARY KEY (tl, key, lsn)
+    ) WITHOUT ROWID""",
+    """CREATE TABLE batches (
+        tl        INTEGER NOT NULL,
+        last_lsn  INTEGER NOT NULL,
+        first_lsn INTEGER NOT NULL,
+        start     INTEGER NOT NULL,
+        records   INTEGER NOT NULL,
+        bytes     INTEGER NOT NULL,
+        PRIMARY KEY (tl, last_lsn)
+    ) WITHOUT ROWID""",
+)
 
-_TL_COLUMNS: Final = "id, timeline_id, ancestor, ancestor_lsn, last_record_lsn, min_readable_lsn"
-_KIND_OF: Final = {k.value: k for k in RecordKind}
+_TL_COLUMNS: Final = (
+    "id, timeline_id, ancestor, ancestor_lsn, last_record_lsn, min_readable_lsn, data_end"
+)
 _DIGEST_LEN: Final = struct.Struct(">I")
+_IMAGE: Final = int(RecordKind.IMAGE)
+_DELTA: Final = int(RecordKind.DELTA)
 
-_Row = tuple[int, bytes, int | None, int | None, int, int]
+#: ``(id, timeline_id, ancestor, ancestor_lsn, last_record_lsn, min_readable_lsn, data_end)``
+_Row = tuple[int, bytes, int | None, int | None, int, int, int]
+#: Where a payload is: the timeline's row, offset, length.
+_Loc = tuple[_Row, int, int]
 
 
 class SqliteRepository:
@@ -94,6 +135,8 @@ class SqliteRepository:
 
     def __init__(self, path: str | os.PathLike[str], *, durable: bool = True) -> None:
         self.path = Path(path)
+        #: The timelines' data files live in ``<database>.d/`` beside the database.
+        self.data_dir = self.path.with_name(self.path.name + ".d")
         self._durable = durable
         self._local = threading.local()
         self._write_lock = threading.Lock()
@@ -101,20 +144,35 @@ class SqliteRepository:
         self._conns_lock = threading.Lock()
         conn = self._conn()
         with self._write_lock:
-            conn.executescript(_SCHEMA)
             conn.execute("BEGIN IMMEDIATE")
-            row = conn.execute("SELECT value FROM meta WHERE name='schema_version'").fetchone()
-            if row is None:
-                conn.execute(
-                    "INSERT INTO meta VALUES ('schema_version', ?), ('repository_id', ?)",
-                    (str(SCHEMA_VERSION), uuid.uuid4().hex),
-                )
-            elif int(row[0]) != SCHEMA_VERSION:
+            try:
+                self._files = self._prepare(conn)
+            except BaseException:
                 conn.execute("ROLLBACK")
-                raise InvalidArgument(
-                    f"{self.path} has schema version {row[0]}; this zenith reads {SCHEMA_VERSION}"
-                )
+                raise
             conn.execute("COMMIT")
+
+    def _prepare(self, conn: sqlite3.Connection) -> DataFiles:
+        """Create or check the schema, then bring the data files back to what the index
+        committed (a crash may have left a partial batch or an undeleted file)."""
+        if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'meta'").fetchone() is None:
+            for statement in _SCHEMA:
+                conn.execute(statement)
+            conn.execute(
+                "INSERT INTO meta VALUES ('schema_version', ?), ('repository_id', ?)",
+                (str(SCHEMA_VERSION), uuid.uuid4().hex),
+            )
+        else:
+            row = conn.execute("SELECT value FROM meta WHERE name='schema_version'").fetchone()
+            if row is None or int(row[0]) != SCHEMA_VERSION:
+                raise InvalidArgument(
+                    f"{self.path} has schema version {row and row[0]}; this zenith reads "
+                    f"{SCHEMA_VERSION}"
+                )
+        files = DataFiles(self.data_dir, durable=self._durable)
+        rows = conn.execute("SELECT id, timeline_id, data_end FROM timelines")
+        files.recover({file_name(tid, internal): end for internal, tid, end in rows})
+        return files
 
     # connections -------------------------------------------------------------------------
 
@@ -126,6 +184,7 @@ class SqliteRepository:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute(f"PRAGMA synchronous={'FULL' if self._durable else 'OFF'}")
         conn.execute("PRAGMA cache_size=-65536")  # 64 MiB
+        conn.execute(f"PRAGMA mmap_size={MMAP_SIZE}")
         conn.execute("PRAGMA temp_store=MEMORY")
         return conn
 
@@ -139,11 +198,13 @@ class SqliteRepository:
         return conn
 
     def close(self) -> None:
+        """Close the connections. Data files are closed as their last reader drops them."""
         with self._conns_lock:
             for conn in self._all_conns:
                 conn.close()
             self._all_conns.clear()
         self._local = threading.local()
+        self._files.clear()
 
     @property
     def repository_id(self) -> str:
@@ -309,33 +370,43 @@ class SqliteRepository:
         self._drop_unreferenced(info.timeline.timeline_id)
 
     def _drop_unreferenced(self, timeline_id: TimelineId) -> None:
+        dropped: list[str] = []
         with self._transaction() as conn:
-            current: int | None = self._row_by_tid(conn, timeline_id)[0]
-            while current is not None:
-                in_use = conn.execute(
-                    "SELECT EXISTS (SELECT 1 FROM branches WHERE timeline = ?)"
-                    " OR EXISTS (SELECT 1 FROM timelines WHERE ancestor = ?)",
-                    (current, current),
-                ).fetchone()[0]
-                if in_use:
-                    return
-                parent = self._row_by_id(conn, current)[2]
-                conn.execute("DELETE FROM records WHERE tl = ?", (current,))
-                conn.execute("DELETE FROM timelines WHERE id = ?", (current,))
-                current = parent
+            row: _Row | None = self._row_by_tid(conn, timeline_id)
+            while row is not None:
+                if self._in_use(conn, row[0]):
+                    break
+                dropped.append(self._drop(conn, row))
+                row = self._row_by_id(conn, row[2]) if row[2] is not None else None
+        for name in dropped:  # only once the deletion is committed
+            self._files.remove(name)
 
     def delete_timeline(self, timeline_id: TimelineId) -> None:
-        """Drop a timeline that has no names and no descendants, with its records."""
+        """Drop a timeline that has no names and no descendants, with its records and its
+        data file. Iterators already reading it keep going."""
         with self._transaction() as conn:
             row = self._row_by_tid(conn, timeline_id)
-            if conn.execute(
+            if self._in_use(conn, row[0]):
+                raise ObjectInUse(f"timeline {timeline_id} has a branch name or descendants")
+            name = self._drop(conn, row)
+        self._files.remove(name)
+
+    @staticmethod
+    def _in_use(conn: sqlite3.Connection, internal: int) -> bool:
+        return bool(
+            conn.execute(
                 "SELECT EXISTS (SELECT 1 FROM branches WHERE timeline = ?)"
                 " OR EXISTS (SELECT 1 FROM timelines WHERE ancestor = ?)",
-                (row[0], row[0]),
-            ).fetchone()[0]:
-                raise ObjectInUse(f"timeline {timeline_id} has a branch name or descendants")
-            conn.execute("DELETE FROM records WHERE tl = ?", (row[0],))
-            conn.execute("DELETE FROM timelines WHERE id = ?", (row[0],))
+                (internal, internal),
+            ).fetchone()[0]
+        )
+
+    @staticmethod
+    def _drop(conn: sqlite3.Connection, row: _Row) -> str:
+        """Delete a timeline's rows; return its data file's name, to remove after commit."""
+        for table, column in (("records", "tl"), ("batches", "tl"), ("timelines", "id")):
+            conn.execute(f"DELETE FROM {table} WHERE {column} = ?", (row[0],))
+        return file_name(row[1], row[0])
 
     def resolve(self, name_or_id: str) -> TimelineInfo:
         """A branch name, or a timeline id (32 hex characters), to its timeline."""
@@ -354,118 +425,198 @@ class SqliteRepository:
         last_record_lsn: Lsn | None = None,
     ) -> WriteResult:
         """Append records with lsn in ``(last_record_lsn, new last_record_lsn]`` and publish the
-        new ``last_record_lsn`` in the same transaction. All or nothing."""
+        new ``last_record_lsn`` in the same transaction. All or nothing: a refused or failed
+        batch leaves neither index rows nor bytes in the data file."""
         if last_record_lsn is not None:
             _check_lsn(last_record_lsn)
-        with self._transaction() as conn:
+        txn = self._transaction()
+        with txn as conn:
             row = self._row_by_tid(conn, timeline_id)
-            internal, current = row[0], Lsn(row[4])
+            internal, current, data_end = row[0], Lsn(row[4]), row[6]
             if last_record_lsn is not None and last_record_lsn < current:
                 raise HistoryImmutable(
                     f"last record LSN {last_record_lsn} is behind the timeline's {current}"
                 )
-            state = {"count": 0, "max": int(current)}
             limit = last_record_lsn
-
-            def rows() -> Iterator[tuple[int, bytes, int, int, bytes]]:
-                for rec in records:
-                    rec.validate()
-                    if rec.lsn <= current:
-                        raise HistoryImmutable(
-                            f"record at {rec.lsn} is at or below the timeline's last record "
-                            f"LSN {current}: recorded history never changes"
-                        )
-                    if limit is not None and rec.lsn > limit:
-                        raise InvalidArgument(
-                            f"record at {rec.lsn} is beyond the batch's last record LSN {limit}"
-                        )
-                    if rec.kind is RecordKind.DELTA and not redo.is_known(rec.payload):
-                        raise InvalidArgument(
-                            f"delta record at {rec.lsn} has unknown redo type {rec.payload[0]}"
-                        )
-                    state["count"] += 1
-                    if rec.lsn > state["max"]:
-                        state["max"] = int(rec.lsn)
-                    yield internal, rec.key, int(rec.lsn), int(rec.kind), rec.payload
-
-            try:
-                conn.executemany(
-                    "INSERT INTO records (tl, key, lsn, kind, payload) VALUES (?, ?, ?, ?, ?)",
-                    rows(),
-                )
-            except sqlite3.IntegrityError as exc:
-                raise InvalidArgument(f"two records for one key at one LSN: {exc}") from exc
-            new_last = Lsn(state["max"] if last_record_lsn is None else last_record_lsn)
+            writer: FrameWriter | None = None
+            top = int(current)
+            for rec in records:
+                rec.validate()
+                lsn = rec.lsn
+                if lsn <= current:
+                    raise HistoryImmutable(
+                        f"record at {lsn} is at or below the timeline's last record "
+                        f"LSN {current}: recorded history never changes"
+                    )
+                if limit is not None and lsn > limit:
+                    raise InvalidArgument(
+                        f"record at {lsn} is beyond the batch's last record LSN {limit}"
+                    )
+                if rec.kind is RecordKind.DELTA and not redo.is_known(rec.payload):
+                    raise InvalidArgument(
+                        f"delta record at {lsn} has unknown redo type {rec.payload[0]}"
+                    )
+                if writer is None:
+                    writer = self._start_frame(row, txn)
+                writer.add(rec.key, int(lsn), int(rec.kind), rec.payload)
+                if lsn > top:
+                    top = int(lsn)
+            count = 0
+            if writer is not None:
+                data_end = self._finish_frame(conn, internal, writer)
+                count = len(writer.entries)
+            new_last = Lsn(top if last_record_lsn is None else last_record_lsn)
             conn.execute(
-                "UPDATE timelines SET last_record_lsn = ? WHERE id = ?", (new_last, internal)
+                "UPDATE timelines SET last_record_lsn = ?, data_end = ? WHERE id = ?",
+                (new_last, data_end, internal),
             )
-            return WriteResult(records=state["count"], last_record_lsn=new_last)
+            return WriteResult(records=count, last_record_lsn=new_last)
+
+    def _start_frame(self, row: _Row, txn: _Transaction) -> FrameWriter:
+        """Open (or create) the timeline's data file for a new frame at ``data_end``, first
+        cutting off what a crashed or refused batch left; on abort, cut it off again."""
+        name, data_end = file_name(row[1], row[0]), row[6]
+        f, created = self._files.open(name, create=True)
+        size = f.size()
+        if size < data_end:
+            raise CorruptDataFile(
+                f"data file {name} has {size} bytes, fewer than the {data_end} committed"
+            )
+        if size > data_end:
+            os.ftruncate(f.fd, data_end)
+
+        def undo() -> None:
+            if created:
+                self._files.remove(name)
+            else:
+                os.ftruncate(f.fd, data_end)
+
+        txn.on_abort.append(undo)
+        return FrameWriter(f, data_end)
+
+    def _finish_frame(self, conn: sqlite3.Connection, internal: int, w: FrameWriter) -> int:
+        """Write the frame's directory, index its records, make it durable; the new end."""
+        end = w.finish()
+        try:
+            # ``internal`` is an int from the database: safe to inline, and it keeps each
+            # row tuple the directory entry itself.
+            conn.executemany(
+                f"INSERT INTO records (tl, key, lsn, kind, off, len)"
+                f" VALUES ({internal:d}, ?, ?, ?, ?, ?)",
+                w.entries,
+            )
+        except sqlite3.IntegrityError as exc:
+            raise InvalidArgument(f"two records for one key at one LSN: {exc}") from exc
+        conn.execute(
+            "INSERT INTO batches (tl, last_lsn, first_lsn, start, records, bytes)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (internal, w.entries[-1][1], w.entries[0][1], w.start, len(w.entries), w.payload_bytes),
+        )
+        if self._durable:
+            w.sync()
+        return end
 
     def get_value(self, timeline_id: TimelineId, key: bytes, lsn: Lsn) -> bytes | None:
         """The value of ``key`` at ``lsn``: the newest image at or below it plus the deltas
         after it, falling back to the ancestor at the branch point. ``None``: no value."""
         _check_key(key)
         conn = self._conn()
-        row = self._row_by_tid(conn, timeline_id)
-        self._check_readable(row, _check_lsn(lsn))
-        deltas: list[bytes] = []
-        base: bytes | None = None
-        tl: int | None = row[0]
+        first = self._row_by_tid(conn, timeline_id)
+        self._check_readable(first, _check_lsn(lsn))
+        row: _Row | None = first
+        deltas: list[_Loc] = []
+        base: _Loc | None = None
         bound = int(lsn)
-        ancestor, ancestor_lsn = row[2], row[3]
-        while tl is not None:
+        while row is not None:
             found = False
-            for kind, payload in conn.execute(
-                "SELECT kind, payload FROM records WHERE tl = ? AND key = ? AND lsn <= ?"
+            for kind, off, length in conn.execute(
+                "SELECT kind, off, len FROM records WHERE tl = ? AND key = ? AND lsn <= ?"
                 " ORDER BY lsn DESC",
-                (tl, key, bound),
+                (row[0], key, bound),
             ):
-                if kind == RecordKind.DELTA:
-                    deltas.append(payload)
+                if kind == _DELTA:
+                    deltas.append((row, off, length))
                     continue
-                base = payload if kind == RecordKind.IMAGE else None
+                base = (row, off, length) if kind == _IMAGE else None
                 found = True
                 break
-            if found or ancestor is None:
+            if found or row[2] is None:
                 break
-            tl, bound = ancestor, int(ancestor_lsn or 0)
-            parent = self._row_by_id(conn, tl)
-            ancestor, ancestor_lsn = parent[2], parent[3]
-        value = base
-        for payload in reversed(deltas):
-            value = redo.apply_delta(value, payload)
+            bound = int(row[3] or 0)
+            row = self._row_by_id(conn, row[2])
+        value = None if base is None else self._payload(base)
+        for loc in reversed(deltas):
+            value = redo.apply_delta(value, self._payload(loc))
         return value
+
+    def _payload(self, loc: _Loc) -> bytes:
+        row, offset, length = loc
+        return self._file(row).pread(offset, length) if length else b""
+
+    def _file(self, row: _Row) -> DataFile:
+        """The timeline's open data file. A file missing because the timeline was deleted
+        since ``row`` was read is :class:`UnknownTimeline`; otherwise it is corruption."""
+        name = file_name(row[1], row[0])
+        try:
+            return self._files.open(name)[0]
+        except FileNotFoundError:
+            if self._conn().execute("SELECT 1 FROM timelines WHERE id = ?", (row[0],)).fetchone():
+                raise CorruptDataFile(f"data file {name} is missing") from None
+            raise UnknownTimeline(f'timeline "{TimelineId(row[1])}" was deleted') from None
 
     def iter_records(self, timeline_id: TimelineId, after: Lsn, upto: Lsn) -> Iterator[Record]:
         """Records of this timeline only (not its ancestors) with lsn in ``(after, upto]``,
-        in LSN order, streamed from one snapshot through the LSN index."""
-        row = self._row_by_tid(self._conn(), timeline_id)
-        lo, hi = _clamp(after), _clamp(upto)
-        return self._iter_records(row[0], lo, hi)
-
-    def _iter_records(self, internal: int, lo: int, hi: int) -> Iterator[Record]:
-        with closing(self._open()) as conn:
-            conn.execute("BEGIN")
-            cursor = conn.execute(
-                "SELECT key, lsn, kind, payload FROM records INDEXED BY records_by_lsn"
-                " WHERE tl = ? AND lsn > ? AND lsn <= ? ORDER BY lsn",
-                (internal, lo, hi),
-            )
-            kinds = _KIND_OF
-            while batch := cursor.fetchmany(256):
-                for key, lsn, kind, payload in batch:
-                    yield Record(key, Lsn(lsn), kinds[kind], payload)
-            conn.execute("COMMIT")
-
-    def count_records(self, timeline_id: TimelineId, after: Lsn, upto: Lsn) -> tuple[int, int]:
+        in LSN order. The snapshot is taken now: the iterator then reads only the data file
+        (in large windows), holds no database transaction, and survives the timeline's
+        deletion."""
         conn = self._conn()
         row = self._row_by_tid(conn, timeline_id)
-        count, size = conn.execute(
-            "SELECT count(*), coalesce(sum(length(payload)), 0) FROM records"
-            " INDEXED BY records_by_lsn WHERE tl = ? AND lsn > ? AND lsn <= ?",
-            (row[0], _clamp(after), _clamp(upto)),
+        lo, hi = _clamp(after), _clamp(upto)
+        # One statement, so the committed end and the first frame are one snapshot.
+        snap = conn.execute(
+            "SELECT t.data_end, (SELECT b.start FROM batches b WHERE b.tl = t.id"
+            " AND b.last_lsn > ? ORDER BY b.last_lsn LIMIT 1) FROM timelines t WHERE t.id = ?",
+            (lo, row[0]),
         ).fetchone()
-        return int(count), int(size)
+        if snap is None:
+            raise UnknownTimeline(f'timeline "{timeline_id}" was deleted')
+        end, start = snap
+        if start is None or lo >= hi:
+            return iter(())
+        return walk(self._file(row), start, end, lo, hi)
+
+    def count_records(self, timeline_id: TimelineId, after: Lsn, upto: Lsn) -> tuple[int, int]:
+        """Whole batches are counted from the index; the (at most two) batches cut by the
+        range's ends from their directories in the data file."""
+        conn = self._conn()
+        row = self._row_by_tid(conn, timeline_id)
+        lo, hi = _clamp(after), _clamp(upto)
+        if lo >= hi:
+            return 0, 0
+        conn.execute("BEGIN")
+        try:
+            count, size = conn.execute(
+                "SELECT total(records), total(bytes) FROM batches"
+                " WHERE tl = ? AND last_lsn > ? AND last_lsn <= ? AND first_lsn > ?",
+                (row[0], lo, hi, lo),
+            ).fetchone()
+            edges = set()
+            for bound in (lo, hi):
+                edge = conn.execute(
+                    "SELECT start, first_lsn, last_lsn FROM batches WHERE tl = ? AND last_lsn > ?"
+                    " ORDER BY last_lsn LIMIT 1",
+                    (row[0], bound),
+                ).fetchone()
+                if edge and edge[1] <= hi and (edge[1] <= lo or edge[2] > hi):
+                    edges.add(edge[0])
+        finally:
+            conn.execute("COMMIT")
+        count, size = int(count), int(size)
+        for start in edges:
+            for _key, lsn, _kind, _off, length in read_directory(self._file(row), start):
+                if lo < lsn <= hi:
+                    count, size = count + 1, size + length
+        return count, size
 
     def ancestry(self, timeline_id: TimelineId) -> list[TimelineInfo]:
         """The timeline and its ancestors, nearest first."""
@@ -476,44 +627,46 @@ class SqliteRepository:
 
     def materialize(self, timeline_id: TimelineId, lsn: Lsn) -> Iterator[tuple[bytes, bytes]]:
         conn = self._conn()
-        row = self._row_by_tid(conn, timeline_id)
-        self._check_readable(row, _check_lsn(lsn))
-        # (internal id, bound) from the root ancestor down to this timeline.
-        chain: list[tuple[int, int]] = [(row[0], int(lsn))]
-        parent, bound = row[2], row[3]
-        while parent is not None:
-            chain.append((parent, int(bound or 0)))
-            prow = self._row_by_id(conn, parent)
-            parent, bound = prow[2], prow[3]
+        first = self._row_by_tid(conn, timeline_id)
+        self._check_readable(first, _check_lsn(lsn))
+        row: _Row | None = first
+        # (row, bound) from the root ancestor down to this timeline.
+        chain: list[tuple[_Row, int]] = []
+        bound = int(lsn)
+        while row is not None:
+            chain.append((row, bound))
+            bound = int(row[3] or 0)
+            row = self._row_by_id(conn, row[2]) if row[2] is not None else None
         chain.reverse()
         return self._materialize(chain)
 
-    def _materialize(self, chain: list[tuple[int, int]]) -> Iterator[tuple[bytes, bytes]]:
+    def _materialize(self, chain: list[tuple[_Row, int]]) -> Iterator[tuple[bytes, bytes]]:
         with closing(self._open()) as conn:
             conn.execute("BEGIN")
 
-            def stream(depth: int, tl: int, bound: int) -> Iterator[tuple[bytes, int, int, bytes]]:
+            def stream(depth: int, tl: int, bound: int) -> Iterator[tuple[bytes, int, int, _Loc]]:
+                row = chain[depth][0]
                 cursor = conn.execute(
-                    "SELECT key, lsn, kind, payload FROM records INDEXED BY records_by_key"
+                    "SELECT key, kind, off, len FROM records"
                     " WHERE tl = ? AND lsn <= ? ORDER BY key, lsn",
                     (tl, bound),
                 )
                 while batch := cursor.fetchmany(256):
-                    for key, _lsn, kind, payload in batch:
-                        yield key, depth, kind, payload
+                    for key, kind, off, length in batch:
+                        yield key, depth, kind, (row, off, length)
 
             merged = heapq.merge(
-                *(stream(d, tl, b) for d, (tl, b) in enumerate(chain)), key=lambda r: r[:2]
+                *(stream(d, row[0], b) for d, (row, b) in enumerate(chain)), key=lambda r: r[:2]
             )
             for key, group in itertools.groupby(merged, key=lambda r: r[0]):
-                value: bytes | None = None
-                for _key, _depth, kind, payload in group:
-                    if kind == RecordKind.IMAGE:
-                        value = payload
-                    elif kind == RecordKind.TOMBSTONE:
-                        value = None
-                    else:
-                        value = redo.apply_delta(value, payload)
+                history = list(group)
+                # Only the newest image (or tombstone) and the deltas after it matter.
+                i = len(history) - 1
+                while i >= 0 and history[i][2] == _DELTA:
+                    i -= 1
+                value = self._payload(history[i][3]) if i >= 0 and history[i][2] == _IMAGE else None
+                for item in history[i + 1 :]:
+                    value = redo.apply_delta(value, self._payload(item[3]))
                 if value is not None:
                     yield key, value
             conn.execute("COMMIT")
@@ -535,11 +688,14 @@ class SqliteRepository:
 
 
 class _Transaction:
-    """``BEGIN IMMEDIATE`` ... ``COMMIT`` under the writer lock; rollback on any exception."""
+    """``BEGIN IMMEDIATE`` ... ``COMMIT`` under the writer lock. On any exception, and if
+    the commit itself fails: rollback, then the ``on_abort`` actions (which undo what the
+    transaction did outside the database, such as bytes appended to a data file)."""
 
     def __init__(self, conn: sqlite3.Connection, lock: threading.Lock) -> None:
         self.conn = conn
         self.lock = lock
+        self.on_abort: list[Callable[[], None]] = []
 
     def __enter__(self) -> sqlite3.Connection:
         self.lock.acquire()
@@ -552,9 +708,24 @@ class _Transaction:
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         try:
-            self.conn.execute("COMMIT" if exc_type is None else "ROLLBACK")
+            if exc_type is None:
+                try:
+                    self.conn.execute("COMMIT")
+                    return
+                except BaseException:
+                    self._abort()
+                    raise
+            self._abort()
         finally:
             self.lock.release()
+
+    def _abort(self) -> None:
+        try:
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
+        finally:
+            for action in reversed(self.on_abort):
+                action()
 
 
 def _check_lsn(lsn: Lsn | int) -> Lsn:

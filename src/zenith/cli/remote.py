@@ -1,0 +1,167 @@
+"""``zenith origin``, ``zenith push`` and ``zenith pull``: git's remotes, for branches of
+page history. The CLI asks the local pageserver to act; that pageserver connects out."""
+
+from __future__ import annotations
+
+import re
+import sys
+import time
+from collections.abc import Callable
+from typing import Final
+
+import click
+
+from zenith.cli.context import Repo, pass_repo
+from zenith.pgwire.conninfo import mask_uri
+
+_PROGRESS: Final = re.compile(
+    r"progress bytes=(\d+)/(\d+) records=(\d+)/(\d+) lsn=(\S+)"
+)
+
+
+@click.group()
+def origin() -> None:
+    """Manage origins: other pageservers to push to and pull from."""
+
+
+@origin.command()
+@click.argument("name")
+@click.argument("uri")
+@pass_repo
+def add(repo: Repo, name: str, uri: str) -> None:
+    """Add origin NAME at URI (postgresql://user:password@host:port)."""
+    repo.config.add_origin(name, uri)
+    click.echo(f"added origin {name}: {mask_uri(uri)}")
+
+
+@origin.command("list")
+@pass_repo
+def list_(repo: Repo) -> None:
+    """List origins (passwords masked)."""
+    for name, uri in repo.config.origins().items():
+        click.echo(f"{name}\t{mask_uri(uri)}")
+
+
+@origin.command()
+@click.argument("name")
+@pass_repo
+def remove(repo: Repo, name: str) -> None:
+    """Remove origin NAME."""
+    repo.config.remove_origin(name)
+    click.echo(f"removed origin {name}")
+
+
+def _split_target(target: str, default: str) -> tuple[str, str]:
+    name, _, branch = target.partition(":")
+    if not name:
+        raise click.BadParameter(f"expected ORIGIN[:BRANCH], got {target!r}")
+    return name, branch or default
+
+
+def _mib(n: int) -> str:
+    return f"{n / 1048576:.1f} MiB"
+
+
+class ProgressView:
+    """Progress of a transfer: a bar on a terminal, plain lines (every 2 s) otherwise."""
+
+    def __init__(self, title: str) -> None:
+        self.title = title
+        self.tty = sys.stderr.isatty()
+        self.last_line = 0.0
+        self.bar = None
+        self.task = None
+        if self.tty:
+            from rich.progress import (
+                BarColumn,
+                DownloadColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+                TransferSpeedColumn,
+            )
+
+            self.bar = Progress(
+                TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(),
+                TextColumn("{task.fields[records]} records"), TransferSpeedColumn(),
+                TimeRemainingColumn(), transient=True,
+            )
+            self.task = self.bar.add_task(title, total=None, records="0")
+            self.bar.start()
+
+    def notice(self, message: str) -> None:
+        m = _PROGRESS.fullmatch(message)
+        if m is None:
+            click.echo(message, err=True)
+            return
+        done, total, rec, rec_total = (int(m.group(i)) for i in range(1, 5))
+        if self.bar is not None and self.task is not None:
+            self.bar.update(self.task, completed=done, total=total or None,
+                            records=f"{rec}/{rec_total}")
+        elif time.monotonic() - self.last_line >= 2.0 or done == total:
+            self.last_line = time.monotonic()
+            click.echo(f"{self.title}: {_mib(done)} of {_mib(total)}, "
+                       f"{rec} of {rec_total} records", err=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def _summary(row: dict[str, str | None], arrow: str) -> str:
+    status = row["status"]
+    if status == "up-to-date":
+        return str(row["message"])
+    span = f"{row['old_lsn'] or '0/0'}..{row['new_lsn']}"
+    size = f"{row['records']} records, {_mib(int(row['bytes'] or 0))}"
+    prefix = {"new": "* [new branch] ", "forced": "+ "}.get(str(status), "")
+    suffix = " (forced update)" if status == "forced" else ""
+    if row["dry_run"] == "true":
+        return f"(dry run) {prefix}{arrow} {span}{suffix}: would send {size}"
+    return f"{prefix}{arrow} {span}{suffix}, {size} in {float(row['seconds'] or 0):.1f} s"
+
+
+def _transfer(repo: Repo, verb: str, words: list[str], title: str,
+              render: Callable[[dict[str, str | None]], str]) -> None:
+    view = ProgressView(title)
+    try:
+        answer = repo.query(verb, *words, on_notice=view.notice, timeout=30.0)
+    finally:
+        view.close()
+    click.echo(render(answer.dicts()[0]))
+
+
+def _flag_words(force: bool, dry_run: bool) -> list[str]:
+    return (["force"] if force else []) + (["dry_run"] if dry_run else [])
+
+
+@click.command()
+@click.argument("branch")
+@click.argument("target", metavar="ORIGIN[:REMOTE_BRANCH]")
+@click.option("--force", is_flag=True,
+              help="Repoint the remote name even if histories diverged (no data is deleted).")
+@click.option("--dry-run", is_flag=True, help="Report what would be sent; change nothing.")
+@pass_repo
+def push(repo: Repo, branch: str, target: str, force: bool, dry_run: bool) -> None:
+    """Push BRANCH to ORIGIN (as REMOTE_BRANCH, by default the same name)."""
+    name, remote_branch = _split_target(target, branch)
+    uri = repo.config.origin(name)
+    _transfer(repo, "perform_push", [branch, uri, remote_branch, *_flag_words(force, dry_run)],
+              f"push {branch} -> {name}:{remote_branch}",
+              lambda row: _summary(row, f"{branch} -> {name}:{remote_branch}"))
+
+
+@click.command()
+@click.argument("branch")
+@click.argument("target", metavar="ORIGIN[:REMOTE_BRANCH]")
+@click.option("--force", is_flag=True,
+              help="Repoint the local name even if histories diverged (no data is deleted).")
+@click.option("--dry-run", is_flag=True, help="Report what would be received; change nothing.")
+@pass_repo
+def pull(repo: Repo, branch: str, target: str, force: bool, dry_run: bool) -> None:
+    """Pull REMOTE_BRANCH (by default the same name) of ORIGIN into local BRANCH."""
+    name, remote_branch = _split_target(target, branch)
+    uri = repo.config.origin(name)
+    _transfer(repo, "perform_pull", [branch, uri, remote_branch, *_flag_words(force, dry_run)],
+              f"pull {name}:{remote_branch} -> {branch}",
+              lambda row: _summary(row, f"{name}:{remote_branch} -> {branch}"))

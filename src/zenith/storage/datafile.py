@@ -1,0 +1,303 @@
+"""Append-only data files: where record payloads live, one file per timeline.
+
+Why not in SQLite: in WAL mode SQLite writes every byte twice (WAL, then checkpoint), and
+handing 8 KiB blobs out of its B-tree one row at a time costs several times a plain read.
+So SQLite keeps the index and the metadata (see ``sqlite.py``) and the bytes go here.
+
+A timeline's file is a sequence of *frames*, one per write batch::
+
+    header     16 bytes: magic b"ZNF1", record count (u32), payload bytes (u64)
+    payloads   the batch's payloads back to back, in the order they were given
+    directory  one 39-byte entry per record: key (18), lsn (u64), kind (u8),
+               offset (u64, absolute in the file), length (u32); sorted by LSN (stable)
+
+(integers little-endian). Every batch's LSNs are above the previous batch's, so walking
+the frames in file order and each directory in order yields a timeline's records in LSN
+order: :func:`walk` streams a range with a few large ``pread`` calls and no per-record
+index lookups. The file describes itself; the index only says where a GetPage read goes
+and where a batch starts.
+
+Durability protocol (the index side lives in ``sqlite.py``): a batch is written at the
+committed end ``data_end``, flushed with ``fdatasync``, and only then does one SQLite
+transaction insert its index rows and advance both ``last_record_lsn`` and ``data_end``.
+Bytes beyond ``data_end`` belong to a batch that crashed or was refused; they are cut off
+when the repository opens and before every batch, so they are never read.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import threading
+from collections.abc import Iterator
+from contextlib import suppress
+from itertools import starmap
+from pathlib import Path
+from typing import Any, Final
+
+from zenith.errors import ZenithError
+from zenith.lsn import Lsn
+from zenith.storage.api import Record, RecordKind, _RecordSlots
+
+MAGIC: Final = b"ZNF1"
+HEADER: Final = struct.Struct("<4sIQ")
+ENTRY: Final = struct.Struct("<18sQBQI")
+#: Reads are coalesced into windows of this size: large enough to amortise the system
+#: call, small enough to stay in the CPU cache while the payloads are sliced out of it.
+WINDOW: Final = 1 << 20
+#: Payloads are handed to the kernel in ``pwritev`` calls of about this size.
+FLUSH_BYTES: Final = 1 << 20
+_MAX_IOV: Final = 512
+_CACHE_SIZE: Final = 128
+_SUFFIX: Final = ".dat"
+
+Entry = tuple[bytes, int, int, int, int]
+"""A directory entry: ``(key, lsn, kind, offset, length)``."""
+
+_KINDS: Final = tuple(sorted(RecordKind, key=int))
+assert [int(k) for k in _KINDS] == list(range(len(_KINDS))), "kinds index a tuple"
+
+
+class CorruptDataFile(ZenithError):
+    """A data file is shorter than its committed length or does not parse."""
+
+    sqlstate = "XX001"  # data_corrupted
+
+
+def file_name(timeline_id: bytes, internal: int) -> str:
+    """The data file of a timeline. The internal id is never reused (AUTOINCREMENT), so a
+    timeline deleted and created again under the same id gets a different file, and a late
+    ``unlink`` of the old one cannot hit the new one."""
+    return f"{timeline_id.hex()}-{internal}{_SUFFIX}"
+
+
+class DataFile:
+    """An open data file. All I/O is positional, so threads share one; the descriptor is
+    closed when the last holder drops the object, so an iterator keeps reading a file that
+    was deleted (unlinked) meanwhile."""
+
+    __slots__ = ("fd", "name")
+
+    def __init__(self, fd: int, name: str) -> None:
+        self.fd = fd
+        self.name = name
+
+    def __del__(self) -> None:
+        with suppress(OSError):
+            os.close(self.fd)
+
+    def size(self) -> int:
+        return os.fstat(self.fd).st_size
+
+    def pread(self, offset: int, length: int) -> bytes:
+        """Exactly ``length`` bytes at ``offset``, or :class:`CorruptDataFile`."""
+        data = os.pread(self.fd, length, offset)
+        if len(data) != length:
+            raise CorruptDataFile(
+                f"data file {self.name} ends before {offset + length} (read {len(data)} of "
+                f"{length} bytes at {offset})"
+            )
+        return data
+
+
+class DataFiles:
+    """The directory of data files beside the database, and a small cache of open files.
+
+    Opening under the cache lock and deleting (cache eviction + ``unlink``) under the same
+    lock means no thread can cache a file after its timeline's deletion finished.
+    """
+
+    def __init__(self, directory: Path, *, durable: bool) -> None:
+        self.directory = directory
+        self.durable = durable
+        self._lock = threading.Lock()
+        self._cache: dict[str, DataFile] = {}
+        if not directory.is_dir():
+            directory.mkdir(parents=True, exist_ok=True)
+            if durable:
+                _fsync_dir(directory.parent)
+
+    def open(self, name: str, *, create: bool = False) -> tuple[DataFile, bool]:
+        """The open file ``name`` and whether this call created it. Without ``create`` a
+        missing file raises :class:`FileNotFoundError`."""
+        with self._lock:
+            cached = self._cache.get(name)
+            if cached is not None:
+                return cached, False
+            path = self.directory / name
+            created = False
+            try:
+                fd = os.open(path, os.O_RDWR)
+            except FileNotFoundError:
+                if not create:
+                    raise
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+                created = True
+                if self.durable:  # the new name must be durable before the index cites it
+                    _fsync_dir(self.directory)
+            f = DataFile(fd, name)
+            if len(self._cache) >= _CACHE_SIZE:
+                del self._cache[next(iter(self._cache))]
+            self._cache[name] = f
+            return f, created
+
+    def remove(self, name: str) -> None:
+        """Forget and unlink a file. Holders of an open :class:`DataFile` keep reading it."""
+        with self._lock:
+            self._cache.pop(name, None)
+            with suppress(FileNotFoundError):
+                os.unlink(self.directory / name)
+
+    def recover(self, committed: dict[str, int]) -> None:
+        """Cut every file back to its committed length and remove files no timeline owns
+        (left by a crash between a deletion's commit and its ``unlink``). The caller holds
+        the database's write lock, so no batch is in flight."""
+        for path in self.directory.glob(f"*{_SUFFIX}"):
+            end = committed.get(path.name)
+            if end is None:
+                self.remove(path.name)
+            elif path.stat().st_size > end:
+                os.truncate(path, end)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._cache.clear()
+
+
+class FrameWriter:
+    """Writes one batch's frame at ``start`` (the committed end of the file). Nothing it
+    writes is visible until the index commits the new end; on failure the caller truncates
+    the file back to ``start``."""
+
+    def __init__(self, f: DataFile, start: int) -> None:
+        self.f = f
+        self.start = start
+        self.pos = start + HEADER.size
+        self.entries: list[Entry] = []
+        self._pending: list[bytes] = []
+        self._pending_at = self.pos
+        self._pending_bytes = 0
+        self._in_order = True
+        self._last_lsn = -1
+
+    def add(self, key: bytes, lsn: int, kind: int, payload: bytes) -> None:
+        n = len(payload)
+        self.entries.append((key, lsn, kind, self.pos, n))
+        if lsn < self._last_lsn:
+            self._in_order = False
+        self._last_lsn = lsn
+        if n:
+            self._pending.append(payload)
+            self.pos += n
+            self._pending_bytes += n
+            if self._pending_bytes >= FLUSH_BYTES or len(self._pending) >= _MAX_IOV:
+                self._flush()
+
+    def _flush(self) -> None:
+        if self._pending:
+            _pwrite_all(self.f.fd, self._pending, self._pending_at, self._pending_bytes)
+        self._pending = []
+        self._pending_at += self._pending_bytes
+        self._pending_bytes = 0
+
+    @property
+    def payload_bytes(self) -> int:
+        return self.pos - self.start - HEADER.size
+
+    def finish(self) -> int:
+        """Write the directory and the header; return the new end of the file.
+        ``self.entries`` is then in directory (LSN) order."""
+        if len(self.entries) >= 1 << 32:
+            raise ValueError("a batch holds fewer than 2**32 records")
+        if not self._in_order:
+            self.entries.sort(key=lambda e: e[1])
+        directory = b"".join(starmap(ENTRY.pack, self.entries))
+        self._pending.append(directory)
+        self._pending_bytes += len(directory)
+        self._flush()
+        header = HEADER.pack(MAGIC, len(self.entries), self.payload_bytes)
+        _pwrite_all(self.f.fd, [header], self.start, HEADER.size)
+        return self._pending_at
+
+    def sync(self) -> None:
+        """Make the frame durable: it must be before the index that cites it commits."""
+        os.fdatasync(self.f.fd)
+
+
+def read_directory(f: DataFile, start: int) -> list[Entry]:
+    """The directory of the frame at ``start``."""
+    magic, count, payload_bytes = HEADER.unpack(f.pread(start, HEADER.size))
+    if magic != MAGIC:
+        raise CorruptDataFile(f"no frame at offset {start} of data file {f.name}")
+    at = start + HEADER.size + payload_bytes
+    return list(ENTRY.iter_unpack(f.pread(at, count * ENTRY.size)))
+
+
+def walk(f: DataFile, start: int, end: int, after: int, upto: int) -> Iterator[Record]:
+    """Records with lsn in ``(after, upto]`` from the frames between ``start`` (a frame
+    boundary) and ``end`` (the committed length when the caller took its snapshot), in LSN
+    order.
+
+    This is the hot path of push and pull: frames and payloads are read in windows of
+    :data:`WINDOW` bytes and sliced; records are built without re-validating what was
+    validated when written (:class:`_RecordSlots`, ``int.__new__`` for the LSN).
+    """
+    fd, name = f.fd, f.name
+    pread, unpack_header, iter_entries = os.pread, HEADER.unpack_from, ENTRY.iter_unpack
+    make, record, new_lsn, lsn_type, kinds = _RecordSlots, Record, int.__new__, Lsn, _KINDS
+    buf = b""
+    base = 0  # file offset of buf[0]
+    top = 0  # file offset just past buf
+    pos = start
+    while pos < end:
+        if pos + HEADER.size > top:
+            buf = pread(fd, WINDOW, pos)
+            base, top = pos, pos + len(buf)
+            if top < pos + HEADER.size:
+                raise CorruptDataFile(f"data file {name} ends inside the frame at {pos}")
+        magic, count, payload_bytes = unpack_header(buf, pos - base)
+        if magic != MAGIC:
+            raise CorruptDataFile(f"no frame at offset {pos} of data file {name}")
+        frame, at = pos, pos + HEADER.size + payload_bytes
+        pos = at + count * ENTRY.size
+        if pos > end:
+            raise CorruptDataFile(f"frame at {frame} of data file {name} runs past its end")
+        # A frame inside the window is sliced from it; a big one's directory is read apart.
+        directory = buf[at - base : pos - base] if pos <= top else f.pread(at, pos - at)
+        entries = list(iter_entries(directory))
+        if not entries:
+            continue
+        if entries[0][1] > upto:
+            return
+        if entries[0][1] <= after or entries[-1][1] > upto:
+            entries = [e for e in entries if after < e[1] <= upto]
+        for key, lsn, kind, offset, length in entries:
+            stop = offset + length
+            if offset < base or stop > top:
+                buf = pread(fd, max(WINDOW, length), offset)
+                base, top = offset, offset + len(buf)
+                if top < stop:
+                    raise CorruptDataFile(f"data file {name} ends before {stop}")
+            payload = buf[offset - base : stop - base]
+            rec: Any = make(key, new_lsn(lsn_type, lsn), kinds[kind], payload)
+            rec.__class__ = record
+            yield rec
+
+
+def _pwrite_all(fd: int, buffers: list[bytes], offset: int, total: int) -> None:
+    written = os.pwritev(fd, buffers, offset)
+    if written < total:  # a short write (signal, disk nearly full): finish it plainly
+        rest = memoryview(b"".join(buffers))[written:]
+        while rest:
+            n = os.pwrite(fd, rest, offset + written)
+            if n <= 0:
+                raise OSError(f"pwrite wrote nothing at {offset + written}")
+            rest, written = rest[n:], written + n
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
