@@ -73,8 +73,37 @@ class PageserverProc:
         self.cli("user", "add", name, "--role", role, "--password-stdin", input=password + "\n",
                  check=True)
 
-    def start(self) -> None:
-        self.cli("start", check=True)
+    def start(self, env: dict[str, str] | None = None) -> None:
+        self.cli("start", check=True, env=env)
+
+    def kill(self) -> None:
+        """SIGKILL the running pageserver (a crash), and wait until it is gone."""
+        pid = running_pid(self.config.pid_path)
+        assert pid is not None, "not running"
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while running_pid(self.config.pid_path) is not None:
+            assert time.monotonic() < deadline, "killed pageserver still holds its pid file"
+            time.sleep(0.02)
+
+    def query(self, sql: str) -> list[dict[str, str | None]]:
+        """Rows of one command, through psycopg (a real client)."""
+        import psycopg
+
+        with psycopg.connect(self.uri(), autocommit=True) as conn:
+            cur = conn.execute(sql)
+            if cur.description is None:
+                return []
+            names = [d.name for d in cur.description]
+            return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+
+    def digest(self, target: str) -> str:
+        return str(self.query(f"digest {target}")[0]["digest"])
+
+    def branch(self, name: str) -> dict[str, str | None]:
+        rows = [r for r in self.query("branch_list") if r["name"] == name]
+        assert rows, f"no branch {name}"
+        return rows[0]
 
     def stop(self) -> None:
         pid = running_pid(self.config.pid_path)

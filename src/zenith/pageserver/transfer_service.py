@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Final
 
 from zenith.errors import ConnectionFailed, InvalidArgument, ZenithError
@@ -102,6 +103,18 @@ async def _connect_remote(uri: str) -> Connection:
                         hint=exc.hint) from exc
 
 
+@contextlib.asynccontextmanager
+async def _naming_remote(verb: str) -> AsyncIterator[None]:
+    """Errors from the remote side or the connection name the remote and say what is kept."""
+    try:
+        yield
+    except ConnectionFailed as exc:
+        raise ConnectionFailed(
+            f"{verb} interrupted: {exc.message}",
+            hint=f"the destination kept everything acknowledged; {verb} again to continue",
+        ) from exc
+
+
 async def _remote_copy(conn: Connection, where: str, words: list[str]) -> ClientCopyStream:
     try:
         return await conn.copy_both(command_text(*words))
@@ -125,7 +138,7 @@ async def _perform_push(server: Pageserver, session: Session, args: list[str]) -
     try:
         stream = await _remote_copy(conn, where, ["branch_push", remote_branch,
                                                   *_flag_words(force, dry_run)])
-        async with _Reporter(session) as reporter:
+        async with _naming_remote("push"), _Reporter(session) as reporter:
             result = await send_branch(stream, server.repo, timeline, chain=chain,
                                        progress=reporter.update)
             await reporter.flush()
@@ -147,7 +160,8 @@ async def _perform_pull(server: Pageserver, session: Session, args: list[str]) -
     where = f"{info.host}:{info.port}"
     try:
         stream = await _remote_copy(conn, where, ["branch_pull", remote_branch])
-        async with server.receive_lock, _Reporter(session) as reporter:
+        async with _naming_remote("pull"), server.receive_lock, \
+                _Reporter(session) as reporter:
             result = await receive_branch(stream, server.repo, branch, pushing=False,
                                           force=force, dry_run=dry_run,
                                           progress=reporter.update)

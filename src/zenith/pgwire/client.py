@@ -640,11 +640,18 @@ async def _connect_once(info: ConnInfo, user: str, dbname: str, password: str | 
         raise
 
 
+def _os_user() -> str:
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError) as exc:
+        raise InvalidArgument("no user name: give one in the URI or in PGUSER") from exc
+
+
 async def connect(target: str | ConnInfo, *, timeout: float = 10.0) -> Connection:
     """Connect and authenticate, within ``timeout`` seconds (or the URI's shorter
     ``connect_timeout``) for everything: DNS, TCP, TLS, authentication, startup."""
     info = parse_uri(target) if isinstance(target, str) else target
-    user = info.user or os.environ.get("PGUSER") or getpass.getuser()
+    user = info.user or os.environ.get("PGUSER") or _os_user()
     dbname = info.dbname or user
     password = lookup_password(info, user, dbname)
     limit = timeout if info.connect_timeout is None else min(timeout, info.connect_timeout)

@@ -371,11 +371,15 @@ def read_pgpass(path: str | os.PathLike[str]) -> list[PgpassEntry]:
         return []
 
 
-def default_pgpass_path(env: Mapping[str, str] | None = None) -> Path:
+def default_pgpass_path(env: Mapping[str, str] | None = None) -> Path | None:
+    """``PGPASSFILE``, else ``~/.pgpass``; ``None`` without a home directory."""
     env = os.environ if env is None else env
     if env.get("PGPASSFILE"):
         return Path(env["PGPASSFILE"])
-    return Path.home() / ".pgpass"
+    try:
+        return Path.home() / ".pgpass"
+    except RuntimeError:
+        return None
 
 
 def lookup_password(info: ConnInfo, user: str, dbname: str,
@@ -390,7 +394,8 @@ def lookup_password(info: ConnInfo, user: str, dbname: str,
     host = info.host
     if host.startswith("/"):
         host = DEFAULT_HOST  # a Unix socket matches "localhost", as in libpq
-    for entry in read_pgpass(default_pgpass_path(env)):
+    path = default_pgpass_path(env)
+    for entry in read_pgpass(path) if path is not None else ():
         if entry.matches(host, str(info.port), dbname, user):
             return entry.password
     return None

@@ -28,6 +28,7 @@ connection, which the other side reports.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -197,36 +198,46 @@ async def send_branch(
             await acks.put(frame)
 
     reader = asyncio.create_task(read_acks())
+
+    async def write(data: bytes) -> None:
+        """Write, unless the receiver already failed: then raise what it said."""
+        if reader.done():
+            reader.result()  # raises the receiver's error
+            raise TransferAborted("the receiver ended the transfer early")
+        try:
+            await channel.write(data)
+        except Exception:
+            if reader.done() and reader.exception() is not None:
+                raise reader.exception() from None  # type: ignore[misc]
+            raise
+
     try:
         corrupt_at = _corrupt_hook()
         frames_sent = 0
         for tl, after, upto in ranges:
-            await channel.write(encode_json(FrameType.TIMELINE, {
+            await write(encode_json(FrameType.TIMELINE, {
                 "timeline": chain_to_json([tl])[0], "after": str(after), "upto": str(upto),
                 "total_records": state.records_total, "total_bytes": state.bytes_total,
             }))
             crc, records, nbytes = 0, 0, 0
             batches = _batches(repo, tl.timeline_id, after, upto)
             while True:
-                if reader.done():
-                    reader.result()  # the receiver failed: raise its error
-                    raise TransferAborted("the receiver ended the transfer early")
                 chunk = await asyncio.to_thread(_next_frame, batches, compressor)
                 if chunk is None:
                     break
-                wire, body_crc_input, count, payload = chunk
+                wire, body, count, payload = chunk
                 frames_sent += 1
                 if corrupt_at and frames_sent == corrupt_at:
                     wire = wire[:-1] + bytes([wire[-1] ^ 0xFF])
-                crc = google_crc32c.extend(crc, body_crc_input)
-                await channel.write(wire)
+                crc = google_crc32c.extend(crc, body)
+                await write(wire)
                 records += count
                 nbytes += payload
                 state.records_done += count
                 state.bytes_done += payload
                 if progress is not None:
                     progress(state)
-            await channel.write(encode_json(FrameType.TIMELINE_END, {
+            await write(encode_json(FrameType.TIMELINE_END, {
                 "timeline_id": str(tl.timeline_id), "upto": str(upto), "records": records,
                 "bytes": nbytes, "crc32c": crc,
             }))
@@ -234,6 +245,8 @@ async def send_branch(
     finally:
         if not reader.done():
             reader.cancel()
+        with contextlib.suppress(BaseException):
+            await reader  # retrieve its outcome: never an unobserved exception
     return result(state.records_done, state.bytes_done, str(done.get("message", "")))
 
 

@@ -1,0 +1,121 @@
+"""Transfers that are interrupted or corrupted: the destination stays at a consistent LSN,
+the source loses nothing, and running the command again continues (DESIGN §9)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.fixtures import PageserverProc
+from tests.transfer.test_push_pull import records_sent
+
+PAGES = 8000  # 64 MiB: long enough to be caught in the middle
+
+
+def _start_push(src: PageserverProc, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "zenith.cli", "-D", str(src.path), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _progress(dst: PageserverProc, tid: str) -> int:
+    for row in dst.query("timeline_list"):
+        if row["timeline_id"] == tid:
+            hi, lo = str(row["last_record_lsn"]).split("/")
+            return (int(hi, 16) << 32) | int(lo, 16)
+    return 0
+
+
+def _lsn_text(value: int) -> str:
+    return f"{value >> 32:X}/{value & 0xFFFFFFFF:X}"
+
+
+def _check_consistent(src: PageserverProc, dst: PageserverProc, tid: str) -> int:
+    """The destination's timeline is at an LSN whose state equals the source's there."""
+    at = _progress(dst, tid)
+    if at:
+        lsn = _lsn_text(at)
+        assert dst.digest(f"{tid}@{lsn}") == src.digest(f"main@{lsn}"), lsn
+    return at
+
+
+def test_receiver_killed_during_push_resumes(pageserver_factory) -> None:  # type: ignore[no-untyped-def]
+    laptop, cloud = pageserver_factory(name="laptop"), pageserver_factory(name="cloud")
+    laptop.cli("origin", "add", "cloud", cloud.uri(), check=True)
+    laptop.cli("generate", "main", "--pages", str(PAGES), check=True)
+    src = laptop.branch("main")
+    tid, end = str(src["timeline_id"]), str(src["last_record_lsn"])
+    hi, lo = end.split("/")
+    final = (int(hi, 16) << 32) | int(lo, 16)
+    source_digest = laptop.digest("main")
+    reached = []
+    for fraction in (0.1, 0.4, 0.7):
+        push = _start_push(laptop, "push", "main", "cloud")
+        deadline = time.monotonic() + 120
+        while _progress(cloud, tid) < final * fraction:
+            assert push.poll() is None, push.communicate()
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        cloud.kill()
+        out, err = push.communicate(timeout=60)
+        assert push.returncode == 1, (out, err)
+        assert "error: push interrupted: connection to server at 127.0.0.1" in err, err
+        assert err.splitlines()[-1].startswith("hint: the destination kept"), err
+        assert "Traceback" not in err
+        cloud.start()
+        at = _check_consistent(laptop, cloud, tid)
+        assert final * fraction <= at < final
+        assert [b for b in cloud.query("branch_list") if b["name"] == "main"] == []
+        reached.append(at)
+    assert reached == sorted(reached)  # each run continued from the last
+    out = laptop.cli("push", "main", "cloud", check=True).stdout
+    assert records_sent(out) < PAGES * 0.4  # resumed, not started over
+    assert cloud.digest("main") == laptop.digest("main") == source_digest
+
+
+def test_sender_killed_during_pull(pageserver_factory) -> None:  # type: ignore[no-untyped-def]
+    cloud, laptop = pageserver_factory(name="cloud"), pageserver_factory(name="laptop")
+    laptop.cli("origin", "add", "cloud", cloud.uri(), check=True)
+    cloud.cli("generate", "main", "--pages", str(PAGES), check=True)
+    src = cloud.branch("main")
+    tid = str(src["timeline_id"])
+    digest = cloud.digest("main")
+    pull = _start_push(laptop, "pull", "main", "cloud")
+    deadline = time.monotonic() + 120
+    while _progress(laptop, tid) == 0:
+        assert pull.poll() is None, pull.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    cloud.kill()
+    out, err = pull.communicate(timeout=60)
+    assert pull.returncode == 1, (out, err)
+    assert "error: pull interrupted: connection to server at 127.0.0.1" in err, err
+    cloud.start()
+    assert cloud.digest("main") == digest  # the source lost nothing
+    _check_consistent(cloud, laptop, tid)
+    laptop.cli("pull", "main", "cloud", check=True)
+    assert laptop.digest("main") == digest
+
+
+@pytest.mark.parametrize("bad_frame", [1, 3])
+def test_corrupted_frame_is_rejected(pageserver_factory, bad_frame: int) -> None:  # type: ignore[no-untyped-def]
+    laptop = pageserver_factory(name="laptop", start=False)
+    laptop.start(env={"ZENITH_TEST_CORRUPT_FRAME": str(bad_frame)})
+    cloud = pageserver_factory(name="cloud")
+    laptop.cli("origin", "add", "cloud", cloud.uri(), check=True)
+    laptop.cli("generate", "main", "--pages", "1000", check=True)
+    tid = str(laptop.branch("main")["timeline_id"])
+    res = laptop.cli("push", "main", "cloud")
+    assert res.returncode == 1 and "CRC32C" in res.stderr, res.stderr
+    # nothing past the last good frame is visible, and no branch name was set
+    at = _check_consistent(laptop, cloud, tid)
+    records = laptop.query(f"digest main@{_lsn_text(at)}") if at else []
+    assert (at == 0) == (bad_frame == 1) and (records or bad_frame == 1)
+    assert at < _progress(laptop, tid)
+    assert cloud.query("branch_list") == []
+    laptop.stop()
+    laptop.start()
+    laptop.cli("push", "main", "cloud", check=True)
+    assert cloud.digest("main") == laptop.digest("main")
