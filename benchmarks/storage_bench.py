@@ -60,7 +60,9 @@ def run(total_bytes: int = 1 << 30) -> Section:
                 repo.put_records(
                     tid,
                     (
-                        Record(i.to_bytes(18, "big"), Lsn(8 * (i + 1)), RecordKind.IMAGE, pages[i % 64])
+                        Record(
+                            i.to_bytes(18, "big"), Lsn(8 * (i + 1)), RecordKind.IMAGE, pages[i % 64]
+                        )
                         for i in range(start, end)
                     ),
                 )
@@ -83,8 +85,9 @@ def run(total_bytes: int = 1 << 30) -> Section:
     section.add("plain file write + fsync (anchor)", f"{w_plain:.0f} MiB/s", "1.00")
     section.add("repository write", f"{w_repo:.0f} MiB/s", f"{w_repo / w_plain:.2f}", ">= 0.5")
     section.add("plain file read (anchor)", f"{r_plain:.0f} MiB/s", "1.00")
-    section.add("repository LSN-ordered read", f"{r_repo:.0f} MiB/s", f"{r_repo / r_plain:.2f}",
-                ">= 0.8")
+    section.add(
+        "repository LSN-ordered read", f"{r_repo:.0f} MiB/s", f"{r_repo / r_plain:.2f}", ">= 0.8"
+    )
     return section
 
 

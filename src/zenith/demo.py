@@ -1,7 +1,10 @@
 """``make demo``: a guided run of zenith on embedded defaults, in a temporary directory.
 
-It drives the real ``zenith`` command against a real pageserver process on a free loopback
-port, prints each step and its output, and stops everything it started, even on failure.
+Three real pageserver processes on free loopback ports (a laptop, a cloud, a colleague),
+driven by the real ``zenith`` command as a user would: generate history, push it, push
+more, branch and push the branch, pull into a third repository, see a push rejected and
+forced, and compare digests on both sides. Every step and its output is printed; every
+process the demo started is stopped, even on failure.
 """
 
 from __future__ import annotations
@@ -20,67 +23,117 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class Demo:
-    def __init__(self, base: Path) -> None:
-        self.base = base
-        self.repo = base / "laptop"
+class DemoFailed(SystemExit):
+    pass
 
-    def step(self, title: str) -> None:
-        print(f"\n== {title}", flush=True)
 
-    def zenith(self, *args: str, input: str | None = None) -> str:
+class Node:
+    """One repository and its pageserver, named as in the story."""
+
+    def __init__(self, base: Path, name: str) -> None:
+        self.name = name
+        self.repo = base / name
+        self.port = _free_port()
+        self.started = False
+
+    def zenith(self, *args: str, input: str | None = None, expect_fail: bool = False) -> str:
         shown = "zenith " + " ".join(shlex.quote(a) for a in args)
-        print(f"$ {shown}", flush=True)
+        print(f"[{self.name}]$ {shown}", flush=True)
         proc = subprocess.run(
             [sys.executable, "-m", "zenith.cli", "-D", str(self.repo), *args],
             input=input, capture_output=True, text=True, timeout=600,
         )
         for line in (proc.stdout + proc.stderr).splitlines():
-            print(f"  {line}")
-        if proc.returncode != 0:
-            raise SystemExit(f"demo failed: `{shown}` exited with {proc.returncode}")
+            print(f"    {line}")
+        if (proc.returncode != 0) != expect_fail:
+            raise DemoFailed(f"demo failed: `{shown}` exited with {proc.returncode}")
         return proc.stdout
 
-    def run(self) -> None:
-        port = _free_port()
-        self.step(f"A repository and its pageserver on 127.0.0.1:{port}")
-        self.zenith("init", "--listen", f"127.0.0.1:{port}")
+    def up(self) -> None:
+        self.zenith("init", "--listen", f"127.0.0.1:{self.port}")
         self.zenith("start")
-        try:
-            self.step("Synthetic page history: 2,000 pages of 8 KiB, rewritten in 3 rounds")
-            self.zenith("generate", "main", "--pages", "2000", "--rounds", "3", "--seed", "42")
-            out = self.zenith("branch", "list")
-            main_lsn = out.splitlines()[1].split()[-1]
-            mid = self.zenith("digest", "main").split()[0]
+        self.started = True
 
-            self.step("A branch of main as of now; main and the branch then move on apart")
-            self.zenith("branch", "create", "dev", "--from", f"main@{main_lsn}")
-            self.zenith("generate", "dev", "--pages", "100", "--seed", "7")
-            self.zenith("generate", "main", "--pages", "50", "--seed", "8")
-            self.zenith("branch", "list")
+    def uri(self) -> str:
+        text = (self.repo / "config.toml").read_text()
+        password = text.split('password = "', 1)[1].split('"', 1)[0]
+        return f"postgresql://admin:{password}@127.0.0.1:{self.port}/zenith"
 
-            self.step("Digests: dev at its branch point equals main at that point")
-            at_branch = self.zenith("digest", f"dev@{main_lsn}").split()[0]
-            now = self.zenith("digest", "dev").split()[0]
-            print(f"  main@{main_lsn} == dev@{main_lsn}: {at_branch == mid}")
-            print(f"  dev has moved on since: {now != mid}")
-            if at_branch != mid or now == mid:
-                raise SystemExit("demo failed: digests do not tell the histories apart")
+    def digest(self, target: str) -> str:
+        return self.zenith("digest", target).split()[0]
 
-            self.step("Users: a read-only user (it may read and pull, not write)")
-            self.zenith("user", "add", "reader", "--role", "read", "--password-stdin",
-                        input="reader-password\n")
-            self.zenith("user", "list")
-            self.zenith("status")
-        finally:
-            self.step("Stopping what the demo started")
-            self.zenith("stop")
-        print("\ndemo finished: every step above ran against a real pageserver process.")
+
+def step(title: str) -> None:
+    print(f"\n== {title}", flush=True)
+
+
+def same(what: str, a: str, b: str) -> None:
+    print(f"    {what}: {'equal' if a == b else 'DIFFERENT'} ({a[:16]}...)")
+    if a != b:
+        raise DemoFailed(f"demo failed: {what} differ")
+
+
+def run(base: Path) -> None:
+    laptop, cloud, colleague = Node(base, "laptop"), Node(base, "cloud"), Node(base, "colleague")
+    nodes = (laptop, cloud, colleague)
+    try:
+        step("Three pageservers, each with its own repository, on free loopback ports")
+        for node in nodes:
+            node.up()
+        laptop.zenith("origin", "add", "cloud", cloud.uri())
+        colleague.zenith("origin", "add", "cloud", cloud.uri())
+        laptop.zenith("origin", "list")
+
+        step("History on the laptop: 2,000 pages of 8 KiB, rewritten in 2 rounds")
+        laptop.zenith("generate", "main", "--pages", "2000", "--rounds", "2", "--seed", "42")
+
+        step("Push it: the cloud gets the same timeline (same id), every record")
+        laptop.zenith("push", "main", "cloud")
+        same("digest of main, laptop vs cloud", laptop.digest("main"), cloud.digest("main"))
+
+        step("More history, pushed incrementally: only the new records travel")
+        laptop.zenith("generate", "main", "--pages", "100", "--seed", "43")
+        laptop.zenith("push", "main", "cloud")
+        laptop.zenith("push", "main", "cloud")
+        same("digest of main, laptop vs cloud", laptop.digest("main"), cloud.digest("main"))
+
+        step("A branch of main, pushed: only the branch's own records travel")
+        laptop.zenith("branch", "create", "dev", "--from", "main")
+        laptop.zenith("generate", "dev", "--pages", "25", "--seed", "44")
+        laptop.zenith("push", "dev", "cloud")
+        cloud.zenith("branch", "list")
+
+        step("A colleague pulls dev from the cloud into a third repository")
+        colleague.zenith("pull", "dev", "cloud")
+        colleague.zenith("branch", "list")
+        same("digest of dev, laptop vs colleague", laptop.digest("dev"), colleague.digest("dev"))
+
+        step("The colleague moves main on the cloud; the laptop's push is rejected")
+        colleague.zenith("pull", "main", "cloud")
+        colleague.zenith("generate", "main", "--pages", "10", "--seed", "45")
+        colleague.zenith("push", "main", "cloud")
+        laptop.zenith("push", "main", "cloud", expect_fail=True)
+        laptop.zenith("pull", "main", "cloud")
+        same("digest of main, laptop vs cloud", laptop.digest("main"), cloud.digest("main"))
+
+        step("Diverged histories: rejected, then --force repoints the name (data kept)")
+        laptop.zenith("generate", "scratch", "--pages", "5", "--seed", "46")
+        laptop.zenith("push", "scratch", "cloud:dev", expect_fail=True)
+        laptop.zenith("push", "scratch", "cloud:dev", "--force")
+        same("digest of cloud:dev vs laptop scratch", laptop.digest("scratch"),
+             cloud.digest("dev"))
+        cloud.zenith("branch", "list")
+    finally:
+        step("Stopping what the demo started")
+        for node in nodes:
+            if node.started:
+                node.zenith("stop")
+    print("\ndemo finished: every step above ran against real pageserver processes.")
 
 
 def main() -> None:
     with tempfile.TemporaryDirectory(prefix="zenith-demo-") as d:
-        Demo(Path(d)).run()
+        run(Path(d))
 
 
 if __name__ == "__main__":

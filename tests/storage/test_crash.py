@@ -16,6 +16,7 @@ from tests.storage.crash_writer import KEYS, TIMELINE, batch
 from tests.storage.model import Model, ModelTimeline
 from zenith.lsn import Lsn
 from zenith.storage import open_repository
+from zenith.storage.datafile import file_name
 
 ROOT = Path(__file__).resolve().parents[2]
 TRIALS = 24
@@ -69,6 +70,14 @@ def test_sigkill_leaves_exactly_the_committed_batches(tmp_path: Path) -> None:
             model.timelines[TIMELINE].records += batch(n)
         model.timelines[TIMELINE].last = last
         applied = committed
+        # The bytes of a batch in flight are gone from the data file.
+        internal, data_end = (
+            repo._conn()
+            .execute("SELECT id, data_end FROM timelines WHERE timeline_id = ?", (bytes(TIMELINE),))
+            .fetchone()
+        )
+        data_file = repo.data_dir / file_name(TIMELINE, internal)
+        assert data_file.stat().st_size == data_end, f"trial {trial}: uncommitted bytes left"
         # Nothing beyond the committed batches is visible, not even through the LSN index.
         assert repo.count_records(TIMELINE, Lsn(0), Lsn(1 << 62))[0] == committed * KEYS
         for lsn in {last, max(1000 * committed - 1000, 0) + 7, 1007}:

@@ -318,6 +318,7 @@ class _Connection:
             await self.stream.drain()
             return
         self.stream.write_raw(b"S")
+        self.stream.flush()  # the 'S' must go out before the handshake starts
         try:
             await self.stream.writer.start_tls(self.config.ssl_context)
         except (OSError, ssl.SSLError) as exc:
@@ -496,18 +497,19 @@ class _Connection:
         session._begin(sql)
         self._cancel_requested = False
 
-        async def call_handler() -> None:
-            await self.handler(session, sql)
-
-        task = asyncio.create_task(call_handler(), name=f"query from {self.peer}")
+        # The handler runs in this connection's own task (no task per query: a round trip
+        # costs less); a CancelRequest cancels this task while ``_query_task`` is set, and
+        # the cancellation is taken back here.
+        task = asyncio.current_task()
+        assert task is not None
         self._query_task = task
         error: ErrorResponse | None = None
         try:
-            await task
+            await self.handler(session, sql)
         except asyncio.CancelledError:
-            current = asyncio.current_task()
-            if not self._cancel_requested or (current is not None and current.cancelling()):
+            if not self._cancel_requested or task.cancelling() > 1:
                 raise
+            task.uncancel()
             error = ErrorResponse.build("57014", "canceling statement due to user request")
         except ZenithError as exc:
             error = _error_from(exc, "ERROR")

@@ -253,7 +253,7 @@ class Session:
     async def send_command_complete(self, tag: str) -> None:
         """End one result with CommandComplete (e.g. "SET", "BEGIN", "INSERT 0 1")."""
         self._check()
-        await self._stream.send(CommandComplete(tag))
+        self._stream.write(CommandComplete(tag))  # goes out with ReadyForQuery
         self._result_open = False
 
     async def send_notice(self, message: str, severity: str = "NOTICE", *,

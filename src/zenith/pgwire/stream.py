@@ -20,6 +20,7 @@ from zenith.pgwire.messages import FrontendType, Message
 READ_CHUNK = 256 * 1024
 _COPY_HEADER = struct.Struct("!cI")
 _COPY_DATA = bytes((FrontendType.COPY_DATA,))
+_BIG = 64 * 1024  # CopyData payloads from this size on are not copied into the queue
 
 StreamFailure = ConnectionFailed | ProtocolViolation
 
@@ -35,6 +36,9 @@ class MessageStream:
         self.peer_name = peer_name
         #: Set when the connection is unusable: lost, or the peer violated the protocol.
         self.broken: StreamFailure | None = None
+        # Messages queued by write() go out together at the next flush()/drain(): one
+        # send() per answer instead of one per message (RowDescription, DataRow, ...).
+        self._out = bytearray()
 
     def _lost(self, cause: OSError | None = None) -> ConnectionFailed:
         if cause is None:
@@ -82,23 +86,33 @@ class MessageStream:
 
     def write(self, *messages: Message) -> None:
         """Queue messages (no waiting); :meth:`drain` or :meth:`send` pushes them out."""
-        if len(messages) == 1:
-            self.writer.write(messages[0].encode())
-        else:
-            self.writer.write(b"".join(m.encode() for m in messages))
+        for message in messages:
+            self._out += message.encode()
 
     def write_raw(self, data: bytes) -> None:
-        self.writer.write(data)
+        self._out += data
 
     def write_copy_data(self, data: bytes | bytearray | memoryview) -> None:
-        """A CopyData message without copying a large payload into a new buffer."""
-        self.writer.write(_COPY_HEADER.pack(_COPY_DATA, len(data) + 4))
-        self.writer.write(data)
+        """A CopyData message; a large payload is handed over without another copy."""
+        self._out += _COPY_HEADER.pack(_COPY_DATA, len(data) + 4)
+        if len(data) < _BIG:
+            self._out += data
+        else:
+            self.flush()
+            self.writer.write(data)
+
+    def flush(self) -> None:
+        """Hand what is queued to the transport (which sends without waiting)."""
+        if self._out:
+            self.writer.write(bytes(self._out))
+            self._out.clear()
 
     async def drain(self) -> None:
-        """Wait until the transport's buffer is below its high-water mark (back-pressure)."""
+        """Flush, then wait until the transport's buffer is below its high-water mark
+        (back-pressure)."""
         if isinstance(self.broken, ConnectionFailed):
             raise self.broken
+        self.flush()
         try:
             await self.writer.drain()
         except OSError as exc:
@@ -109,7 +123,9 @@ class MessageStream:
         await self.drain()
 
     async def close(self, timeout: float = 2.0) -> None:
-        """Close the transport; never raises."""
+        """Close the transport (after what is queued); never raises."""
+        with contextlib.suppress(Exception):
+            self.flush()
         with contextlib.suppress(Exception):
             self.writer.close()
         with contextlib.suppress(Exception):

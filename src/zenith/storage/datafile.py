@@ -26,6 +26,7 @@ when the repository opens and before every batch, so they are never read.
 
 from __future__ import annotations
 
+import mmap
 import os
 import struct
 import threading
@@ -42,9 +43,10 @@ from zenith.storage.api import Record, RecordKind, _RecordSlots
 MAGIC: Final = b"ZNF1"
 HEADER: Final = struct.Struct("<4sIQ")
 ENTRY: Final = struct.Struct("<18sQBQI")
-#: Reads are coalesced into windows of this size: large enough to amortise the system
-#: call, small enough to stay in the CPU cache while the payloads are sliced out of it.
-WINDOW: Final = 1 << 20
+#: :func:`walk` maps the file this much at a time: slicing a payload out of a mapping
+#: copies it once (``pread`` into a buffer and slicing copies twice), and a bounded window
+#: bounds the resident set of a long stream.
+WINDOW: Final = 16 << 20
 #: Payloads are handed to the kernel in ``pwritev`` calls of about this size.
 FLUSH_BYTES: Final = 1 << 20
 _MAX_IOV: Final = 512
@@ -238,32 +240,69 @@ def walk(f: DataFile, start: int, end: int, after: int, upto: int) -> Iterator[R
     boundary) and ``end`` (the committed length when the caller took its snapshot), in LSN
     order.
 
-    This is the hot path of push and pull: frames and payloads are read in windows of
-    :data:`WINDOW` bytes and sliced; records are built without re-validating what was
-    validated when written (:class:`_RecordSlots`, ``int.__new__`` for the LSN).
+    This is the hot path of push and pull: the file is mapped :data:`WINDOW` bytes at a
+    time and each payload is sliced out of the mapping; records are built without
+    re-validating what was validated when written (:class:`_RecordSlots`, ``int.__new__``
+    for the LSN). Only bytes below ``end`` are mapped, and nothing truncates a file below
+    its committed length, so the mapping never loses its pages under the reader.
     """
-    fd, name = f.fd, f.name
-    pread, unpack_header, iter_entries = os.pread, HEADER.unpack_from, ENTRY.iter_unpack
+    if f.size() < end:
+        raise CorruptDataFile(f"data file {f.name} is shorter than its committed {end} bytes")
+    window = _Window(f.fd, end)
+    try:
+        yield from _records(window, f, start, end, after, upto)
+    finally:
+        window.close()
+
+
+class _Window:
+    """A read-only mapping of part of a data file, moved forward as the walk goes."""
+
+    __slots__ = ("base", "end", "fd", "map", "top")
+
+    def __init__(self, fd: int, end: int) -> None:
+        self.fd, self.end = fd, end
+        self.map: mmap.mmap | None = None
+        self.base = self.top = 0
+
+    def move(self, offset: int, need: int) -> mmap.mmap:
+        """Map at least ``[offset, offset + need)`` (and up to :data:`WINDOW` bytes)."""
+        self.close()
+        base = offset - offset % mmap.ALLOCATIONGRANULARITY
+        length = min(max(WINDOW, offset + need - base), self.end - base)
+        self.map = mmap.mmap(self.fd, length, prot=mmap.PROT_READ, offset=base)
+        self.base, self.top = base, base + length
+        return self.map
+
+    def close(self) -> None:
+        if self.map is not None:
+            self.map.close()
+            self.map = None
+
+
+def _records(
+    w: _Window, f: DataFile, start: int, end: int, after: int, upto: int
+) -> Iterator[Record]:
+    unpack_header, iter_entries = HEADER.unpack_from, ENTRY.iter_unpack
     make, record, new_lsn, lsn_type, kinds = _RecordSlots, Record, int.__new__, Lsn, _KINDS
-    buf = b""
-    base = 0  # file offset of buf[0]
-    top = 0  # file offset just past buf
+    if start >= end:
+        return
+    m = w.move(start, HEADER.size)
+    base, top = w.base, w.top
     pos = start
     while pos < end:
-        if pos + HEADER.size > top:
-            buf = pread(fd, WINDOW, pos)
-            base, top = pos, pos + len(buf)
-            if top < pos + HEADER.size:
-                raise CorruptDataFile(f"data file {name} ends inside the frame at {pos}")
-        magic, count, payload_bytes = unpack_header(buf, pos - base)
+        if pos < base or pos + HEADER.size > top:
+            m = w.move(pos, HEADER.size)
+            base, top = w.base, w.top
+        magic, count, payload_bytes = unpack_header(m, pos - base)
         if magic != MAGIC:
-            raise CorruptDataFile(f"no frame at offset {pos} of data file {name}")
+            raise CorruptDataFile(f"no frame at offset {pos} of data file {f.name}")
         frame, at = pos, pos + HEADER.size + payload_bytes
         pos = at + count * ENTRY.size
         if pos > end:
-            raise CorruptDataFile(f"frame at {frame} of data file {name} runs past its end")
-        # A frame inside the window is sliced from it; a big one's directory is read apart.
-        directory = buf[at - base : pos - base] if pos <= top else f.pread(at, pos - at)
+            raise CorruptDataFile(f"frame at {frame} of data file {f.name} runs past its end")
+        # The window stays on the payloads; a directory outside it is read apart.
+        directory = m[at - base : pos - base] if pos <= top else f.pread(at, pos - at)
         entries = list(iter_entries(directory))
         if not entries:
             continue
@@ -274,12 +313,11 @@ def walk(f: DataFile, start: int, end: int, after: int, upto: int) -> Iterator[R
         for key, lsn, kind, offset, length in entries:
             stop = offset + length
             if offset < base or stop > top:
-                buf = pread(fd, max(WINDOW, length), offset)
-                base, top = offset, offset + len(buf)
-                if top < stop:
-                    raise CorruptDataFile(f"data file {name} ends before {stop}")
-            payload = buf[offset - base : stop - base]
-            rec: Any = make(key, new_lsn(lsn_type, lsn), kinds[kind], payload)
+                m = w.move(offset, length)
+                base, top = w.base, w.top
+            rec: Any = make(
+                key, new_lsn(lsn_type, lsn), kinds[kind], m[offset - base : stop - base]
+            )
             rec.__class__ = record
             yield rec
 
