@@ -8,10 +8,10 @@ import tempfile
 from pathlib import Path
 
 import psycopg
-
-from benchmarks.common import Section, timed
 from tests.fixtures import make_pageserver
 from tests.pgcluster import PgCluster
+
+from benchmarks.common import Section, timed
 from zenith.pageserver.page_service import SYNTHETIC_REL
 from zenith.postgres.keys import rel_block_key
 

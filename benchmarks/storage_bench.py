@@ -13,6 +13,10 @@ from zenith.storage import Record, RecordKind, open_repository
 
 PAGE = 8192
 BATCH = 2048  # records per transaction (16 MiB), the plain file is fsynced as often
+#: Reads take a fraction of a second and the machine may be shared: each read is timed
+#: over this many alternating passes (plain, repository, plain, ...) and the best pass of
+#: each side counts. Interference only ever slows a pass down, so the best is the truest.
+READ_PASSES = 3
 
 
 def _pages(n: int) -> list[bytes]:
@@ -27,11 +31,13 @@ def run(total_bytes: int = 1 << 30) -> Section:
     pages = _pages(64)
     section = Section(
         "Storage: write and LSN-ordered read (issue 2)",
-        f"{n:,} records of 8 KiB ({mib:.0f} MiB) into one timeline of the SQLite repository "
-        f"(WAL mode, synchronous=FULL, {BATCH} records a transaction), then read back in LSN "
-        "order through `iter_records`. Anchor: the same bytes written to a plain file in 8 KiB "
-        f"writes with an fsync every {BATCH} records, and read back in 8 KiB reads. Both reads "
-        "come from the page cache.",
+        f"{n:,} records of 8 KiB ({mib:.0f} MiB) into one timeline of the repository (SQLite "
+        "index in WAL mode with synchronous=FULL, payloads in the timeline's append-only data "
+        f"file, fdatasync before each commit; {BATCH} records a transaction), then read back "
+        "in LSN order through `iter_records` as `Record` objects. Anchor: the same bytes "
+        f"written to a plain file in 8 KiB writes with an fsync every {BATCH} records, and read "
+        "back in 8 KiB reads. Both reads come from the page cache; each is the best of "
+        f"{READ_PASSES} alternating passes.",
     )
     with tempfile.TemporaryDirectory(prefix="zenith-bench-", dir=os.environ.get("TMPDIR")) as d:
         plain = Path(d) / "plain"
@@ -75,9 +81,13 @@ def run(total_bytes: int = 1 << 30) -> Section:
 
         _, t_plain_w = timed(write_plain)
         _, t_repo_w = timed(write_repo)
-        got_plain, t_plain_r = timed(read_plain)
-        got_repo, t_repo_r = timed(read_repo)
-        assert got_plain == got_repo == n * PAGE
+        t_plain_r = t_repo_r = float("inf")
+        for _ in range(READ_PASSES):
+            got_plain, t = timed(read_plain)
+            t_plain_r = min(t_plain_r, t)
+            got_repo, t = timed(read_repo)
+            t_repo_r = min(t_repo_r, t)
+            assert got_plain == got_repo == n * PAGE
         repo.close()
 
     w_plain, w_repo = mib / t_plain_w, mib / t_repo_w

@@ -9,9 +9,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from benchmarks.common import MiB, Section, timed
 from tests.fixtures import PageserverProc, make_pageserver
 from tests.pgcluster import PgCluster
+
+from benchmarks.common import MiB, Section, timed
 from zenith.pageserver.daemon import running_pid
 
 PAGE = 8192

@@ -136,11 +136,20 @@ def stop(repo: Repo, timeout: float) -> None:
         raise InvalidArgument("the pageserver is not running")
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    while running_pid(config.pid_path) is not None:
+    while running_pid(config.pid_path) is not None or _alive(pid):
         if time.monotonic() > deadline:
             raise InvalidArgument(f"the pageserver (pid {pid}) did not stop in {timeout:.0f} s")
         time.sleep(0.05)
     click.echo(f"pageserver stopped (pid {pid})")
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` still runs (a zombie that nobody reaps has finished)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
 
 
 @main.command()

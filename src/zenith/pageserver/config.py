@@ -4,7 +4,8 @@ Layout of a repository directory (``./.zenith`` unless ``-D``/``ZENITH_REPO_DIR`
 otherwise)::
 
     config.toml      listen address, authentication, TLS, the local CLI's credentials (0600)
-    zenith.db        the repository (storage)
+    zenith.db        the repository's index and metadata (storage)
+    zenith.db.d/     the repository's data files, one per timeline
     users.json       users and their SCRAM/MD5 verifiers, never passwords (0600)
     pageserver.pid   pid of the running pageserver
     pageserver.log   log of a pageserver started with ``zenith start``

@@ -22,7 +22,7 @@ import getpass
 import logging
 import os
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -299,13 +299,18 @@ class Connection:
         """Send ``sql``, which must switch the connection to CopyBoth, and stream."""
         return await self._start_copy(sql, CopyKind.BOTH)
 
-    async def copy_out(self, sql: str) -> ClientCopyStream:
-        return await self._start_copy(sql, CopyKind.OUT)
+    async def copy_out(self, sql: str, *,
+                       results: list[QueryResult] | None = None) -> ClientCopyStream:
+        """Send ``sql``, which must start a CopyOut, and stream. With ``results``, result
+        sets the command sends before its COPY starts are appended there instead of being
+        refused (a replication connection's BASE_BACKUP sends the start LSN that way)."""
+        return await self._start_copy(sql, CopyKind.OUT, results)
 
     async def copy_in(self, sql: str) -> ClientCopyStream:
         return await self._start_copy(sql, CopyKind.IN)
 
-    async def _start_copy(self, sql: str, kind: CopyKind) -> ClientCopyStream:
+    async def _start_copy(self, sql: str, kind: CopyKind,
+                          results: list[QueryResult] | None = None) -> ClientCopyStream:
         self._enter()
         try:
             await self._stream.send(Query(sql))
@@ -314,6 +319,8 @@ class Connection:
                 message = await self._recv()
                 if isinstance(message, _COPY_RESPONSES[kind]):
                     return ClientCopyStream(self, kind, notices)
+                if results is not None and self._preamble(message, results, notices):
+                    continue
                 if isinstance(message, NoticeResponse | ParameterStatus):
                     self._other(message, notices)
                     continue
@@ -331,6 +338,23 @@ class Connection:
         except BaseException:
             self._leave()
             raise
+
+    @staticmethod
+    def _preamble(message: BackendMessage, results: list[QueryResult],
+                  notices: list[Notice]) -> bool:
+        """Collect a result set sent before a COPY starts; False if ``message`` is none."""
+        if isinstance(message, RowDescription):
+            results.append(QueryResult(columns=[f.name for f in message.fields],
+                                       column_types=[f.type_oid for f in message.fields],
+                                       notices=notices))
+        elif isinstance(message, DataRow) and results:
+            results[-1].rows.append([None if v is None else v.decode("utf-8", "replace")
+                                     for v in message.values])
+        elif isinstance(message, CommandComplete) and results:
+            results[-1].command_tag = message.tag
+        else:
+            return False
+        return True
 
     async def cancel(self) -> None:
         """Ask the server to cancel the running query (CancelRequest on a new connection)."""
@@ -604,7 +628,7 @@ async def _authenticate(conn_stream: MessageStream, info: ConnInfo, user: str,
 
 
 async def _connect_once(info: ConnInfo, user: str, dbname: str, password: str | None,
-                        use_tls: bool) -> Connection:
+                        use_tls: bool, extra: Mapping[str, str]) -> Connection:
     reader, writer = await _open(info)
     stream = MessageStream(reader, writer, Decoder(Sender.BACKEND),
                            peer_name=f"server at {info.address}")
@@ -616,6 +640,7 @@ async def _connect_once(info: ConnInfo, user: str, dbname: str, password: str | 
             params["application_name"] = info.application_name
         if info.options:
             params["options"] = info.options
+        params.update(extra)
         await stream.send(StartupMessage.build(params))
         notices: list[Notice] = []
         await _authenticate(stream, info, user, password, notices)
@@ -647,9 +672,12 @@ def _os_user() -> str:
         raise InvalidArgument("no user name: give one in the URI or in PGUSER") from exc
 
 
-async def connect(target: str | ConnInfo, *, timeout: float = 10.0) -> Connection:
+async def connect(target: str | ConnInfo, *, timeout: float = 10.0,
+                  startup_params: Mapping[str, str] | None = None) -> Connection:
     """Connect and authenticate, within ``timeout`` seconds (or the URI's shorter
-    ``connect_timeout``) for everything: DNS, TCP, TLS, authentication, startup."""
+    ``connect_timeout``) for everything: DNS, TCP, TLS, authentication, startup.
+    ``startup_params`` are added to the StartupMessage (e.g. ``replication``)."""
+    extra = dict(startup_params or {})
     info = parse_uri(target) if isinstance(target, str) else target
     user = info.user or os.environ.get("PGUSER") or _os_user()
     dbname = info.dbname or user
@@ -658,20 +686,20 @@ async def connect(target: str | ConnInfo, *, timeout: float = 10.0) -> Connectio
     try:
         async with asyncio.timeout(limit):
             if info.sslmode == "disable":
-                return await _connect_once(info, user, dbname, password, False)
+                return await _connect_once(info, user, dbname, password, False, extra)
             if info.sslmode == "allow":
                 try:
-                    return await _connect_once(info, user, dbname, password, False)
+                    return await _connect_once(info, user, dbname, password, False, extra)
                 except ZenithError as exc:
                     if isinstance(exc, ConnectionFailed):
                         raise
-                    return await _connect_once(info, user, dbname, password, True)
+                    return await _connect_once(info, user, dbname, password, True, extra)
             try:
-                return await _connect_once(info, user, dbname, password, True)
+                return await _connect_once(info, user, dbname, password, True, extra)
             except _TLSFailed:
                 if info.sslmode != "prefer":
                     raise
-                return await _connect_once(info, user, dbname, password, False)
+                return await _connect_once(info, user, dbname, password, False, extra)
     except TimeoutError as exc:
         raise ConnectionFailed(f"timeout expired connecting to {info.address} "
                                f"after {limit:g} s") from exc

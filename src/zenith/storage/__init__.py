@@ -1,7 +1,8 @@
 """The repository: timelines, branches, LSN-versioned records and GetPage@LSN.
 
 Import the value types and :func:`open_repository` from here; the engine behind it is an
-implementation detail (SQLite today).
+implementation detail (today a SQLite index beside one append-only data file per timeline;
+see ``sqlite.py`` and ``datafile.py``).
 """
 
 from __future__ import annotations
@@ -18,11 +19,13 @@ from zenith.storage.api import (
     WriteResult,
     validate_branch_name,
 )
+from zenith.storage.datafile import CorruptDataFile
 from zenith.storage.sqlite import SqliteRepository
 
 __all__ = [
     "KEY_SIZE",
     "BranchInfo",
+    "CorruptDataFile",
     "Record",
     "RecordKind",
     "Repository",
@@ -35,5 +38,6 @@ __all__ = [
 
 
 def open_repository(path: str | os.PathLike[str], *, durable: bool = True) -> SqliteRepository:
-    """Open (creating if needed) the repository database at ``path``."""
+    """Open (creating if needed) the repository database at ``path``; the timelines' data
+    files live in the directory ``<path>.d`` beside it."""
     return SqliteRepository(path, durable=durable)

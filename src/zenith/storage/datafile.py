@@ -13,9 +13,9 @@ A timeline's file is a sequence of *frames*, one per write batch::
 
 (integers little-endian). Every batch's LSNs are above the previous batch's, so walking
 the frames in file order and each directory in order yields a timeline's records in LSN
-order: :func:`walk` streams a range with a few large ``pread`` calls and no per-record
-index lookups. The file describes itself; the index only says where a GetPage read goes
-and where a batch starts.
+order: :func:`walk` streams a range through a moving read-only mapping, with no system
+call and no index lookup per record. The file describes itself; the index only says where
+a GetPage read goes and where a batch starts.
 
 Durability protocol (the index side lives in ``sqlite.py``): a batch is written at the
 committed end ``data_end``, flushed with ``fdatasync``, and only then does one SQLite
@@ -84,9 +84,9 @@ class DataFile:
         self.fd = fd
         self.name = name
 
-    def __del__(self) -> None:
+    def __del__(self, _close: Any = os.close) -> None:  # bound early: safe at shutdown
         with suppress(OSError):
-            os.close(self.fd)
+            _close(self.fd)
 
     def size(self) -> int:
         return os.fstat(self.fd).st_size
@@ -122,6 +122,9 @@ class DataFiles:
     def open(self, name: str, *, create: bool = False) -> tuple[DataFile, bool]:
         """The open file ``name`` and whether this call created it. Without ``create`` a
         missing file raises :class:`FileNotFoundError`."""
+        cached = self._cache.get(name)  # the hot path of every read: no lock
+        if cached is not None:
+            return cached, False
         with self._lock:
             cached = self._cache.get(name)
             if cached is not None:

@@ -33,8 +33,7 @@ import os
 import sqlite3
 import struct
 import threading
-import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import closing
 from pathlib import Path
 from typing import Final
@@ -50,7 +49,7 @@ from zenith.errors import (
 )
 from zenith.ids import TimelineId
 from zenith.lsn import Lsn
-from zenith.storage import redo
+from zenith.storage import redo, schema
 from zenith.storage.api import (
     KEY_SIZE,
     MAX_STORED_LSN,
@@ -70,52 +69,7 @@ from zenith.storage.datafile import (
     read_directory,
     walk,
 )
-
-#: 2: payloads moved from the ``records`` table into data files.
-SCHEMA_VERSION: Final = 2
-#: The database holds only small index rows now; small pages keep the commit of a small
-#: batch (WAL ingest) small.
-PAGE_SIZE: Final = 4096
-MMAP_SIZE: Final = 256 * 1024 * 1024
-
-_SCHEMA: Final = (
-    """CREATE TABLE meta (
-        name  TEXT PRIMARY KEY,
-        value TEXT NOT NULL
-    )""",
-    # AUTOINCREMENT: an id is never reused, and it names the timeline's data file.
-    """CREATE TABLE timelines (
-        id               INTEGER PRIMARY KEY AUTOINCREMENT,
-        timeline_id      BLOB NOT NULL UNIQUE,
-        ancestor         INTEGER REFERENCES timelines(id),
-        ancestor_lsn     INTEGER,
-        last_record_lsn  INTEGER NOT NULL,
-        min_readable_lsn INTEGER NOT NULL DEFAULT 0,
-        data_end         INTEGER NOT NULL DEFAULT 0
-    )""",
-    """CREATE TABLE branches (
-        name     TEXT PRIMARY KEY,
-        timeline INTEGER NOT NULL REFERENCES timelines(id)
-    )""",
-    """CREATE TABLE records (
-        tl   INTEGER NOT NULL,
-        key  BLOB NOT NULL,
-        lsn  INTEGER NOT NULL,
-        kind INTEGER NOT NULL,
-        off  INTEGER NOT NULL,
-        len  INTEGER NOT NULL,
-        PRIMARY KEY (tl, key, lsn)
-    ) WITHOUT ROWID""",
-    """CREATE TABLE batches (
-        tl        INTEGER NOT NULL,
-        last_lsn  INTEGER NOT NULL,
-        first_lsn INTEGER NOT NULL,
-        start     INTEGER NOT NULL,
-        records   INTEGER NOT NULL,
-        bytes     INTEGER NOT NULL,
-        PRIMARY KEY (tl, last_lsn)
-    ) WITHOUT ROWID""",
-)
+from zenith.storage.schema import Transaction
 
 _TL_COLUMNS: Final = (
     "id, timeline_id, ancestor, ancestor_lsn, last_record_lsn, min_readable_lsn, data_end"
@@ -146,29 +100,16 @@ class SqliteRepository:
         with self._write_lock:
             conn.execute("BEGIN IMMEDIATE")
             try:
-                self._files = self._prepare(conn)
+                schema.prepare(conn, self.path)
+                self._files = self._recover(conn)
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
             conn.execute("COMMIT")
 
-    def _prepare(self, conn: sqlite3.Connection) -> DataFiles:
-        """Create or check the schema, then bring the data files back to what the index
-        committed (a crash may have left a partial batch or an undeleted file)."""
-        if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'meta'").fetchone() is None:
-            for statement in _SCHEMA:
-                conn.execute(statement)
-            conn.execute(
-                "INSERT INTO meta VALUES ('schema_version', ?), ('repository_id', ?)",
-                (str(SCHEMA_VERSION), uuid.uuid4().hex),
-            )
-        else:
-            row = conn.execute("SELECT value FROM meta WHERE name='schema_version'").fetchone()
-            if row is None or int(row[0]) != SCHEMA_VERSION:
-                raise InvalidArgument(
-                    f"{self.path} has schema version {row and row[0]}; this zenith reads "
-                    f"{SCHEMA_VERSION}"
-                )
+    def _recover(self, conn: sqlite3.Connection) -> DataFiles:
+        """Bring the data files back to what the index committed: a crash may have left a
+        partial batch or an undeleted file."""
         files = DataFiles(self.data_dir, durable=self._durable)
         rows = conn.execute("SELECT id, timeline_id, data_end FROM timelines")
         files.recover({file_name(tid, internal): end for internal, tid, end in rows})
@@ -177,16 +118,7 @@ class SqliteRepository:
     # connections -------------------------------------------------------------------------
 
     def _open(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(
-            self.path, isolation_level=None, check_same_thread=False, timeout=60.0
-        )
-        conn.execute(f"PRAGMA page_size={PAGE_SIZE}")
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute(f"PRAGMA synchronous={'FULL' if self._durable else 'OFF'}")
-        conn.execute("PRAGMA cache_size=-65536")  # 64 MiB
-        conn.execute(f"PRAGMA mmap_size={MMAP_SIZE}")
-        conn.execute("PRAGMA temp_store=MEMORY")
-        return conn
+        return schema.connect(self.path, durable=self._durable)
 
     def _conn(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
@@ -472,7 +404,7 @@ class SqliteRepository:
             )
             return WriteResult(records=count, last_record_lsn=new_last)
 
-    def _start_frame(self, row: _Row, txn: _Transaction) -> FrameWriter:
+    def _start_frame(self, row: _Row, txn: Transaction) -> FrameWriter:
         """Open (or create) the timeline's data file for a new frame at ``data_end``, first
         cutting off what a crashed or refused batch left; on abort, cut it off again."""
         name, data_end = file_name(row[1], row[0]), row[6]
@@ -683,49 +615,8 @@ class SqliteRepository:
 
     # helpers -------------------------------------------------------------------------------
 
-    def _transaction(self) -> _Transaction:
-        return _Transaction(self._conn(), self._write_lock)
-
-
-class _Transaction:
-    """``BEGIN IMMEDIATE`` ... ``COMMIT`` under the writer lock. On any exception, and if
-    the commit itself fails: rollback, then the ``on_abort`` actions (which undo what the
-    transaction did outside the database, such as bytes appended to a data file)."""
-
-    def __init__(self, conn: sqlite3.Connection, lock: threading.Lock) -> None:
-        self.conn = conn
-        self.lock = lock
-        self.on_abort: list[Callable[[], None]] = []
-
-    def __enter__(self) -> sqlite3.Connection:
-        self.lock.acquire()
-        try:
-            self.conn.execute("BEGIN IMMEDIATE")
-        except BaseException:
-            self.lock.release()
-            raise
-        return self.conn
-
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        try:
-            if exc_type is None:
-                try:
-                    self.conn.execute("COMMIT")
-                    return
-                except BaseException:
-                    self._abort()
-                    raise
-            self._abort()
-        finally:
-            self.lock.release()
-
-    def _abort(self) -> None:
-        try:
-            if self.conn.in_transaction:
-                self.conn.execute("ROLLBACK")
-        finally:
-            for action in reversed(self.on_abort):
-                action()
+    def _transaction(self) -> Transaction:
+        return Transaction(self._conn(), self._write_lock)
 
 
 def _check_lsn(lsn: Lsn | int) -> Lsn:

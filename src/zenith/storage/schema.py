@@ -1,0 +1,142 @@
+"""The SQLite side of the repository: schema, connection settings, write transactions.
+
+The database holds the metadata and the index of the repository (``sqlite.py`` says what
+each table answers; ``datafile.py`` holds the payloads). It runs in WAL mode so readers
+never wait for the writer, with ``synchronous=FULL`` when the repository promises
+durability: a commit is on disk when ``COMMIT`` returns.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Final
+
+from zenith.errors import InvalidArgument
+
+#: 2: payloads moved from the ``records`` table into data files.
+SCHEMA_VERSION: Final = 2
+#: The database holds only small index rows now; small pages keep the commit of a small
+#: batch (WAL ingest) small.
+PAGE_SIZE: Final = 4096
+MMAP_SIZE: Final = 256 * 1024 * 1024
+
+SCHEMA: Final = (
+    """CREATE TABLE meta (
+        name  TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    )""",
+    # AUTOINCREMENT: an id is never reused, and it names the timeline's data file.
+    # ``data_end``: the committed length of the timeline's data file.
+    """CREATE TABLE timelines (
+        id               INTEGER PRIMARY KEY AUTOINCREMENT,
+        timeline_id      BLOB NOT NULL UNIQUE,
+        ancestor         INTEGER REFERENCES timelines(id),
+        ancestor_lsn     INTEGER,
+        last_record_lsn  INTEGER NOT NULL,
+        min_readable_lsn INTEGER NOT NULL DEFAULT 0,
+        data_end         INTEGER NOT NULL DEFAULT 0
+    )""",
+    """CREATE TABLE branches (
+        name     TEXT PRIMARY KEY,
+        timeline INTEGER NOT NULL REFERENCES timelines(id)
+    )""",
+    # GetPage@LSN: the newest records of (tl, key) at or below an LSN, and where their
+    # payloads are in the timeline's data file. WITHOUT ROWID: the rows are small and the
+    # lookup is one B-tree descent, in the wanted order.
+    """CREATE TABLE records (
+        tl   INTEGER NOT NULL,
+        key  BLOB NOT NULL,
+        lsn  INTEGER NOT NULL,
+        kind INTEGER NOT NULL,
+        off  INTEGER NOT NULL,
+        len  INTEGER NOT NULL,
+        PRIMARY KEY (tl, key, lsn)
+    ) WITHOUT ROWID""",
+    # One row per write batch (a frame of the data file): where the frame of an LSN range
+    # starts, and the counts of whole batches for count_records.
+    """CREATE TABLE batches (
+        tl        INTEGER NOT NULL,
+        last_lsn  INTEGER NOT NULL,
+        first_lsn INTEGER NOT NULL,
+        start     INTEGER NOT NULL,
+        records   INTEGER NOT NULL,
+        bytes     INTEGER NOT NULL,
+        PRIMARY KEY (tl, last_lsn)
+    ) WITHOUT ROWID""",
+)
+
+
+def connect(path: Path, *, durable: bool) -> sqlite3.Connection:
+    """A connection in autocommit mode (transactions are explicit), usable from any thread
+    that the caller gives it to."""
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=60.0)
+    conn.execute(f"PRAGMA page_size={PAGE_SIZE}")
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute(f"PRAGMA synchronous={'FULL' if durable else 'OFF'}")
+    conn.execute("PRAGMA cache_size=-65536")  # 64 MiB
+    conn.execute(f"PRAGMA mmap_size={MMAP_SIZE}")  # index pages without a read() each
+    conn.execute("PRAGMA temp_store=MEMORY")
+    return conn
+
+
+def prepare(conn: sqlite3.Connection, path: Path) -> None:
+    """Create the schema in a new database or check an existing one's version. The caller
+    holds a write transaction."""
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'meta'").fetchone() is None:
+        for statement in SCHEMA:
+            conn.execute(statement)
+        conn.execute(
+            "INSERT INTO meta VALUES ('schema_version', ?), ('repository_id', ?)",
+            (str(SCHEMA_VERSION), uuid.uuid4().hex),
+        )
+        return
+    row = conn.execute("SELECT value FROM meta WHERE name='schema_version'").fetchone()
+    if row is None or int(row[0]) != SCHEMA_VERSION:
+        raise InvalidArgument(
+            f"{path} has schema version {row and row[0]}; this zenith reads {SCHEMA_VERSION}"
+        )
+
+
+class Transaction:
+    """``BEGIN IMMEDIATE`` ... ``COMMIT`` under the writer lock. On any exception, and if
+    the commit itself fails: rollback, then the ``on_abort`` actions (which undo what the
+    transaction did outside the database, such as bytes appended to a data file)."""
+
+    def __init__(self, conn: sqlite3.Connection, lock: threading.Lock) -> None:
+        self.conn = conn
+        self.lock = lock
+        self.on_abort: list[Callable[[], None]] = []
+
+    def __enter__(self) -> sqlite3.Connection:
+        self.lock.acquire()
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+        except BaseException:
+            self.lock.release()
+            raise
+        return self.conn
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        try:
+            if exc_type is None:
+                try:
+                    self.conn.execute("COMMIT")
+                    return
+                except BaseException:
+                    self._abort()
+                    raise
+            self._abort()
+        finally:
+            self.lock.release()
+
+    def _abort(self) -> None:
+        try:
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
+        finally:
+            for action in reversed(self.on_abort):
+                action()
