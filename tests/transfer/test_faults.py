@@ -3,6 +3,7 @@ the source loses nothing, and running the command again continues (DESIGN §9)."
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
@@ -61,7 +62,7 @@ def test_receiver_killed_during_push_resumes(pageserver_factory) -> None:  # typ
         cloud.kill()
         out, err = push.communicate(timeout=60)
         assert push.returncode == 1, (out, err)
-        assert "error: push interrupted: connection to server at 127.0.0.1" in err, err
+        assert re.search(r"error: push interrupted: .*server at 127\.0\.0\.1:\d+", err), err
         assert err.splitlines()[-1].startswith("hint: the destination kept"), err
         assert "Traceback" not in err
         cloud.start()
@@ -91,7 +92,7 @@ def test_sender_killed_during_pull(pageserver_factory) -> None:  # type: ignore[
     cloud.kill()
     out, err = pull.communicate(timeout=60)
     assert pull.returncode == 1, (out, err)
-    assert "error: pull interrupted: connection to server at 127.0.0.1" in err, err
+    assert re.search(r"error: pull interrupted: .*server at 127\.0\.0\.1:\d+", err), err
     cloud.start()
     assert cloud.digest("main") == digest  # the source lost nothing
     _check_consistent(cloud, laptop, tid)

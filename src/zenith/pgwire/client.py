@@ -223,11 +223,18 @@ class Connection:
         message = await self._stream.recv()
         return message  # type: ignore[return-value]  # a backend decoder yields these only
 
-    async def _consume(self, result: QueryResult) -> ZenithError | None:
-        """Read to ReadyForQuery, filling ``result``; the first error, if any."""
-        error: ZenithError | None = None
+    async def _consume(self, result: QueryResult,
+                       error: ZenithError | None = None) -> ZenithError | None:
+        """Read to ReadyForQuery, filling ``result``; the first error, if any (``error``
+        if given). After an error the server may close instead (a FATAL one): that error
+        is returned, not the lost connection."""
         while True:
-            message = await self._recv()
+            try:
+                message = await self._recv()
+            except ConnectionFailed:
+                if error is None:
+                    raise
+                return error
             if isinstance(message, ReadyForQuery):
                 return error
             if isinstance(message, RowDescription):
@@ -325,9 +332,9 @@ class Connection:
                     self._other(message, notices)
                     continue
                 if isinstance(message, ErrorResponse):
-                    result = QueryResult(notices=notices)
-                    await self._consume(result)
-                    raise _error(message)
+                    error = _error(message)
+                    await self._consume(QueryResult(notices=notices), error)
+                    raise error
                 if isinstance(message, RowDescription | CommandComplete | EmptyQueryResponse):
                     await self._consume(QueryResult(notices=notices))
                     raise ProtocolViolation(f"the server did not start {kind.value} for "
@@ -466,11 +473,10 @@ class ClientCopyStream:
     async def _tail(self, error: ZenithError | None) -> None:
         result = QueryResult(notices=self._notices)
         try:
-            late_error = await self._conn._consume(result)
+            error = await self._conn._consume(result, error)
         finally:
             self._conn._leave()
         self.result = result
-        error = error or late_error
         if error is not None:
             raise error
 

@@ -365,7 +365,9 @@ class Decoder:
             if isinstance(message, StartupMessage):
                 self.in_startup = False
             return message
-        body = BodyReader(bytes(self._buf[start + 5 : start + size]), _type_name(code))
+        with memoryview(self._buf) as view:  # one copy of the body, not two
+            raw = bytes(view[start + 5 : start + size])
+        body = BodyReader(raw, _type_name(code))
         return self._decoders[code](body)
 
     def __iter__(self) -> Iterator[Message]:

@@ -267,6 +267,67 @@ def _next_frame(
 
 # -- receiver -------------------------------------------------------------------------------
 
+QUEUE_FRAMES = 16  # frames read ahead while the previous group commits (~16 MiB)
+GROUP_BYTES = 16 * 1024 * 1024  # at most this much in one transaction
+
+
+async def _pump(channel: Channel, queue: asyncio.Queue[Frame | BaseException]) -> None:
+    """Read one timeline range's frames into ``queue`` up to its TIMELINE_END; a failure
+    is queued too, after the good frames before it."""
+    try:
+        while True:
+            frame = await _expect(channel, FrameType.DATA, FrameType.TIMELINE_END)
+            await queue.put(frame)
+            if frame.type is FrameType.TIMELINE_END:
+                return
+    except asyncio.CancelledError:
+        raise
+    except BaseException as exc:
+        await queue.put(exc)
+
+
+async def _take_group(
+    queue: asyncio.Queue[Frame | BaseException],
+) -> tuple[list[Frame], BaseException | None]:
+    """Wait for one item, then take what else is queued (up to GROUP_BYTES)."""
+    group: list[Frame] = []
+    size = 0
+    item = await queue.get()
+    while True:
+        if isinstance(item, BaseException):
+            return group, item
+        group.append(item)
+        size += len(item.body)
+        if item.type is FrameType.TIMELINE_END or size >= GROUP_BYTES or queue.empty():
+            return group, None
+        item = queue.get_nowait()
+
+
+@dataclass(frozen=True)
+class _Applied:
+    commit_lsn: Lsn
+    records: int
+    payload: int
+
+
+def _apply_frames(
+    repo: Repository, tid: TimelineId, frames: list[Frame], after: Lsn, upto: Lsn
+) -> _Applied:
+    """Decode DATA frames and store their records in one transaction, publishing the last
+    frame's commit LSN. Runs in a worker thread."""
+    batch: list[Record] = []
+    last = after
+    for frame in frames:
+        commit_lsn, records = decode_records(frame.body)
+        if records and (records[0].lsn <= last or commit_lsn > upto):
+            raise TransferAborted(
+                f"DATA frame records {records[0].lsn}..{commit_lsn} fall outside ({last}, {upto}]"
+            )
+        batch.extend(records)
+        last = max(last, commit_lsn)
+    repo.put_records(tid, batch, last)
+    return _Applied(last, len(batch), sum(len(r.payload) for r in batch))
+
 
 async def receive_branch(
     channel: Channel,
@@ -334,29 +395,39 @@ async def receive_branch(
             )
         crc, records, nbytes = 0, 0, 0
         last = send.after
-        while True:
-            frame = await _expect(channel, FrameType.DATA, FrameType.TIMELINE_END)
-            if frame.type is FrameType.TIMELINE_END:
-                break
-            commit_lsn, batch = decode_records(frame.body)
-            if batch and (batch[0].lsn <= last or commit_lsn > send.upto):
-                raise TransferAborted(
-                    f"DATA frame records {batch[0].lsn}..{commit_lsn} fall outside "
-                    f"({last}, {send.upto}]"
-                )
-            await asyncio.to_thread(repo.put_records, tl.timeline_id, batch, commit_lsn)
-            crc = google_crc32c.extend(crc, frame.body)
-            records += len(batch)
-            payload = sum(len(r.payload) for r in batch)
-            nbytes += payload
-            last = commit_lsn
-            state.records_done += len(batch)
-            state.bytes_done += payload
-            state.acked_lsn = commit_lsn
-            await channel.write(encode_json(FrameType.ACK, {
-                "timeline_id": str(tl.timeline_id), "lsn": str(commit_lsn)}))
-            if progress is not None:
-                progress(state)
+        queue: asyncio.Queue[Frame | BaseException] = asyncio.Queue(maxsize=QUEUE_FRAMES)
+        pump = asyncio.create_task(_pump(channel, queue))
+        try:
+            while True:
+                group, failure = await _take_group(queue)
+                data = [f for f in group if f.type is FrameType.DATA]
+                if data:
+                    # One transaction for every frame that arrived while the last one
+                    # committed: the commit rate follows fsync's latency, not the frame rate.
+                    applied = await asyncio.to_thread(
+                        _apply_frames, repo, tl.timeline_id, data, last, send.upto
+                    )
+                    last = applied.commit_lsn
+                    records += applied.records
+                    nbytes += applied.payload
+                    for f in data:
+                        crc = google_crc32c.extend(crc, f.body)
+                    state.records_done += applied.records
+                    state.bytes_done += applied.payload
+                    state.acked_lsn = last
+                    await channel.write(encode_json(FrameType.ACK, {
+                        "timeline_id": str(tl.timeline_id), "lsn": str(last)}))
+                    if progress is not None:
+                        progress(state)
+                if failure is not None:
+                    raise failure
+                if group and group[-1].type is FrameType.TIMELINE_END:
+                    frame = group[-1]
+                    break
+        finally:
+            pump.cancel()
+            with contextlib.suppress(BaseException):
+                await pump
         end = frame.json()
         if (end.get("upto") != str(send.upto) or end.get("records") != records
                 or end.get("bytes") != nbytes or end.get("crc32c") != crc):

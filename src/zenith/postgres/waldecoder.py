@@ -1,0 +1,715 @@
+"""Turn a stream of PostgreSQL 15 WAL bytes into decoded records, without doing any I/O.
+
+The pageserver receives WAL from START_REPLICATION (or reads it from segment files in
+tests) as arbitrary chunks of the byte stream. :class:`WalStreamDecoder` is fed those
+chunks and hands back one :class:`DecodedRecord` at a time, the way PostgreSQL's
+``xlogreader.c`` does: it strips the page headers that interrupt the stream every 8 KiB
+(long ones at 16 MiB segment starts), reassembles records split across pages and
+segments, checks each record's CRC32C and ``xl_prev`` link, and splits the record into
+its block references (with their full-page images) and main data. Images can be turned
+back into the 8 KiB page with :meth:`BlockRef.page_image`, which undoes pglz/zstd (and lz4
+when the ``lz4`` package is present) compression and re-inserts the hole.
+
+What the records *mean* is not decided here: :mod:`zenith.postgres.walrecord` parses the
+main data of the kinds ingest needs. Layouts are PostgreSQL 15's (``access/xlogrecord.h``,
+``access/xlog_internal.h``, ``access/xlogreader.c``'s DecodeXLogRecord).
+"""
+
+from __future__ import annotations
+
+import importlib
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any, Final
+
+import google_crc32c
+import zstandard
+
+from zenith.errors import FeatureNotSupported, InvalidArgument, ZenithError
+from zenith.lsn import Lsn
+from zenith.postgres.keys import RelTag
+from zenith.postgres.pg_constants import (
+    BKPBLOCK_FLAG_MASK,
+    BKPBLOCK_FORK_MASK,
+    BKPBLOCK_HAS_DATA,
+    BKPBLOCK_HAS_IMAGE,
+    BKPBLOCK_SAME_REL,
+    BKPBLOCK_WILL_INIT,
+    BKPIMAGE_APPLY,
+    BKPIMAGE_COMPRESS_LZ4,
+    BKPIMAGE_COMPRESS_MASK,
+    BKPIMAGE_COMPRESS_PGLZ,
+    BKPIMAGE_COMPRESS_ZSTD,
+    BKPIMAGE_HAS_HOLE,
+    BLCKSZ,
+    SIZE_OF_XLOG_LONG_PHD,
+    SIZE_OF_XLOG_RECORD,
+    SIZE_OF_XLOG_SHORT_PHD,
+    WAL_SEGMENT_SIZE,
+    XL_CRC_OFFSET,
+    XLOG_BLCKSZ,
+    XLOG_PAGE_MAGIC,
+    XLOG_SWITCH,
+    XLP_ALL_FLAGS,
+    XLP_FIRST_IS_CONTRECORD,
+    XLP_FIRST_IS_OVERWRITE_CONTRECORD,
+    XLP_LONG_HEADER,
+    XLR_BLOCK_ID_DATA_LONG,
+    XLR_BLOCK_ID_DATA_SHORT,
+    XLR_BLOCK_ID_ORIGIN,
+    XLR_BLOCK_ID_TOPLEVEL_XID,
+    XLR_MAX_BLOCK_ID,
+    XLR_RMGR_INFO_MASK,
+    RmgrId,
+    maxalign,
+    rmgr_name,
+)
+
+# PostgreSQL refuses records above about 1 GB (MaxAllocSize in xlogreader); a larger
+# xl_tot_len is garbage, and must not make us wait for (or allocate) that much input.
+MAX_RECORD_LEN: Final = 0x3FFFFFFF
+
+_PAGE_HEADER = struct.Struct("<HHIQI")  # xlp_magic, xlp_info, xlp_tli, xlp_pageaddr, rem_len
+_LONG_PAGE_TAIL = struct.Struct("<QII")  # xlp_sysid, xlp_seg_size, xlp_xlog_blcksz
+_RECORD_HEADER = struct.Struct("<IIQBBxxI")  # tot_len, xid, prev, info, rmid, pad, crc
+_U16 = struct.Struct("<H")
+_U32 = struct.Struct("<I")
+_IMAGE_HEADER = struct.Struct("<HHB")  # length, hole_offset, bimg_info
+_RELFILENODE = struct.Struct("<III")
+
+
+class WalDecodeError(ZenithError):
+    """WAL that cannot be PostgreSQL 15's: bad page header, broken record, CRC mismatch."""
+
+    sqlstate = "XX001"  # data_corrupted
+
+
+class WalCrcError(WalDecodeError):
+    """A record whose CRC32C does not match its contents."""
+
+
+class ImageCompression(IntEnum):
+    NONE = 0
+    PGLZ = BKPIMAGE_COMPRESS_PGLZ
+    LZ4 = BKPIMAGE_COMPRESS_LZ4
+    ZSTD = BKPIMAGE_COMPRESS_ZSTD
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class RelFileNode:
+    """PostgreSQL 15's RelFileNode: tablespace, database and relation file number."""
+
+    spcnode: int
+    dbnode: int
+    relnode: int
+
+    def __str__(self) -> str:
+        return f"{self.spcnode}/{self.dbnode}/{self.relnode}"
+
+    def tag(self, forknum: int) -> RelTag:
+        return RelTag(self.spcnode, self.dbnode, self.relnode, forknum)
+
+
+@dataclass(frozen=True, slots=True)
+class BlockImage:
+    """A full-page image as stored in the record: hole removed, possibly compressed."""
+
+    bimg_info: int
+    hole_offset: int
+    hole_length: int
+    data: bytes
+
+    @property
+    def has_hole(self) -> bool:
+        return bool(self.bimg_info & BKPIMAGE_HAS_HOLE)
+
+    @property
+    def apply(self) -> bool:
+        """Whether redo restores the image; unset for images logged only so that
+        ``wal_consistency_checking`` can verify the page (they are just as complete)."""
+        return bool(self.bimg_info & BKPIMAGE_APPLY)
+
+    @property
+    def compression(self) -> ImageCompression:
+        return ImageCompression(self.bimg_info & BKPIMAGE_COMPRESS_MASK)
+
+    def page(self) -> bytes:
+        """The whole BLCKSZ page: decompressed, hole re-inserted as zeros."""
+        expected = BLCKSZ - self.hole_length
+        method = self.compression
+        if method == ImageCompression.NONE:
+            raw = self.data
+        elif method == ImageCompression.PGLZ:
+            raw = pglz_decompress(self.data, expected)
+        elif method == ImageCompression.ZSTD:
+            try:
+                raw = zstandard.ZstdDecompressor().decompress(
+                    self.data, max_output_size=expected
+                )
+            except zstandard.ZstdError as exc:
+                raise WalDecodeError(f"zstd-compressed page image is corrupt: {exc}") from exc
+        else:
+            raw = _lz4_decompress(self.data, expected)
+        if len(raw) != expected:
+            raise WalDecodeError(
+                f"page image decompresses to {len(raw)} bytes, expected {expected} "
+                f"(hole of {self.hole_length} bytes)"
+            )
+        if not self.hole_length:
+            return bytes(raw)
+        return b"".join(
+            (raw[: self.hole_offset], bytes(self.hole_length), raw[self.hole_offset :])
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class BlockRef:
+    """One block reference of a record (``blkref #N`` in pg_waldump)."""
+
+    block_id: int
+    rlocator: RelFileNode
+    forknum: int
+    blkno: int
+    flags: int  # BKPBLOCK_* bits of the fork_flags byte
+    image: BlockImage | None = None
+    data: bytes = b""
+
+    @property
+    def has_image(self) -> bool:
+        return bool(self.flags & BKPBLOCK_HAS_IMAGE)
+
+    @property
+    def has_data(self) -> bool:
+        return bool(self.flags & BKPBLOCK_HAS_DATA)
+
+    @property
+    def will_init(self) -> bool:
+        return bool(self.flags & BKPBLOCK_WILL_INIT)
+
+    @property
+    def rel_tag(self) -> RelTag:
+        return self.rlocator.tag(self.forknum)
+
+    def page_image(self) -> bytes:
+        """The full 8 KiB page the image carries (see :meth:`BlockImage.page`).
+
+        Its pd_lsn is the page's LSN from *before* the record: whoever stores it as the
+        page at this record sets pd_lsn to the record's ``end_lsn``."""
+        if self.image is None:
+            raise InvalidArgument(f"block reference #{self.block_id} carries no page image")
+        return self.image.page()
+
+
+@dataclass(frozen=True, slots=True)
+class DecodedRecord:
+    """One WAL record, as pg_waldump shows it."""
+
+    lsn: Lsn  # where the record starts (ReadRecPtr)
+    end_lsn: Lsn  # EndRecPtr: MAXALIGNed end; a page changed by the record gets this LSN
+    xid: int
+    rmid: int
+    info: int  # the whole xl_info byte
+    prev: Lsn
+    total_len: int
+    main_data: bytes
+    blocks: list[BlockRef] = field(default_factory=list)
+    origin: int | None = None
+    toplevel_xid: int | None = None
+
+    @property
+    def rmgr_name(self) -> str:
+        return rmgr_name(self.rmid)
+
+    @property
+    def rmgr_info(self) -> int:
+        """The resource manager's part of xl_info (the record kind)."""
+        return self.info & XLR_RMGR_INFO_MASK
+
+    @property
+    def fpi_len(self) -> int:
+        """Bytes of page images; pg_waldump's "rec" length is ``total_len - fpi_len``."""
+        return sum(len(b.image.data) for b in self.blocks if b.image is not None)
+
+    def block(self, block_id: int) -> BlockRef | None:
+        for b in self.blocks:
+            if b.block_id == block_id:
+                return b
+        return None
+
+
+# -- page images -----------------------------------------------------------------------
+
+
+def pglz_decompress(source: bytes, rawsize: int) -> bytes:
+    """Decompress PostgreSQL's pglz format (common/pg_lzcompress.c), requiring exactly
+    ``rawsize`` output bytes and all input consumed, as xlogreader does for images.
+
+    Each control byte governs the next 8 items, least significant bit first: a clear bit
+    is one literal byte, a set bit a 2-byte tag (length-3 in the low nibble of the first
+    byte, 12-bit back offset from its high nibble and the second byte; a length of 18
+    takes one more byte to add). A match may overlap its own output, repeating it.
+    """
+    out = bytearray()
+    sp = 0
+    srcend = len(source)
+    while sp < srcend and len(out) < rawsize:
+        ctrl = source[sp]
+        sp += 1
+        for _ in range(8):
+            if sp >= srcend or len(out) >= rawsize:
+                break
+            if ctrl & 1:
+                if sp + 2 > srcend:
+                    raise WalDecodeError("pglz data is truncated inside a match tag")
+                first = source[sp]
+                off = ((first & 0xF0) << 4) | source[sp + 1]
+                length = (first & 0x0F) + 3
+                sp += 2
+                if length == 18:
+                    if sp >= srcend:
+                        raise WalDecodeError("pglz data is truncated inside a match tag")
+                    length += source[sp]
+                    sp += 1
+                if off == 0 or off > len(out):
+                    raise WalDecodeError(f"pglz match offset {off} is outside the output")
+                length = min(length, rawsize - len(out))
+                start = len(out) - off
+                if off >= length:
+                    out += out[start : start + length]
+                else:
+                    # Overlapping copy: the last `off` bytes repeat.
+                    pattern = bytes(out[start:])
+                    out += (pattern * (length // off + 1))[:length]
+            else:
+                out.append(source[sp])
+                sp += 1
+            ctrl >>= 1
+    if len(out) != rawsize or sp != srcend:
+        raise WalDecodeError(
+            f"pglz data decompresses to {len(out)} of {rawsize} bytes "
+            f"using {sp} of {srcend} input bytes"
+        )
+    return bytes(out)
+
+
+def _lz4_decompress(data: bytes, rawsize: int) -> bytes:
+    # PostgreSQL stores LZ4_compress_default() output: an lz4 *block*, not a frame.
+    try:
+        lz4_block: Any = importlib.import_module("lz4.block")
+    except ImportError as exc:
+        raise FeatureNotSupported(
+            "page image is lz4-compressed, but the 'lz4' Python package is not installed",
+            hint="install lz4, or set wal_compression to pglz or zstd on the source",
+        ) from exc
+    try:
+        return bytes(lz4_block.decompress(data, uncompressed_size=rawsize))
+    except Exception as exc:  # lz4 raises LZ4BlockError (a RuntimeError) on bad input
+        raise WalDecodeError(f"lz4-compressed page image is corrupt: {exc}") from exc
+
+
+# -- one record ------------------------------------------------------------------------
+
+
+def record_crc(raw: bytes | bytearray | memoryview) -> int:
+    """CRC32C of a record as PostgreSQL computes xl_crc: the bytes after the header
+    first, then the header up to (not including) xl_crc."""
+    crc = google_crc32c.value(bytes(raw[SIZE_OF_XLOG_RECORD:]))
+    return int(google_crc32c.extend(crc, bytes(raw[:XL_CRC_OFFSET])))
+
+
+def decode_record(
+    raw: bytes,
+    lsn: Lsn | int,
+    end_lsn: Lsn | int | None = None,
+    *,
+    segment_size: int = WAL_SEGMENT_SIZE,
+) -> DecodedRecord:
+    """Decode one complete record (``xl_tot_len`` bytes) that starts at ``lsn``.
+
+    ``end_lsn`` defaults to the MAXALIGNed end, which is right unless the record was
+    split across pages (the stream decoder passes it). Raises :class:`WalCrcError` on a
+    CRC mismatch and :class:`WalDecodeError` on a malformed record."""
+    lsn = Lsn(lsn)
+    if len(raw) < SIZE_OF_XLOG_RECORD:
+        raise WalDecodeError(f"record at {lsn} is shorter than its header ({len(raw)} bytes)")
+    tot_len, xid, prev, info, rmid, crc = _RECORD_HEADER.unpack_from(raw, 0)
+    if tot_len != len(raw):
+        raise WalDecodeError(f"record at {lsn} says {tot_len} bytes but has {len(raw)}")
+    actual = record_crc(raw)
+    if actual != crc:
+        raise WalCrcError(
+            f"incorrect resource manager data checksum in record at {lsn}: "
+            f"xl_crc is {crc:08X}, the record's CRC32C is {actual:08X}"
+        )
+    if end_lsn is None:
+        end_lsn = lsn + maxalign(tot_len)
+    if rmid == RmgrId.XLOG and info & XLR_RMGR_INFO_MASK == XLOG_SWITCH:
+        # As xlogreader: a switch record "extends" to the end of its segment.
+        end_lsn = Lsn(-(-int(end_lsn) // segment_size) * segment_size)
+    return _decode_body(raw, lsn, Lsn(end_lsn), xid, Lsn(prev), info, rmid)
+
+
+def _decode_body(
+    raw: bytes, lsn: Lsn, end_lsn: Lsn, xid: int, prev: Lsn, info: int, rmid: int
+) -> DecodedRecord:
+    def bad(why: str) -> WalDecodeError:
+        return WalDecodeError(f"invalid record at {lsn}: {why}")
+
+    total = len(raw)
+    ptr = SIZE_OF_XLOG_RECORD
+    datatotal = 0  # bytes of block data, images and main data announced by the headers
+    main_len = 0
+    origin: int | None = None
+    toplevel_xid: int | None = None
+    # (block_id, fork_flags, data_len, image header or None, rlocator, blkno)
+    headers: list[tuple[int, int, int, tuple[int, int, int, int] | None, RelFileNode, int]] = []
+    last_rel: RelFileNode | None = None
+    try:
+        while total - ptr > datatotal:
+            block_id = raw[ptr]
+            ptr += 1
+            if block_id == XLR_BLOCK_ID_DATA_SHORT:
+                main_len = raw[ptr]
+                ptr += 1
+                datatotal += main_len
+                break
+            if block_id == XLR_BLOCK_ID_DATA_LONG:
+                (main_len,) = _U32.unpack_from(raw, ptr)
+                ptr += 4
+                datatotal += main_len
+                break
+            if block_id == XLR_BLOCK_ID_ORIGIN:
+                (origin,) = _U16.unpack_from(raw, ptr)
+                ptr += 2
+                continue
+            if block_id == XLR_BLOCK_ID_TOPLEVEL_XID:
+                (toplevel_xid,) = _U32.unpack_from(raw, ptr)
+                ptr += 4
+                continue
+            if block_id > XLR_MAX_BLOCK_ID:
+                raise bad(f"invalid block_id {block_id}")
+            if headers and block_id <= headers[-1][0]:
+                raise bad(f"out-of-order block_id {block_id}")
+            fork_flags = raw[ptr]
+            (data_len,) = _U16.unpack_from(raw, ptr + 1)
+            ptr += 3
+            has_data = bool(fork_flags & BKPBLOCK_HAS_DATA)
+            if has_data != (data_len > 0):
+                raise bad(f"block {block_id}: BKPBLOCK_HAS_DATA disagrees with length {data_len}")
+            datatotal += data_len
+            image_hdr: tuple[int, int, int, int] | None = None
+            if fork_flags & BKPBLOCK_HAS_IMAGE:
+                bimg_len, hole_offset, bimg_info = _IMAGE_HEADER.unpack_from(raw, ptr)
+                ptr += _IMAGE_HEADER.size
+                compressed = bool(bimg_info & BKPIMAGE_COMPRESS_MASK)
+                if compressed:
+                    hole_length = 0
+                    if bimg_info & BKPIMAGE_HAS_HOLE:
+                        (hole_length,) = _U16.unpack_from(raw, ptr)
+                        ptr += 2
+                else:
+                    hole_length = BLCKSZ - bimg_len
+                _check_image(bad, block_id, bimg_len, hole_offset, hole_length, bimg_info)
+                datatotal += bimg_len
+                image_hdr = (bimg_len, hole_offset, hole_length, bimg_info)
+            if fork_flags & BKPBLOCK_SAME_REL:
+                if last_rel is None:
+                    raise bad(f"block {block_id}: BKPBLOCK_SAME_REL without a previous relation")
+                rel = last_rel
+            else:
+                rel = RelFileNode(*_RELFILENODE.unpack_from(raw, ptr))
+                ptr += _RELFILENODE.size
+                last_rel = rel
+            (blkno,) = _U32.unpack_from(raw, ptr)
+            ptr += 4
+            headers.append((block_id, fork_flags, data_len, image_hdr, rel, blkno))
+    except (struct.error, IndexError) as exc:
+        raise bad("block headers run past the end of the record") from exc
+    if total - ptr != datatotal:
+        raise bad(f"headers announce {datatotal} payload bytes but {total - ptr} remain")
+
+    blocks: list[BlockRef] = []
+    for block_id, fork_flags, data_len, image_hdr, rel, blkno in headers:
+        image = None
+        if image_hdr is not None:
+            bimg_len, hole_offset, hole_length, bimg_info = image_hdr
+            image = BlockImage(bimg_info, hole_offset, hole_length, raw[ptr : ptr + bimg_len])
+            ptr += bimg_len
+        data = raw[ptr : ptr + data_len]
+        ptr += data_len
+        blocks.append(
+            BlockRef(
+                block_id=block_id,
+                rlocator=rel,
+                forknum=fork_flags & BKPBLOCK_FORK_MASK,
+                blkno=blkno,
+                flags=fork_flags & BKPBLOCK_FLAG_MASK,
+                image=image,
+                data=data,
+            )
+        )
+    return DecodedRecord(
+        lsn=lsn,
+        end_lsn=end_lsn,
+        xid=xid,
+        rmid=rmid,
+        info=info,
+        prev=prev,
+        total_len=total,
+        main_data=raw[ptr : ptr + main_len],
+        blocks=blocks,
+        origin=origin,
+        toplevel_xid=toplevel_xid,
+    )
+
+
+def _check_image(
+    bad: Any, block_id: int, bimg_len: int, hole_offset: int, hole_length: int, bimg_info: int
+) -> None:
+    # The same cross-checks as DecodeXLogRecord: they catch garbage that the CRC cannot
+    # (a record written by a different PostgreSQL version, say).
+    has_hole = bool(bimg_info & BKPIMAGE_HAS_HOLE)
+    compressed = bool(bimg_info & BKPIMAGE_COMPRESS_MASK)
+    if has_hole and (hole_offset == 0 or hole_length == 0 or bimg_len == BLCKSZ):
+        raise bad(f"block {block_id}: BKPIMAGE_HAS_HOLE with offset {hole_offset}, "
+                  f"length {hole_length}, image length {bimg_len}")
+    if not has_hole and (hole_offset != 0 or hole_length != 0):
+        raise bad(f"block {block_id}: hole offset {hole_offset} length {hole_length} "
+                  "without BKPIMAGE_HAS_HOLE")
+    if compressed and bimg_len == BLCKSZ:
+        raise bad(f"block {block_id}: compressed image of a whole block")
+    if not has_hole and not compressed and bimg_len != BLCKSZ:
+        raise bad(f"block {block_id}: uncompressed image without hole of {bimg_len} bytes")
+    if bimg_info & BKPIMAGE_COMPRESS_MASK not in (0, *(m.value for m in ImageCompression)):
+        raise bad(f"block {block_id}: several compression methods in bimg_info {bimg_info:#x}")
+
+
+# -- the stream ------------------------------------------------------------------------
+
+
+class WalStreamDecoder:
+    """Sans-I/O decoder of a WAL byte stream: :meth:`feed` bytes, :meth:`poll` records.
+
+    ``start_lsn`` is the LSN of the first byte fed. It is either a record boundary (as
+    START_REPLICATION delivers: possibly in the middle of a page) or the start of a page
+    or segment; in the latter case a record continued from the previous page is skipped,
+    and decoding begins with the first record that starts on the page.
+
+    The end of the WAL written so far shows as zeros where the next record's length or
+    page header should be (the rest of a segment file): :attr:`end_of_wal` becomes true
+    and :meth:`poll` returns ``None`` from then on. Anything else that cannot be WAL raises
+    :class:`WalDecodeError`; after an error the decoder must not be used further.
+    """
+
+    def __init__(self, start_lsn: Lsn | int, *, segment_size: int = WAL_SEGMENT_SIZE):
+        start = Lsn(start_lsn)
+        offset = start % XLOG_BLCKSZ
+        if start % 8 or 0 < offset < SIZE_OF_XLOG_SHORT_PHD:
+            raise InvalidArgument(
+                f"WAL decoding cannot start at {start}: not a record or page boundary"
+            )
+        if segment_size % XLOG_BLCKSZ or segment_size & (segment_size - 1):
+            raise InvalidArgument(f"invalid WAL segment size {segment_size}")
+        self._segment_size = segment_size
+        self._lsn = start  # LSN of self._buf[self._pos]
+        self._buf = bytearray()
+        self._pos = 0
+        # At a page start we may be in the middle of a record: skip its continuation.
+        self._skip_contrecord = offset == 0
+        self._skip_to: int | None = None  # discard input up to here (padding, after SWITCH)
+        self._rec_start: Lsn | None = None  # record being assembled
+        self._rec_len = 0
+        self._rec_parts: list[bytes] = []
+        self._rec_have = 0
+        self._last_lsn: Lsn | None = None  # start of the last record returned
+        self._last_end = start
+        self._end_of_wal = False
+        self.system_identifier: int | None = None
+        self.timeline: int | None = None
+
+    @property
+    def end_of_wal(self) -> bool:
+        return self._end_of_wal
+
+    @property
+    def last_record_end(self) -> Lsn:
+        """``end_lsn`` of the last record returned (``start_lsn`` before the first): where
+        decoding of the next record resumes."""
+        return self._last_end
+
+    @property
+    def fed_lsn(self) -> Lsn:
+        """The LSN just after the last byte fed."""
+        return Lsn(self._lsn + (len(self._buf) - self._pos))
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        if self._pos and self._pos * 2 >= len(self._buf):
+            del self._buf[: self._pos]
+            self._pos = 0
+        self._buf += data
+
+    def __iter__(self) -> Iterator[DecodedRecord]:
+        """The records decodable from what was fed so far."""
+        while (record := self.poll()) is not None:
+            yield record
+
+    def poll(self) -> DecodedRecord | None:
+        """The next complete record, or ``None`` if more input is needed (or the WAL
+        ended)."""
+        while not self._end_of_wal and self._pos < len(self._buf):
+            if self._skip_to is not None:
+                n = min(self._skip_to - self._lsn, len(self._buf) - self._pos)
+                self._consume(n)
+                if self._lsn == self._skip_to:
+                    self._skip_to = None
+                continue
+            if self._lsn % XLOG_BLCKSZ == 0:
+                if not self._read_page_header():
+                    return None
+                continue
+            if self._rec_start is None and not self._begin_record():
+                return None
+            record = self._continue_record()
+            if record is not None:
+                return record
+        return None
+
+    # -- internals ---------------------------------------------------------------------
+
+    def _consume(self, n: int) -> None:
+        self._pos += n
+        self._lsn = Lsn(self._lsn + n)
+
+    def _read_page_header(self) -> bool:
+        page = self._lsn
+        avail = len(self._buf) - self._pos
+        if avail < SIZE_OF_XLOG_SHORT_PHD:
+            return False
+        magic, info, tli, pageaddr, rem_len = _PAGE_HEADER.unpack_from(self._buf, self._pos)
+        if magic == 0 and info == 0 and pageaddr == 0:
+            # A page never written: the WAL ends here (a record begun on the previous
+            # page was never completed, and is dropped as PostgreSQL's recovery does).
+            self._end_of_wal = True
+            return False
+        if magic != XLOG_PAGE_MAGIC:
+            raise WalDecodeError(
+                f"invalid magic number {magic:04X} in WAL page at {page} "
+                f"(PostgreSQL 15 writes {XLOG_PAGE_MAGIC:04X})"
+            )
+        if info & ~XLP_ALL_FLAGS:
+            raise WalDecodeError(f"invalid info bits {info:04X} in WAL page at {page}")
+        if pageaddr != page:
+            raise WalDecodeError(
+                f"unexpected pageaddr {Lsn(pageaddr)} in WAL page at {page} "
+                "(a recycled segment, or input fed at the wrong position)"
+            )
+        seg_start = page % self._segment_size == 0
+        if bool(info & XLP_LONG_HEADER) != seg_start:
+            raise WalDecodeError(
+                f"WAL page at {page} has {'a long' if not seg_start else 'no long'} header"
+            )
+        header_size = SIZE_OF_XLOG_SHORT_PHD
+        if seg_start:
+            header_size = SIZE_OF_XLOG_LONG_PHD
+            if avail < header_size:
+                return False
+            sysid, seg_size, blcksz = _LONG_PAGE_TAIL.unpack_from(
+                self._buf, self._pos + SIZE_OF_XLOG_SHORT_PHD
+            )
+            if seg_size != self._segment_size or blcksz != XLOG_BLCKSZ:
+                raise WalDecodeError(
+                    f"WAL segment at {page} has segment size {seg_size} and page size "
+                    f"{blcksz}; expected {self._segment_size} and {XLOG_BLCKSZ}"
+                )
+            if self.system_identifier is not None and sysid != self.system_identifier:
+                raise WalDecodeError(
+                    f"WAL segment at {page} is from system {sysid}, "
+                    f"not {self.system_identifier}"
+                )
+            self.system_identifier = sysid
+        data_start = page + header_size
+
+        if self._rec_start is not None:
+            if info & XLP_FIRST_IS_OVERWRITE_CONTRECORD:
+                # The writer crashed mid-record and, on restart, wrote an
+                # OVERWRITE_CONTRECORD record here instead: the partial record is void.
+                self._drop_partial_record()
+            elif not info & XLP_FIRST_IS_CONTRECORD:
+                raise WalDecodeError(
+                    f"record at {self._rec_start} continues, but WAL page at {page} "
+                    "has no contrecord flag"
+                )
+            elif rem_len != self._rec_len - self._rec_have:
+                raise WalDecodeError(
+                    f"invalid contrecord length {rem_len} (expected "
+                    f"{self._rec_len - self._rec_have}) in WAL page at {page}"
+                )
+        elif self._skip_contrecord:
+            if info & XLP_FIRST_IS_CONTRECORD and rem_len:
+                if rem_len > XLOG_BLCKSZ - header_size:
+                    self._skip_to = page + XLOG_BLCKSZ  # and again on the next page
+                else:
+                    self._skip_to = maxalign(data_start + rem_len)
+                    self._skip_contrecord = False
+            else:
+                self._skip_contrecord = False
+        elif info & XLP_FIRST_IS_CONTRECORD:
+            raise WalDecodeError(
+                f"WAL page at {page} continues a record, but the previous record ended at "
+                f"{self._last_end}"
+            )
+        self.timeline = tli
+        self._consume(header_size)
+        if self._skip_to is not None and self._skip_to <= self._lsn:
+            self._skip_to = None
+        return True
+
+    def _drop_partial_record(self) -> None:
+        self._rec_start = None
+        self._rec_parts = []
+        self._rec_have = self._rec_len = 0
+
+    def _begin_record(self) -> bool:
+        if len(self._buf) - self._pos < 4:
+            return False
+        # The length comes first and records are 8-aligned, so it never straddles pages.
+        (tot_len,) = _U32.unpack_from(self._buf, self._pos)
+        if tot_len == 0:
+            self._end_of_wal = True
+            return False
+        if tot_len < SIZE_OF_XLOG_RECORD or tot_len > MAX_RECORD_LEN:
+            raise WalDecodeError(f"invalid record length at {self._lsn}: {tot_len}")
+        self._rec_start = self._lsn
+        self._rec_len = tot_len
+        self._rec_have = 0
+        self._rec_parts = []
+        return True
+
+    def _continue_record(self) -> DecodedRecord | None:
+        page_left = XLOG_BLCKSZ - self._lsn % XLOG_BLCKSZ
+        n = min(self._rec_len - self._rec_have, page_left, len(self._buf) - self._pos)
+        self._rec_parts.append(bytes(self._buf[self._pos : self._pos + n]))
+        self._rec_have += n
+        self._consume(n)
+        if self._rec_have < self._rec_len:
+            return None
+        start = self._rec_start
+        assert start is not None
+        raw = self._rec_parts[0] if len(self._rec_parts) == 1 else b"".join(self._rec_parts)
+        self._drop_partial_record()
+        if self._last_lsn is not None:
+            (prev,) = struct.unpack_from("<Q", raw, 8)
+            if prev != self._last_lsn:
+                raise WalDecodeError(
+                    f"record at {start} has xl_prev {Lsn(prev)}, expected {self._last_lsn}"
+                )
+        record = decode_record(
+            raw, start, maxalign(self._lsn), segment_size=self._segment_size
+        )
+        self._last_lsn = start
+        self._last_end = record.end_lsn
+        if record.end_lsn > self._lsn:
+            self._skip_to = record.end_lsn  # alignment padding, or the rest of the segment
+        return record
