@@ -57,6 +57,10 @@ async def handler(session: Session, sql: str) -> None:
     """The commands the tests use."""
     command, _, arg = sql.strip().partition(" ")
     command = command.rstrip(";").lower()
+    # psql 15.19 and later accept a COPY result only for a statement that is a COPY.
+    if command == "copy":
+        words = arg.upper().split()
+        command, arg = ("copyin", "") if "FROM" in words else ("copyout", words[-1])
     if command == "echo":
         await session.send_rows(
             ["user", "database", "arg", "tls", "application_name"],

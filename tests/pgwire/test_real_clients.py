@@ -83,10 +83,11 @@ def test_psql_password_from_environment(threaded_server: ThreadedServer,
 @needs_psql
 def test_psql_copy_out_and_in(threaded_server: ThreadedServer,
                               libpq_env: dict[str, str]) -> None:
-    done = psql(threaded_server.uri(), "copyout 3", libpq_env)
+    done = psql(threaded_server.uri(), "COPY lines TO STDOUT 3", libpq_env)
     assert done.returncode == 0, done.stderr
     assert done.stdout == "line 0\nline 1\nline 2\n"
-    done = psql(threaded_server.uri(), "copyin", libpq_env, stdin="hello\nworld\n")
+    done = psql(threaded_server.uri(), "COPY lines FROM STDIN", libpq_env,
+                stdin="hello\nworld\n")
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "COPY 12"
 
