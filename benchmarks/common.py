@@ -40,7 +40,8 @@ def machine() -> str:
 class Section:
     title: str
     method: str
-    rows: list[tuple[str, str, str, str]] = field(default_factory=list)  # what, value, ratio, target
+    # (what, value, ratio to anchor, target)
+    rows: list[tuple[str, str, str, str]] = field(default_factory=list)
 
     def add(self, what: str, value: str, ratio: str = "", target: str = "") -> None:
         self.rows.append((what, value, ratio, target))

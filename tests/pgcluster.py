@@ -33,7 +33,9 @@ def as_postgres(args: list[str]) -> list[str]:
 
 
 class PgCluster:
-    def __init__(self, *, initdb_args: tuple[str, ...] = (), settings: dict[str, str] | None = None):
+    def __init__(
+        self, *, initdb_args: tuple[str, ...] = (), settings: dict[str, str] | None = None
+    ):
         self.base = Path(tempfile.mkdtemp(prefix="zenith-pg-"))
         os.chmod(self.base, 0o755)
         self.datadir = self.base / "data"

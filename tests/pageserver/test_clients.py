@@ -88,7 +88,7 @@ def test_psycopg_commands_and_refusals(pageserver: PageserverProc) -> None:
     with psycopg.connect(pageserver.uri(), autocommit=True) as conn:
         cur = psycopg.ClientCursor(conn)
         cur.execute("generate main 4 2 7")
-        (name, tid, start, last, records) = cur.fetchone()
+        (name, _tid, start, last, records) = cur.fetchone()
         assert (name, start, records) == ("main", "0/0", "8")
         cur.execute(f"get_page main {last} {rel_block_key(SYNTHETIC_REL, 3).hex()}")
         (page,) = cur.fetchone()

@@ -248,7 +248,7 @@ def test_block_references_and_images() -> None:
         ],
         origin=7, toplevel_xid=1234,
     )
-    data, starts, _ = layout(BASE, [rec])
+    data, _, _ = layout(BASE, [rec])
     (got,), _ = decode(BASE, data)
     assert got.origin == 7 and got.toplevel_xid == 1234
     assert got.main_data == b"m" * 300  # XLR_BLOCK_ID_DATA_LONG
@@ -330,3 +330,32 @@ def test_start_lsn_must_be_a_boundary() -> None:
             WalStreamDecoder(bad)
     WalStreamDecoder(BASE + 40)
     WalStreamDecoder(BASE + XLOG_BLCKSZ + 24)
+
+
+def test_corrupted_wal_yields_good_records_then_a_clean_error() -> None:
+    # Whatever bytes are damaged, the decoder returns only records that were written
+    # (the CRC sees to that), then raises WalDecodeError, reports the end of WAL or waits
+    # for more input; never an IndexError, struct.error or a bogus record.
+    recs = [heap_rec(i, size=(0 if i % 3 else 5000)) for i in range(12)]
+    data, _, _ = layout(BASE, recs)
+    good, _ = decode(BASE, data)
+    rng = random.Random(11)
+    outcomes = set()
+    for _ in range(300):
+        bad = bytearray(data)
+        for _ in range(rng.randint(1, 3)):
+            bad[rng.randrange(len(bad))] ^= 1 << rng.randrange(8)
+        dec = WalStreamDecoder(BASE)
+        got: list[DecodedRecord] = []
+        try:
+            pos = 0
+            while pos < len(bad):
+                n = rng.randint(1, 9000)
+                dec.feed(bad[pos : pos + n])
+                pos += n
+                got.extend(dec)
+            outcomes.add("end" if dec.end_of_wal else "waiting")
+        except WalDecodeError:
+            outcomes.add("error")
+        assert got == good[: len(got)]
+    assert "error" in outcomes

@@ -12,6 +12,8 @@ with pg_waldump's description. Page images are checked against the relation file
 
 from __future__ import annotations
 
+import importlib.util
+import itertools
 import os
 import random
 import re
@@ -292,7 +294,7 @@ def test_whole_wal_matches_pg_waldump(cap: Capture) -> None:
     assert any(i.apply for i in images) and any(not i.apply for i in images)
     assert any(i.has_hole for i in images) and any(not i.has_hole for i in images)
     # EndRecPtr: the next record starts there, or after the page header there.
-    for r, nxt in zip(recs, recs[1:], strict=False):
+    for r, nxt in itertools.pairwise(recs):
         header = 40 if r.end_lsn % SEG == 0 else 24
         assert nxt.lsn == r.end_lsn or (r.end_lsn % XLOG_BLCKSZ == 0
                                         and nxt.lsn == r.end_lsn + header), r.lsn
@@ -517,6 +519,10 @@ def test_heap_records_parse(cap: Capture) -> None:
 
 
 def _page_header_ok(page: bytes) -> bool:
+    lower: int
+    upper: int
+    special: int
+    size_version: int
     lower, upper, special, size_version = struct.unpack_from("<HHHH", page, 12)
     if page == bytes(BLCKSZ):
         return True  # a new (all-zero) page, logged as it is
@@ -537,7 +543,7 @@ def test_page_images_restore_to_the_pages_on_disk(cap: Capture) -> None:
             assert b.image is not None and b.image.compression == ImageCompression.LZ4
             continue
         assert len(page) == BLCKSZ and _page_header_ok(page), (b.rlocator, b.blkno)
-    assert lz4_seen or __import__("importlib").util.find_spec("lz4") is not None
+    assert lz4_seen or importlib.util.find_spec("lz4") is not None
 
     # The last image of each block of the oracle tables is the page on disk, except for
     # pd_lsn: the image has the LSN from before the record, the disk the record's end.

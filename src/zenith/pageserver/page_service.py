@@ -224,8 +224,7 @@ async def _get_page(server: Pageserver, session: Session, args: list[str]) -> No
     if len(key) != KEY_SIZE:
         raise _Usage(f"key must be {KEY_SIZE} bytes in hex, got {len(key)} bytes")
     # A point lookup is fast enough to answer without a thread hop.
-    tl = server.repo.resolve(args[0])
-    value = server.repo.get_value(tl.timeline_id, key, lsn)
+    value = server.repo.get_value_of(args[0], key, lsn)
     await session.send_rows(["page"], [[value]], "SELECT 1")
 
 

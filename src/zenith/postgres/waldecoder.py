@@ -44,6 +44,8 @@ from zenith.postgres.pg_constants import (
     BKPIMAGE_COMPRESS_ZSTD,
     BKPIMAGE_HAS_HOLE,
     BLCKSZ,
+    RM_MIN_CUSTOM_ID,
+    RMGR_NAMES,
     SIZE_OF_XLOG_LONG_PHD,
     SIZE_OF_XLOG_RECORD,
     SIZE_OF_XLOG_SHORT_PHD,
@@ -257,6 +259,11 @@ def pglz_decompress(source: bytes, rawsize: int) -> bytes:
     while sp < srcend and len(out) < rawsize:
         ctrl = source[sp]
         sp += 1
+        if not ctrl and sp + 8 <= srcend and len(out) + 8 <= rawsize:
+            # Eight literals in a row (incompressible data): one slice.
+            out += source[sp : sp + 8]
+            sp += 8
+            continue
         for _ in range(8):
             if sp >= srcend or len(out) >= rawsize:
                 break
@@ -523,6 +530,7 @@ class WalStreamDecoder:
         self._rec_len = 0
         self._rec_parts: list[bytes] = []
         self._rec_have = 0
+        self._rec_checked = False
         self._last_lsn: Lsn | None = None  # start of the last record returned
         self._last_end = start
         self._end_of_wal = False
@@ -666,6 +674,15 @@ class WalStreamDecoder:
             self._skip_to = None
         return True
 
+    def _check_header(self, start: Lsn, head: bytes) -> None:
+        _tot_len, _xid, prev, _info, rmid, _crc = _RECORD_HEADER.unpack_from(head)
+        if self._last_lsn is not None and prev != self._last_lsn:
+            raise WalDecodeError(
+                f"record at {start} has xl_prev {Lsn(prev)}, expected {self._last_lsn}"
+            )
+        if rmid not in RMGR_NAMES and rmid < RM_MIN_CUSTOM_ID:
+            raise WalDecodeError(f"invalid resource manager ID {rmid} at {start}")
+
     def _drop_partial_record(self) -> None:
         self._rec_start = None
         self._rec_parts = []
@@ -685,6 +702,7 @@ class WalStreamDecoder:
         self._rec_len = tot_len
         self._rec_have = 0
         self._rec_parts = []
+        self._rec_checked = False
         return True
 
     def _continue_record(self) -> DecodedRecord | None:
@@ -693,18 +711,17 @@ class WalStreamDecoder:
         self._rec_parts.append(bytes(self._buf[self._pos : self._pos + n]))
         self._rec_have += n
         self._consume(n)
-        if self._rec_have < self._rec_len:
-            return None
         start = self._rec_start
         assert start is not None
+        if not self._rec_checked and self._rec_have >= SIZE_OF_XLOG_RECORD:
+            # Validate the header as soon as it is complete, as xlogreader does: garbage
+            # must not make us wait for (or gather) a bogus xl_tot_len of input.
+            self._check_header(start, b"".join(self._rec_parts))
+            self._rec_checked = True
+        if self._rec_have < self._rec_len:
+            return None
         raw = self._rec_parts[0] if len(self._rec_parts) == 1 else b"".join(self._rec_parts)
         self._drop_partial_record()
-        if self._last_lsn is not None:
-            (prev,) = struct.unpack_from("<Q", raw, 8)
-            if prev != self._last_lsn:
-                raise WalDecodeError(
-                    f"record at {start} has xl_prev {Lsn(prev)}, expected {self._last_lsn}"
-                )
         record = decode_record(
             raw, start, maxalign(self._lsn), segment_size=self._segment_size
         )

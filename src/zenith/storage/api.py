@@ -164,6 +164,10 @@ class Repository(Protocol):
 
     def get_value(self, timeline_id: TimelineId, key: bytes, lsn: Lsn) -> bytes | None: ...
 
+    def get_value_of(self, name_or_id: str, key: bytes, lsn: Lsn) -> bytes | None:
+        """:meth:`get_value` for a branch name or timeline id."""
+        ...
+
     def iter_records(self, timeline_id: TimelineId, after: Lsn, upto: Lsn) -> Iterator[Record]: ...
 
     def count_records(self, timeline_id: TimelineId, after: Lsn, upto: Lsn) -> tuple[int, int]:

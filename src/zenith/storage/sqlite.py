@@ -453,7 +453,30 @@ class SqliteRepository:
         after it, falling back to the ancestor at the branch point. ``None``: no value."""
         _check_key(key)
         conn = self._conn()
-        first = self._row_by_tid(conn, timeline_id)
+        return self._get_value(conn, self._row_by_tid(conn, timeline_id), key, lsn)
+
+    def get_value_of(self, name_or_id: str, key: bytes, lsn: Lsn) -> bytes | None:
+        """:meth:`get_value` for a branch name or timeline id, with one lookup for the
+        timeline instead of resolving it first (GetPage's hot path)."""
+        _check_key(key)
+        conn = self._conn()
+        if not isinstance(name_or_id, str):
+            raise InvalidArgument(f"a branch name or timeline id, not {name_or_id!r}")
+        if TimelineId.looks_like(name_or_id):
+            row = self._row_by_tid(conn, TimelineId.parse(name_or_id))
+        else:
+            row = conn.execute(
+                f"SELECT {_TL_COLUMNS} FROM timelines WHERE id ="
+                " (SELECT timeline FROM branches WHERE name = ?)",
+                (name_or_id,),
+            ).fetchone()
+            if row is None:
+                raise UnknownBranch(f'branch "{name_or_id}" does not exist')
+        return self._get_value(conn, row, key, lsn)
+
+    def _get_value(
+        self, conn: sqlite3.Connection, first: _Row, key: bytes, lsn: Lsn
+    ) -> bytes | None:
         self._check_readable(first, _check_lsn(lsn))
         row: _Row | None = first
         deltas: list[_Loc] = []
