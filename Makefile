@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint bench demo clean
+.PHONY: install compile test lint bench demo clean
 
 install: $(STAMP)
 
@@ -19,13 +19,18 @@ lint: install
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/mypy
 
-test: install
+# Byte-compile explicitly: PYTHONDONTWRITEBYTECODE (set on some machines) would otherwise make
+# every `zenith` process compile its modules from source again.
+compile: install
+	$(BIN)/python -m compileall -q src tests benchmarks >/dev/null
+
+test: compile
 	$(BIN)/python -m pytest -q
 
-bench: install
+bench: compile
 	PYTHONPATH=. $(BIN)/python -m benchmarks.run
 
-demo: install
+demo: compile
 	$(BIN)/python -m zenith.demo
 
 clean:

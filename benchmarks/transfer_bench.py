@@ -13,7 +13,7 @@ from tests.fixtures import PageserverProc, make_pageserver
 from tests.pgcluster import PgCluster
 
 from benchmarks.common import MiB, Section, timed
-from zenith.pageserver.daemon import running_pid
+from zenith.pageserver.pidfile import running_pid
 
 PAGE = 8192
 

@@ -22,7 +22,7 @@ from urllib.parse import quote
 import pytest
 
 from zenith.pageserver.config import RepoConfig
-from zenith.pageserver.daemon import running_pid
+from zenith.pageserver.pidfile import running_pid
 
 ROOT = Path(__file__).resolve().parents[1]
 

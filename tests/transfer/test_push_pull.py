@@ -241,3 +241,31 @@ def test_concurrent_pushes_to_one_branch(pageserver_factory) -> None:  # type: i
     winner = a if procs[0].returncode == 0 else b
     assert cloud.digest("main") == winner.digest("main")
     assert cloud.branch("main")["timeline_id"] == winner.branch("main")["timeline_id"]
+
+
+def test_progress_bar_on_a_terminal(pair: tuple[PageserverProc, PageserverProc]) -> None:
+    """On a terminal the progress is a bar (rich); the summary still ends the output."""
+    import os
+    import pty
+
+    laptop, cloud = pair
+    laptop.cli("generate", "main", "--pages", "3000", check=True)
+    pid, fd = pty.fork()
+    if pid == 0:  # child: the CLI with its stdout and stderr on the pty
+        os.execv(sys.executable, [sys.executable, "-m", "zenith.cli", "-D", str(laptop.path),
+                                  "push", "main", "cloud"])
+    out = b""
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        out += chunk
+    _, status = os.waitpid(pid, 0)
+    text = out.decode(errors="replace")
+    assert os.waitstatus_to_exitcode(status) == 0, text
+    assert "* [new branch] main -> cloud:main" in text and "3000 records" in text
+    assert "Traceback" not in text
+    assert cloud.digest("main") == laptop.digest("main")

@@ -10,7 +10,7 @@ import click
 from zenith.cli import local
 from zenith.errors import ZenithError
 from zenith.pageserver.config import RepoConfig
-from zenith.pageserver.page_service import command_text
+from zenith.pageserver.quoting import command_text
 
 
 class ZenithGroup(click.Group):

@@ -23,7 +23,7 @@ from zenith.cli.remote import origin, pull, push
 from zenith.cli.user import user
 from zenith.errors import InvalidArgument, ZenithError
 from zenith.pageserver.config import AUTH_METHODS, DEFAULT_LISTEN, RepoConfig, resolve_repo_dir
-from zenith.pageserver.daemon import running_pid
+from zenith.pageserver.pidfile import running_pid
 
 
 @click.group(cls=ZenithGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -62,7 +62,8 @@ def init(repo: Repo, listen: str, auth_method: str) -> None:
 
     config, password = RepoConfig.create(repo.path, listen=listen, auth_method=auth_method)
     open_repository(config.db_path).close()
-    admin = StoredUser.from_password(config.cli_credentials[0], password, str(Role.ADMIN))
+    admin = StoredUser.from_password(config.cli_credentials[0], password, str(Role.ADMIN),
+                                     md5=auth_method == "md5")
     UserStore(config.users_path).add(admin.name, Role.ADMIN, admin.scram_verifier or "",
                                      admin.md5_hash)
     click.echo(f"Initialized zenith repository in {repo.path}")

@@ -9,77 +9,21 @@ and a second ``zenith pageserver`` know that one is already running.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import fcntl
 import logging
-import os
 import signal
 import ssl
 import time
-from pathlib import Path
-from typing import IO
 
 from zenith import __version__
-from zenith.errors import InvalidState
 from zenith.pageserver import transfer_service  # noqa: F401 - registers push/pull commands
 from zenith.pageserver.config import RepoConfig
 from zenith.pageserver.page_service import dispatch
+from zenith.pageserver.pidfile import PidFile
 from zenith.pageserver.users import UserStore
 from zenith.pgwire.server import ServerConfig, Session, close_server, start_server
 from zenith.storage import SqliteRepository, open_repository
 
 log = logging.getLogger("zenith.pageserver")
-
-
-class AlreadyRunning(InvalidState):
-    pass
-
-
-class PidFile:
-    """``pageserver.pid``: ``<pid>\\n<listen>\\n``, locked while the process lives."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._file: IO[str] | None = None
-
-    def acquire(self, listen: str) -> None:
-        f = open(self.path, "a+", encoding="ascii")  # noqa: SIM115 - held for the lifetime
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.close()
-            pid = running_pid(self.path)
-            raise AlreadyRunning(
-                f"a pageserver is already running on this repository (pid {pid})"
-            ) from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"{os.getpid()}\n{listen}\n")
-        f.flush()
-        self._file = f
-
-    def release(self) -> None:
-        if self._file is not None:
-            with contextlib.suppress(FileNotFoundError):
-                self.path.unlink()
-            self._file.close()
-            self._file = None
-
-
-def running_pid(path: Path) -> int | None:
-    """The pid of the pageserver holding the pid file's lock, or None if none does."""
-    try:
-        f = open(path, encoding="ascii")  # noqa: SIM115
-    except FileNotFoundError:
-        return None
-    with f:
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            first = f.readline().strip()
-            return int(first) if first.isdigit() else -1
-        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-        return None
 
 
 class Pageserver:

@@ -103,11 +103,6 @@ async def dispatch(server: Pageserver, session: Session, query: str) -> None:
         raise SyntaxError_(f"{exc}", hint=f"usage: {cmd.usage}") from None
 
 
-def command_text(*words: str) -> str:
-    """A command line for :func:`dispatch`, each word quoted so it cannot split or inject."""
-    return " ".join(shlex.quote(w) for w in words)
-
-
 class _Usage(Exception):
     """Bad arguments for a command; turned into a 42601 with the command's usage."""
 
@@ -315,9 +310,10 @@ async def _user_add(server: Pageserver, session: Session, args: list[str]) -> No
     _args(args, 3, 4)
     require(session.user, Role.ADMIN, "manage users")
     role = Role.parse(args[1])
-    user = await asyncio.to_thread(
-        server.users.add, args[0], role, args[2], args[3] if len(args) > 3 else None
-    )
+    # An MD5 hash is as good as the password to an attacker: keep it only when this
+    # pageserver authenticates with md5; otherwise only the SCRAM verifier is stored.
+    md5 = args[3] if len(args) > 3 and server.config.auth_method == "md5" else None
+    user = await asyncio.to_thread(server.users.add, args[0], role, args[2], md5)
     await session.send_rows(["name", "role"], [[user.name, user.role]], "SELECT 1")
 
 

@@ -16,7 +16,8 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Final
 
 from zenith.errors import ConnectionFailed, InvalidArgument, ZenithError
-from zenith.pageserver.page_service import _args, command, command_text
+from zenith.pageserver.page_service import _args, command
+from zenith.pageserver.quoting import command_text
 from zenith.pageserver.users import Role, require
 from zenith.pgwire.client import ClientCopyStream, Connection, connect, mask_uri, parse_uri
 from zenith.pgwire.server import Session

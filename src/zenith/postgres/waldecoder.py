@@ -29,45 +29,9 @@ import zstandard
 
 from zenith.errors import FeatureNotSupported, InvalidArgument, ZenithError
 from zenith.lsn import Lsn
+from zenith.postgres import pg_constants as pgc
 from zenith.postgres.keys import RelTag
-from zenith.postgres.pg_constants import (
-    BKPBLOCK_FLAG_MASK,
-    BKPBLOCK_FORK_MASK,
-    BKPBLOCK_HAS_DATA,
-    BKPBLOCK_HAS_IMAGE,
-    BKPBLOCK_SAME_REL,
-    BKPBLOCK_WILL_INIT,
-    BKPIMAGE_APPLY,
-    BKPIMAGE_COMPRESS_LZ4,
-    BKPIMAGE_COMPRESS_MASK,
-    BKPIMAGE_COMPRESS_PGLZ,
-    BKPIMAGE_COMPRESS_ZSTD,
-    BKPIMAGE_HAS_HOLE,
-    BLCKSZ,
-    RM_MIN_CUSTOM_ID,
-    RMGR_NAMES,
-    SIZE_OF_XLOG_LONG_PHD,
-    SIZE_OF_XLOG_RECORD,
-    SIZE_OF_XLOG_SHORT_PHD,
-    WAL_SEGMENT_SIZE,
-    XL_CRC_OFFSET,
-    XLOG_BLCKSZ,
-    XLOG_PAGE_MAGIC,
-    XLOG_SWITCH,
-    XLP_ALL_FLAGS,
-    XLP_FIRST_IS_CONTRECORD,
-    XLP_FIRST_IS_OVERWRITE_CONTRECORD,
-    XLP_LONG_HEADER,
-    XLR_BLOCK_ID_DATA_LONG,
-    XLR_BLOCK_ID_DATA_SHORT,
-    XLR_BLOCK_ID_ORIGIN,
-    XLR_BLOCK_ID_TOPLEVEL_XID,
-    XLR_MAX_BLOCK_ID,
-    XLR_RMGR_INFO_MASK,
-    RmgrId,
-    maxalign,
-    rmgr_name,
-)
+from zenith.postgres.pg_constants import BLCKSZ, XLOG_BLCKSZ, RmgrId, maxalign, rmgr_name
 
 # PostgreSQL refuses records above about 1 GB (MaxAllocSize in xlogreader); a larger
 # xl_tot_len is garbage, and must not make us wait for (or allocate) that much input.
@@ -94,9 +58,9 @@ class WalCrcError(WalDecodeError):
 
 class ImageCompression(IntEnum):
     NONE = 0
-    PGLZ = BKPIMAGE_COMPRESS_PGLZ
-    LZ4 = BKPIMAGE_COMPRESS_LZ4
-    ZSTD = BKPIMAGE_COMPRESS_ZSTD
+    PGLZ = pgc.BKPIMAGE_COMPRESS_PGLZ
+    LZ4 = pgc.BKPIMAGE_COMPRESS_LZ4
+    ZSTD = pgc.BKPIMAGE_COMPRESS_ZSTD
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -125,17 +89,17 @@ class BlockImage:
 
     @property
     def has_hole(self) -> bool:
-        return bool(self.bimg_info & BKPIMAGE_HAS_HOLE)
+        return bool(self.bimg_info & pgc.BKPIMAGE_HAS_HOLE)
 
     @property
     def apply(self) -> bool:
         """Whether redo restores the image; unset for images logged only so that
         ``wal_consistency_checking`` can verify the page (they are just as complete)."""
-        return bool(self.bimg_info & BKPIMAGE_APPLY)
+        return bool(self.bimg_info & pgc.BKPIMAGE_APPLY)
 
     @property
     def compression(self) -> ImageCompression:
-        return ImageCompression(self.bimg_info & BKPIMAGE_COMPRESS_MASK)
+        return ImageCompression(self.bimg_info & pgc.BKPIMAGE_COMPRESS_MASK)
 
     def page(self) -> bytes:
         """The whole BLCKSZ page: decompressed, hole re-inserted as zeros."""
@@ -180,15 +144,15 @@ class BlockRef:
 
     @property
     def has_image(self) -> bool:
-        return bool(self.flags & BKPBLOCK_HAS_IMAGE)
+        return bool(self.flags & pgc.BKPBLOCK_HAS_IMAGE)
 
     @property
     def has_data(self) -> bool:
-        return bool(self.flags & BKPBLOCK_HAS_DATA)
+        return bool(self.flags & pgc.BKPBLOCK_HAS_DATA)
 
     @property
     def will_init(self) -> bool:
-        return bool(self.flags & BKPBLOCK_WILL_INIT)
+        return bool(self.flags & pgc.BKPBLOCK_WILL_INIT)
 
     @property
     def rel_tag(self) -> RelTag:
@@ -227,7 +191,7 @@ class DecodedRecord:
     @property
     def rmgr_info(self) -> int:
         """The resource manager's part of xl_info (the record kind)."""
-        return self.info & XLR_RMGR_INFO_MASK
+        return self.info & pgc.XLR_RMGR_INFO_MASK
 
     @property
     def fpi_len(self) -> int:
@@ -322,8 +286,8 @@ def _lz4_decompress(data: bytes, rawsize: int) -> bytes:
 def record_crc(raw: bytes | bytearray | memoryview) -> int:
     """CRC32C of a record as PostgreSQL computes xl_crc: the bytes after the header
     first, then the header up to (not including) xl_crc."""
-    crc = google_crc32c.value(bytes(raw[SIZE_OF_XLOG_RECORD:]))
-    return int(google_crc32c.extend(crc, bytes(raw[:XL_CRC_OFFSET])))
+    crc = google_crc32c.value(bytes(raw[pgc.SIZE_OF_XLOG_RECORD:]))
+    return int(google_crc32c.extend(crc, bytes(raw[:pgc.XL_CRC_OFFSET])))
 
 
 def decode_record(
@@ -331,7 +295,7 @@ def decode_record(
     lsn: Lsn | int,
     end_lsn: Lsn | int | None = None,
     *,
-    segment_size: int = WAL_SEGMENT_SIZE,
+    segment_size: int = pgc.WAL_SEGMENT_SIZE,
 ) -> DecodedRecord:
     """Decode one complete record (``xl_tot_len`` bytes) that starts at ``lsn``.
 
@@ -339,7 +303,7 @@ def decode_record(
     split across pages (the stream decoder passes it). Raises :class:`WalCrcError` on a
     CRC mismatch and :class:`WalDecodeError` on a malformed record."""
     lsn = Lsn(lsn)
-    if len(raw) < SIZE_OF_XLOG_RECORD:
+    if len(raw) < pgc.SIZE_OF_XLOG_RECORD:
         raise WalDecodeError(f"record at {lsn} is shorter than its header ({len(raw)} bytes)")
     tot_len, xid, prev, info, rmid, crc = _RECORD_HEADER.unpack_from(raw, 0)
     if tot_len != len(raw):
@@ -352,7 +316,7 @@ def decode_record(
         )
     if end_lsn is None:
         end_lsn = lsn + maxalign(tot_len)
-    if rmid == RmgrId.XLOG and info & XLR_RMGR_INFO_MASK == XLOG_SWITCH:
+    if rmid == RmgrId.XLOG and info & pgc.XLR_RMGR_INFO_MASK == pgc.XLOG_SWITCH:
         # As xlogreader: a switch record "extends" to the end of its segment.
         end_lsn = Lsn(-(-int(end_lsn) // segment_size) * segment_size)
     return _decode_body(raw, lsn, Lsn(end_lsn), xid, Lsn(prev), info, rmid)
@@ -365,7 +329,7 @@ def _decode_body(
         return WalDecodeError(f"invalid record at {lsn}: {why}")
 
     total = len(raw)
-    ptr = SIZE_OF_XLOG_RECORD
+    ptr = pgc.SIZE_OF_XLOG_RECORD
     datatotal = 0  # bytes of block data, images and main data announced by the headers
     main_len = 0
     origin: int | None = None
@@ -377,43 +341,43 @@ def _decode_body(
         while total - ptr > datatotal:
             block_id = raw[ptr]
             ptr += 1
-            if block_id == XLR_BLOCK_ID_DATA_SHORT:
+            if block_id == pgc.XLR_BLOCK_ID_DATA_SHORT:
                 main_len = raw[ptr]
                 ptr += 1
                 datatotal += main_len
                 break
-            if block_id == XLR_BLOCK_ID_DATA_LONG:
+            if block_id == pgc.XLR_BLOCK_ID_DATA_LONG:
                 (main_len,) = _U32.unpack_from(raw, ptr)
                 ptr += 4
                 datatotal += main_len
                 break
-            if block_id == XLR_BLOCK_ID_ORIGIN:
+            if block_id == pgc.XLR_BLOCK_ID_ORIGIN:
                 (origin,) = _U16.unpack_from(raw, ptr)
                 ptr += 2
                 continue
-            if block_id == XLR_BLOCK_ID_TOPLEVEL_XID:
+            if block_id == pgc.XLR_BLOCK_ID_TOPLEVEL_XID:
                 (toplevel_xid,) = _U32.unpack_from(raw, ptr)
                 ptr += 4
                 continue
-            if block_id > XLR_MAX_BLOCK_ID:
+            if block_id > pgc.XLR_MAX_BLOCK_ID:
                 raise bad(f"invalid block_id {block_id}")
             if headers and block_id <= headers[-1][0]:
                 raise bad(f"out-of-order block_id {block_id}")
             fork_flags = raw[ptr]
             (data_len,) = _U16.unpack_from(raw, ptr + 1)
             ptr += 3
-            has_data = bool(fork_flags & BKPBLOCK_HAS_DATA)
+            has_data = bool(fork_flags & pgc.BKPBLOCK_HAS_DATA)
             if has_data != (data_len > 0):
-                raise bad(f"block {block_id}: BKPBLOCK_HAS_DATA disagrees with length {data_len}")
+                raise bad(f"block {block_id}: BKPBLOCK_HAS_DATA={has_data}, length {data_len}")
             datatotal += data_len
             image_hdr: tuple[int, int, int, int] | None = None
-            if fork_flags & BKPBLOCK_HAS_IMAGE:
+            if fork_flags & pgc.BKPBLOCK_HAS_IMAGE:
                 bimg_len, hole_offset, bimg_info = _IMAGE_HEADER.unpack_from(raw, ptr)
                 ptr += _IMAGE_HEADER.size
-                compressed = bool(bimg_info & BKPIMAGE_COMPRESS_MASK)
+                compressed = bool(bimg_info & pgc.BKPIMAGE_COMPRESS_MASK)
                 if compressed:
                     hole_length = 0
-                    if bimg_info & BKPIMAGE_HAS_HOLE:
+                    if bimg_info & pgc.BKPIMAGE_HAS_HOLE:
                         (hole_length,) = _U16.unpack_from(raw, ptr)
                         ptr += 2
                 else:
@@ -421,9 +385,9 @@ def _decode_body(
                 _check_image(bad, block_id, bimg_len, hole_offset, hole_length, bimg_info)
                 datatotal += bimg_len
                 image_hdr = (bimg_len, hole_offset, hole_length, bimg_info)
-            if fork_flags & BKPBLOCK_SAME_REL:
+            if fork_flags & pgc.BKPBLOCK_SAME_REL:
                 if last_rel is None:
-                    raise bad(f"block {block_id}: BKPBLOCK_SAME_REL without a previous relation")
+                    raise bad(f"block {block_id}: BKPBLOCK_SAME_REL without a previous rel")
                 rel = last_rel
             else:
                 rel = RelFileNode(*_RELFILENODE.unpack_from(raw, ptr))
@@ -450,9 +414,9 @@ def _decode_body(
             BlockRef(
                 block_id=block_id,
                 rlocator=rel,
-                forknum=fork_flags & BKPBLOCK_FORK_MASK,
+                forknum=fork_flags & pgc.BKPBLOCK_FORK_MASK,
                 blkno=blkno,
-                flags=fork_flags & BKPBLOCK_FLAG_MASK,
+                flags=fork_flags & pgc.BKPBLOCK_FLAG_MASK,
                 image=image,
                 data=data,
             )
@@ -477,8 +441,8 @@ def _check_image(
 ) -> None:
     # The same cross-checks as DecodeXLogRecord: they catch garbage that the CRC cannot
     # (a record written by a different PostgreSQL version, say).
-    has_hole = bool(bimg_info & BKPIMAGE_HAS_HOLE)
-    compressed = bool(bimg_info & BKPIMAGE_COMPRESS_MASK)
+    has_hole = bool(bimg_info & pgc.BKPIMAGE_HAS_HOLE)
+    compressed = bool(bimg_info & pgc.BKPIMAGE_COMPRESS_MASK)
     if has_hole and (hole_offset == 0 or hole_length == 0 or bimg_len == BLCKSZ):
         raise bad(f"block {block_id}: BKPIMAGE_HAS_HOLE with offset {hole_offset}, "
                   f"length {hole_length}, image length {bimg_len}")
@@ -489,7 +453,7 @@ def _check_image(
         raise bad(f"block {block_id}: compressed image of a whole block")
     if not has_hole and not compressed and bimg_len != BLCKSZ:
         raise bad(f"block {block_id}: uncompressed image without hole of {bimg_len} bytes")
-    if bimg_info & BKPIMAGE_COMPRESS_MASK not in (0, *(m.value for m in ImageCompression)):
+    if bimg_info & pgc.BKPIMAGE_COMPRESS_MASK not in (0, *(m.value for m in ImageCompression)):
         raise bad(f"block {block_id}: several compression methods in bimg_info {bimg_info:#x}")
 
 
@@ -510,10 +474,10 @@ class WalStreamDecoder:
     :class:`WalDecodeError`; after an error the decoder must not be used further.
     """
 
-    def __init__(self, start_lsn: Lsn | int, *, segment_size: int = WAL_SEGMENT_SIZE):
+    def __init__(self, start_lsn: Lsn | int, *, segment_size: int = pgc.WAL_SEGMENT_SIZE):
         start = Lsn(start_lsn)
         offset = start % XLOG_BLCKSZ
-        if start % 8 or 0 < offset < SIZE_OF_XLOG_SHORT_PHD:
+        if start % 8 or 0 < offset < pgc.SIZE_OF_XLOG_SHORT_PHD:
             raise InvalidArgument(
                 f"WAL decoding cannot start at {start}: not a record or page boundary"
             )
@@ -593,7 +557,7 @@ class WalStreamDecoder:
     def _read_page_header(self) -> bool:
         page = self._lsn
         avail = len(self._buf) - self._pos
-        if avail < SIZE_OF_XLOG_SHORT_PHD:
+        if avail < pgc.SIZE_OF_XLOG_SHORT_PHD:
             return False
         magic, info, tli, pageaddr, rem_len = _PAGE_HEADER.unpack_from(self._buf, self._pos)
         if magic == 0 and info == 0 and pageaddr == 0:
@@ -601,12 +565,12 @@ class WalStreamDecoder:
             # page was never completed, and is dropped as PostgreSQL's recovery does).
             self._end_of_wal = True
             return False
-        if magic != XLOG_PAGE_MAGIC:
+        if magic != pgc.XLOG_PAGE_MAGIC:
             raise WalDecodeError(
                 f"invalid magic number {magic:04X} in WAL page at {page} "
-                f"(PostgreSQL 15 writes {XLOG_PAGE_MAGIC:04X})"
+                f"(PostgreSQL 15 writes {pgc.XLOG_PAGE_MAGIC:04X})"
             )
-        if info & ~XLP_ALL_FLAGS:
+        if info & ~pgc.XLP_ALL_FLAGS:
             raise WalDecodeError(f"invalid info bits {info:04X} in WAL page at {page}")
         if pageaddr != page:
             raise WalDecodeError(
@@ -614,17 +578,17 @@ class WalStreamDecoder:
                 "(a recycled segment, or input fed at the wrong position)"
             )
         seg_start = page % self._segment_size == 0
-        if bool(info & XLP_LONG_HEADER) != seg_start:
+        if bool(info & pgc.XLP_LONG_HEADER) != seg_start:
             raise WalDecodeError(
                 f"WAL page at {page} has {'a long' if not seg_start else 'no long'} header"
             )
-        header_size = SIZE_OF_XLOG_SHORT_PHD
+        header_size = pgc.SIZE_OF_XLOG_SHORT_PHD
         if seg_start:
-            header_size = SIZE_OF_XLOG_LONG_PHD
+            header_size = pgc.SIZE_OF_XLOG_LONG_PHD
             if avail < header_size:
                 return False
             sysid, seg_size, blcksz = _LONG_PAGE_TAIL.unpack_from(
-                self._buf, self._pos + SIZE_OF_XLOG_SHORT_PHD
+                self._buf, self._pos + pgc.SIZE_OF_XLOG_SHORT_PHD
             )
             if seg_size != self._segment_size or blcksz != XLOG_BLCKSZ:
                 raise WalDecodeError(
@@ -640,11 +604,11 @@ class WalStreamDecoder:
         data_start = page + header_size
 
         if self._rec_start is not None:
-            if info & XLP_FIRST_IS_OVERWRITE_CONTRECORD:
+            if info & pgc.XLP_FIRST_IS_OVERWRITE_CONTRECORD:
                 # The writer crashed mid-record and, on restart, wrote an
                 # OVERWRITE_CONTRECORD record here instead: the partial record is void.
                 self._drop_partial_record()
-            elif not info & XLP_FIRST_IS_CONTRECORD:
+            elif not info & pgc.XLP_FIRST_IS_CONTRECORD:
                 raise WalDecodeError(
                     f"record at {self._rec_start} continues, but WAL page at {page} "
                     "has no contrecord flag"
@@ -655,7 +619,7 @@ class WalStreamDecoder:
                     f"{self._rec_len - self._rec_have}) in WAL page at {page}"
                 )
         elif self._skip_contrecord:
-            if info & XLP_FIRST_IS_CONTRECORD and rem_len:
+            if info & pgc.XLP_FIRST_IS_CONTRECORD and rem_len:
                 if rem_len > XLOG_BLCKSZ - header_size:
                     self._skip_to = page + XLOG_BLCKSZ  # and again on the next page
                 else:
@@ -663,7 +627,7 @@ class WalStreamDecoder:
                     self._skip_contrecord = False
             else:
                 self._skip_contrecord = False
-        elif info & XLP_FIRST_IS_CONTRECORD:
+        elif info & pgc.XLP_FIRST_IS_CONTRECORD:
             raise WalDecodeError(
                 f"WAL page at {page} continues a record, but the previous record ended at "
                 f"{self._last_end}"
@@ -680,7 +644,7 @@ class WalStreamDecoder:
             raise WalDecodeError(
                 f"record at {start} has xl_prev {Lsn(prev)}, expected {self._last_lsn}"
             )
-        if rmid not in RMGR_NAMES and rmid < RM_MIN_CUSTOM_ID:
+        if rmid not in pgc.RMGR_NAMES and rmid < pgc.RM_MIN_CUSTOM_ID:
             raise WalDecodeError(f"invalid resource manager ID {rmid} at {start}")
 
     def _drop_partial_record(self) -> None:
@@ -696,7 +660,7 @@ class WalStreamDecoder:
         if tot_len == 0:
             self._end_of_wal = True
             return False
-        if tot_len < SIZE_OF_XLOG_RECORD or tot_len > MAX_RECORD_LEN:
+        if tot_len < pgc.SIZE_OF_XLOG_RECORD or tot_len > MAX_RECORD_LEN:
             raise WalDecodeError(f"invalid record length at {self._lsn}: {tot_len}")
         self._rec_start = self._lsn
         self._rec_len = tot_len
@@ -713,7 +677,7 @@ class WalStreamDecoder:
         self._consume(n)
         start = self._rec_start
         assert start is not None
-        if not self._rec_checked and self._rec_have >= SIZE_OF_XLOG_RECORD:
+        if not self._rec_checked and self._rec_have >= pgc.SIZE_OF_XLOG_RECORD:
             # Validate the header as soon as it is complete, as xlogreader does: garbage
             # must not make us wait for (or gather) a bogus xl_tot_len of input.
             self._check_header(start, b"".join(self._rec_parts))
