@@ -297,3 +297,17 @@ def test_bad_input_is_refused_and_changes_nothing(
     repo.put_records(tid, [Record(key(9), Lsn(1000), IMG, b"ok")])
     assert repo.get_value(tid, key(9), Lsn(1000)) == b"ok"
     repo.close()
+
+
+def test_materialize_key_range_reads_only_that_range(repo: SqliteRepository) -> None:
+    main = repo.create_branch("main").timeline.timeline_id
+    repo.put_records(main, [Record(key(n), Lsn(10), IMG, bytes([n])) for n in range(1, 8)])
+    repo.put_records(main, [Record(key(3), Lsn(20), TOMB)])
+    child = repo.create_branch("dev", "main", Lsn(20)).timeline.timeline_id
+    repo.put_records(child, [Record(key(4), Lsn(30), DELTA, make_patch([(1, b"!")]))])
+    got = list(repo.materialize(child, Lsn(30), lo=key(2), hi=key(5)))
+    assert got == [(key(2), b"\x02"), (key(4), b"\x04!")]
+    assert [k for k, _ in repo.materialize(main, Lsn(20), lo=key(6))] == [key(6), key(7)]
+    assert [k for k, _ in repo.materialize(main, Lsn(20), hi=key(2))] == [key(1)]
+    with pytest.raises(InvalidArgument):
+        list(repo.materialize(main, Lsn(20), lo=b"short"))

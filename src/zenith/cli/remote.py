@@ -6,7 +6,6 @@ from __future__ import annotations
 import re
 import sys
 import time
-from collections.abc import Callable
 from typing import Final
 
 import click
@@ -121,14 +120,20 @@ def _summary(row: dict[str, str | None], arrow: str) -> str:
     return f"{prefix}{arrow} {span}{suffix}, {size} in {float(row['seconds'] or 0):.1f} s"
 
 
-def _transfer(repo: Repo, verb: str, words: list[str], title: str,
-              render: Callable[[dict[str, str | None]], str]) -> None:
-    view = ProgressView(title)
+def _transfer(repo: Repo, verb: str, branch: str, target: str, force: bool,
+              dry_run: bool) -> None:
+    """Ask the local pageserver to push or pull, show progress, then the summary line."""
+    name, remote_branch = _split_target(target, branch)
+    uri = repo.config.origin(name)
+    remote = f"{name}:{remote_branch}"
+    arrow = f"{branch} -> {remote}" if verb == "push" else f"{remote} -> {branch}"
+    view = ProgressView(f"{verb} {arrow}")
     try:
-        answer = repo.query(verb, *words, on_notice=view.notice, timeout=30.0)
+        answer = repo.query(f"perform_{verb}", branch, uri, remote_branch,
+                            *_flag_words(force, dry_run), on_notice=view.notice, timeout=30.0)
     finally:
         view.close()
-    click.echo(render(answer.dicts()[0]))
+    click.echo(_summary(answer.dicts()[0], arrow))
 
 
 def _flag_words(force: bool, dry_run: bool) -> list[str]:
@@ -144,11 +149,7 @@ def _flag_words(force: bool, dry_run: bool) -> list[str]:
 @pass_repo
 def push(repo: Repo, branch: str, target: str, force: bool, dry_run: bool) -> None:
     """Push BRANCH to ORIGIN (as REMOTE_BRANCH, by default the same name)."""
-    name, remote_branch = _split_target(target, branch)
-    uri = repo.config.origin(name)
-    _transfer(repo, "perform_push", [branch, uri, remote_branch, *_flag_words(force, dry_run)],
-              f"push {branch} -> {name}:{remote_branch}",
-              lambda row: _summary(row, f"{branch} -> {name}:{remote_branch}"))
+    _transfer(repo, "push", branch, target, force, dry_run)
 
 
 @click.command()
@@ -160,8 +161,4 @@ def push(repo: Repo, branch: str, target: str, force: bool, dry_run: bool) -> No
 @pass_repo
 def pull(repo: Repo, branch: str, target: str, force: bool, dry_run: bool) -> None:
     """Pull REMOTE_BRANCH (by default the same name) of ORIGIN into local BRANCH."""
-    name, remote_branch = _split_target(target, branch)
-    uri = repo.config.origin(name)
-    _transfer(repo, "perform_pull", [branch, uri, remote_branch, *_flag_words(force, dry_run)],
-              f"pull {name}:{remote_branch} -> {branch}",
-              lambda row: _summary(row, f"{name}:{remote_branch} -> {branch}"))
+    _transfer(repo, "pull", branch, target, force, dry_run)

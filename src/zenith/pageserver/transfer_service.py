@@ -124,6 +124,22 @@ async def _remote_copy(conn: Connection, where: str, words: list[str]) -> Client
                         hint=exc.hint) from exc
 
 
+@contextlib.asynccontextmanager
+async def _remote_stream(uri: str, verb: str, words: list[str]) -> AsyncIterator[ClientCopyStream]:
+    """Connect to the remote pageserver, run ``words`` there (a CopyBoth command), and
+    yield the stream; finished and closed on the way out. Errors name the remote."""
+    info = parse_uri(uri)
+    where = f"{info.host}:{info.port}"
+    conn = await _connect_remote(uri)
+    try:
+        stream = await _remote_copy(conn, where, words)
+        async with _naming_remote(verb):
+            yield stream
+            await stream.finish()
+    finally:
+        await conn.close()
+
+
 @command("perform_push", "<branch> <uri> <remote_branch> [force] [dry_run]",
          "push a local branch to the pageserver at uri")
 async def _perform_push(server: Pageserver, session: Session, args: list[str]) -> None:
@@ -133,19 +149,11 @@ async def _perform_push(server: Pageserver, session: Session, args: list[str]) -
     force, dry_run = _flags(args[3:])
     timeline = server.repo.resolve(branch)
     chain = server.repo.ancestry(timeline.timeline_id)
-    conn = await _connect_remote(uri)
-    info = parse_uri(uri)
-    where = f"{info.host}:{info.port}"
-    try:
-        stream = await _remote_copy(conn, where, ["branch_push", remote_branch,
-                                                  *_flag_words(force, dry_run)])
-        async with _naming_remote("push"), _Reporter(session) as reporter:
-            result = await send_branch(stream, server.repo, timeline, chain=chain,
-                                       progress=reporter.update)
-            await reporter.flush()
-        await stream.finish()
-    finally:
-        await conn.close()
+    words = ["branch_push", remote_branch, *_flag_words(force, dry_run)]
+    async with _remote_stream(uri, "push", words) as stream, _Reporter(session) as reporter:
+        result = await send_branch(stream, server.repo, timeline, chain=chain,
+                                   progress=reporter.update)
+        await reporter.flush()
     await _send_result(session, branch, f"{mask_uri(uri)} {remote_branch}", result)
 
 
@@ -156,20 +164,11 @@ async def _perform_pull(server: Pageserver, session: Session, args: list[str]) -
     require(session.user, Role.ADMIN, "start a pull")
     branch, uri, remote_branch = validate_branch_name(args[0]), args[1], args[2]
     force, dry_run = _flags(args[3:])
-    conn = await _connect_remote(uri)
-    info = parse_uri(uri)
-    where = f"{info.host}:{info.port}"
-    try:
-        stream = await _remote_copy(conn, where, ["branch_pull", remote_branch])
-        async with _naming_remote("pull"), server.receive_lock, \
-                _Reporter(session) as reporter:
-            result = await receive_branch(stream, server.repo, branch, pushing=False,
-                                          force=force, dry_run=dry_run,
-                                          progress=reporter.update)
-            await reporter.flush()
-        await stream.finish()
-    finally:
-        await conn.close()
+    async with _remote_stream(uri, "pull", ["branch_pull", remote_branch]) as stream, \
+            server.receive_lock, _Reporter(session) as reporter:
+        result = await receive_branch(stream, server.repo, branch, pushing=False,
+                                      force=force, dry_run=dry_run, progress=reporter.update)
+        await reporter.flush()
     await _send_result(session, branch, f"{mask_uri(uri)} {remote_branch}", result)
 
 

@@ -1,13 +1,15 @@
-"""Password verifiers and the server side of SCRAM-SHA-256 and MD5 authentication.
+"""Password verifiers and both sides of SCRAM-SHA-256 and MD5 authentication.
 
 Passwords are never stored in clear: a user has a SCRAM verifier in PostgreSQL's text
 format (``SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>``, as in
 ``pg_authid.rolpassword``) and/or an MD5 hash (``"md5" + md5(password + user)``).
 
-Verifiers are made with ``scramp``, and the client side of SCRAM uses it too, but the
-server exchange is written here (RFC 5802/7677, as PostgreSQL's ``auth-scram.c`` does it):
-libpq sends an *empty* user name in its client-first message (PostgreSQL takes the user
-from the startup packet) and ``scramp``'s server refuses such a message. The exchange also
+The SCRAM exchange (RFC 5802/7677, as PostgreSQL's ``auth-scram.c`` runs it) and the
+verifiers are written here with ``hashlib``; only SASLprep of a non-ASCII password borrows
+``scramp``'s. Two reasons: libpq sends an *empty* user name in its client-first message
+(PostgreSQL takes the user from the startup packet) and ``scramp``'s server refuses such a
+message; and importing ``scramp`` costs every ``zenith`` command a tenth of a second. The
+server exchange also
 runs as a *mock* for an unknown user -- a salt derived from the user name and a per-process
 secret, and a proof that can never match -- so that a client cannot tell an unknown user
 from a wrong password, as in PostgreSQL.
@@ -24,10 +26,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final, Protocol
 
-import scramp
-from scramp.utils import saslprep
-
-from zenith.errors import ProtocolViolation
+from zenith.errors import AuthenticationFailed, ProtocolViolation
 
 SCRAM_MECHANISM: Final = "SCRAM-SHA-256"
 SCRAM_ITERATIONS: Final = 4096
@@ -73,12 +72,32 @@ class ScramVerifier:
                 f"${b64(self.stored_key)}:{b64(self.server_key)}")
 
 
+def prepare_password(password: str) -> bytes:
+    """SASLprep (RFC 4013) as PostgreSQL applies it: a password that is not valid under it
+    is used as it is. ASCII passwords pass unchanged, so ``scramp``'s implementation (and
+    its imports) are loaded only for the others."""
+    if password.isascii() and password.isprintable():
+        return password.encode("ascii")
+    from scramp.utils import saslprep
+
+    try:
+        return str(saslprep(password)).encode("utf-8")
+    except Exception:  # scramp raises ScramException for prohibited characters
+        return password.encode("utf-8")
+
+
+def _salted(password: str, salt: bytes, iterations: int) -> bytes:
+    return hashlib.pbkdf2_hmac("sha256", prepare_password(password), salt, iterations)
+
+
 def make_scram_verifier(password: str, *, iterations: int = SCRAM_ITERATIONS) -> str:
     """A SCRAM-SHA-256 verifier for ``password`` (SASLprep'd, random 16-byte salt as
     PostgreSQL makes them)."""
-    salt, stored_key, server_key, count = scramp.ScramMechanism(SCRAM_MECHANISM).make_auth_info(
-        password, iteration_count=iterations, salt=secrets.token_bytes(16))
-    return str(ScramVerifier(int(count), bytes(salt), bytes(stored_key), bytes(server_key)))
+    salt = secrets.token_bytes(16)
+    salted = _salted(password, salt, iterations)
+    stored_key = hashlib.sha256(hmac.digest(salted, b"Client Key", "sha256")).digest()
+    server_key = hmac.digest(salted, b"Server Key", "sha256")
+    return str(ScramVerifier(iterations, salt, stored_key, server_key))
 
 
 def make_md5_hash(user: str, password: str) -> str:
@@ -115,12 +134,7 @@ def check_password(password: str, *, scram_verifier: str | None, md5_hash: str |
             verifier = ScramVerifier.parse(scram_verifier)
         except ValueError:
             return False
-        try:
-            prepared = saslprep(password)
-        except scramp.ScramException:
-            prepared = password
-        salted = hashlib.pbkdf2_hmac("sha256", prepared.encode("utf-8"), verifier.salt,
-                                     verifier.iterations)
+        salted = _salted(password, verifier.salt, verifier.iterations)
         client_key = hmac.digest(salted, b"Client Key", "sha256")
         return hmac.compare_digest(hashlib.sha256(client_key).digest(), verifier.stored_key)
     if md5_hash is not None:
@@ -266,6 +280,58 @@ class ScramServerExchange:
             return None
         server_signature = hmac.digest(self._verifier.server_key, auth_bytes, "sha256")
         return f"v={_b64(server_signature)}".encode("ascii")
+
+
+class ScramClientExchange:
+    """The client side of SCRAM-SHA-256 without channel binding (RFC 5802/7677), as libpq
+    runs it: an empty user name in the client-first message (the startup packet names the
+    user). Raises :class:`AuthenticationFailed` when the server misbehaves or cannot prove
+    that it knows the verifier."""
+
+    def __init__(self, password: str):
+        self._password = password
+        self._nonce = _b64(secrets.token_bytes(18))
+        self._client_first_bare = f"n=,r={self._nonce}"
+        self._server_signature = b""
+
+    def client_first(self) -> bytes:
+        return f"n,,{self._client_first_bare}".encode("ascii")
+
+    def client_final(self, server_first: bytes) -> bytes:
+        text = server_first.decode("utf-8")
+        attrs = dict(item.split("=", 1) for item in text.split(",") if "=" in item)
+        nonce, salt_b64, iterations_text = attrs.get("r", ""), attrs.get("s"), attrs.get("i", "")
+        if not nonce.startswith(self._nonce) or len(nonce) == len(self._nonce) or not salt_b64:
+            raise AuthenticationFailed("invalid SCRAM server-first message (nonce or salt)")
+        if not iterations_text.isdigit() or not 0 < int(iterations_text) <= 10_000_000:
+            raise AuthenticationFailed("invalid SCRAM iteration count from the server")
+        try:
+            salt = base64.b64decode(salt_b64, validate=True)
+        except binascii.Error as exc:
+            raise AuthenticationFailed("invalid SCRAM salt from the server") from exc
+        salted = _salted(self._password, salt, int(iterations_text))
+        client_key = hmac.digest(salted, b"Client Key", "sha256")
+        without_proof = f"c={_b64(b'n,,')},r={nonce}"
+        auth = ",".join((self._client_first_bare, text, without_proof)).encode("utf-8")
+        signature = hmac.digest(hashlib.sha256(client_key).digest(), auth, "sha256")
+        proof = bytes(a ^ b for a, b in zip(client_key, signature, strict=True))
+        self._server_signature = hmac.digest(
+            hmac.digest(salted, b"Server Key", "sha256"), auth, "sha256")
+        return f"{without_proof},p={_b64(proof)}".encode("ascii")
+
+    def check_server_final(self, server_final: bytes) -> None:
+        text = server_final.decode("utf-8")
+        if text.startswith("e="):
+            raise AuthenticationFailed(f"SCRAM authentication failed: {text[2:]}")
+        if not text.startswith("v=") or not self._server_signature:
+            raise AuthenticationFailed("invalid SCRAM server-final message")
+        try:
+            signature = base64.b64decode(text[2:], validate=True)
+        except binascii.Error as exc:
+            raise AuthenticationFailed("invalid SCRAM server signature") from exc
+        if not hmac.compare_digest(signature, self._server_signature):
+            raise AuthenticationFailed("the server's SCRAM signature is wrong: it does not "
+                                       "know this user's verifier")
 
 
 def _decode(data: bytes, what: str) -> str:

@@ -28,8 +28,6 @@ from enum import Enum
 from pathlib import Path
 from types import TracebackType
 
-import scramp
-
 from zenith.errors import (
     AuthenticationFailed,
     ConnectionFailed,
@@ -39,7 +37,7 @@ from zenith.errors import (
     ZenithError,
     error_from_sqlstate,
 )
-from zenith.pgwire.auth import SCRAM_MECHANISM, md5_client_response
+from zenith.pgwire.auth import SCRAM_MECHANISM, ScramClientExchange, md5_client_response
 from zenith.pgwire.conninfo import (
     ConnInfo,
     PgpassEntry,
@@ -581,7 +579,7 @@ async def _negotiate_tls(stream: MessageStream, info: ConnInfo) -> None:
 
 async def _authenticate(conn_stream: MessageStream, info: ConnInfo, user: str,
                         password: str | None, notices: list[Notice]) -> None:
-    scram: scramp.ScramClient | None = None
+    scram: ScramClientExchange | None = None
 
     def need_password() -> str:
         if password is None:
@@ -606,15 +604,12 @@ async def _authenticate(conn_stream: MessageStream, info: ConnInfo, user: str,
                     raise FeatureNotSupported(
                         "none of the server's SASL authentication mechanisms are supported: "
                         + ", ".join(message.mechanisms))
-                scram = scramp.ScramClient([SCRAM_MECHANISM], user, need_password())
-                first = scram.get_client_first().encode("utf-8")
-                await conn_stream.send(SASLInitialResponse(SCRAM_MECHANISM, first))
+                scram = ScramClientExchange(need_password())
+                await conn_stream.send(SASLInitialResponse(SCRAM_MECHANISM, scram.client_first()))
             elif isinstance(message, AuthenticationSASLContinue) and scram is not None:
-                scram.set_server_first(message.data.decode("utf-8"))
-                final = scram.get_client_final().encode("utf-8")
-                await conn_stream.send(SASLResponse(final))
+                await conn_stream.send(SASLResponse(scram.client_final(message.data)))
             elif isinstance(message, AuthenticationSASLFinal) and scram is not None:
-                scram.set_server_final(message.data.decode("utf-8"))
+                scram.check_server_final(message.data)
             elif isinstance(message, AuthenticationOther):
                 raise FeatureNotSupported(
                     f"authentication method {message.code} requested by the server is not "
@@ -626,9 +621,6 @@ async def _authenticate(conn_stream: MessageStream, info: ConnInfo, user: str,
             elif not isinstance(message, NegotiateProtocolVersion):
                 raise ProtocolViolation(f"unexpected {type(message).__name__} during "
                                         "authentication")
-        except scramp.ScramException as exc:
-            raise AuthenticationFailed(f"SCRAM authentication with {info.address} failed: "
-                                       f"{exc}") from exc
         except UnicodeDecodeError as exc:
             raise ProtocolViolation("invalid SCRAM message from the server") from exc
 

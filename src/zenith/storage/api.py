@@ -174,8 +174,16 @@ class Repository(Protocol):
         """Number of records and payload bytes with lsn in ``(after, upto]``."""
         ...
 
-    def materialize(self, timeline_id: TimelineId, lsn: Lsn) -> Iterator[tuple[bytes, bytes]]:
-        """Every key with a value at ``lsn`` and that value, in key order."""
+    def materialize(
+        self,
+        timeline_id: TimelineId,
+        lsn: Lsn,
+        *,
+        lo: bytes | None = None,
+        hi: bytes | None = None,
+    ) -> Iterator[tuple[bytes, bytes]]:
+        """Every key with a value at ``lsn`` and that value, in key order; only keys in
+        ``[lo, hi)`` when given (the PostgreSQL layer lists one database's keys so)."""
         ...
 
     def digest(self, timeline_id: TimelineId, lsn: Lsn) -> str: ...

@@ -273,6 +273,9 @@ class SqliteRepository:
 
     def get_branch(self, name: str) -> BranchInfo:
         conn = self._conn()
+        return BranchInfo(name, self._info(conn, self._row_by_name(conn, name)))
+
+    def _row_by_name(self, conn: sqlite3.Connection, name: str) -> _Row:
         row = conn.execute(
             f"SELECT {_TL_COLUMNS} FROM timelines WHERE id ="
             " (SELECT timeline FROM branches WHERE name = ?)",
@@ -280,7 +283,7 @@ class SqliteRepository:
         ).fetchone()
         if row is None:
             raise UnknownBranch(f'branch "{name}" does not exist')
-        return BranchInfo(name, self._info(conn, row))
+        return row  # type: ignore[no-any-return]
 
     def list_branches(self) -> list[BranchInfo]:
         conn = self._conn()
@@ -465,13 +468,7 @@ class SqliteRepository:
         if TimelineId.looks_like(name_or_id):
             row = self._row_by_tid(conn, TimelineId.parse(name_or_id))
         else:
-            row = conn.execute(
-                f"SELECT {_TL_COLUMNS} FROM timelines WHERE id ="
-                " (SELECT timeline FROM branches WHERE name = ?)",
-                (name_or_id,),
-            ).fetchone()
-            if row is None:
-                raise UnknownBranch(f'branch "{name_or_id}" does not exist')
+            row = self._row_by_name(conn, name_or_id)
         return self._get_value(conn, row, key, lsn)
 
     def _get_value(
@@ -580,7 +577,20 @@ class SqliteRepository:
             chain.append(self.get_timeline(chain[-1].ancestor_id))
         return chain
 
-    def materialize(self, timeline_id: TimelineId, lsn: Lsn) -> Iterator[tuple[bytes, bytes]]:
+    def materialize(
+        self,
+        timeline_id: TimelineId,
+        lsn: Lsn,
+        *,
+        lo: bytes | None = None,
+        hi: bytes | None = None,
+    ) -> Iterator[tuple[bytes, bytes]]:
+        """Every key with a value at ``lsn``, in key order; with ``lo``/``hi`` only the keys
+        in ``[lo, hi)``, read through the (timeline, key, lsn) index without a scan."""
+        if lo is not None:
+            _check_key(lo)
+        if hi is not None:
+            _check_key(hi)
         conn = self._conn()
         first = self._row_by_tid(conn, timeline_id)
         self._check_readable(first, _check_lsn(lsn))
@@ -593,19 +603,28 @@ class SqliteRepository:
             bound = int(row[3] or 0)
             row = self._row_by_id(conn, row[2]) if row[2] is not None else None
         chain.reverse()
-        return self._materialize(chain)
+        return self._materialize(chain, lo or bytes(KEY_SIZE), hi)
 
-    def _materialize(self, chain: list[tuple[_Row, int]]) -> Iterator[tuple[bytes, bytes]]:
+    def _materialize(
+        self, chain: list[tuple[_Row, int]], lo: bytes, hi: bytes | None
+    ) -> Iterator[tuple[bytes, bytes]]:
         with closing(self._open()) as conn:
             conn.execute("BEGIN")
 
             def stream(depth: int, tl: int, bound: int) -> Iterator[tuple[bytes, int, int, _Loc]]:
                 row = chain[depth][0]
-                cursor = conn.execute(
-                    "SELECT key, kind, off, len FROM records"
-                    " WHERE tl = ? AND lsn <= ? ORDER BY key, lsn",
-                    (tl, bound),
-                )
+                if hi is None:
+                    cursor = conn.execute(
+                        "SELECT key, kind, off, len FROM records"
+                        " WHERE tl = ? AND key >= ? AND lsn <= ? ORDER BY key, lsn",
+                        (tl, lo, bound),
+                    )
+                else:
+                    cursor = conn.execute(
+                        "SELECT key, kind, off, len FROM records"
+                        " WHERE tl = ? AND key >= ? AND key < ? AND lsn <= ? ORDER BY key, lsn",
+                        (tl, lo, hi, bound),
+                    )
                 while batch := cursor.fetchmany(256):
                     for key, kind, off, length in batch:
                         yield key, depth, kind, (row, off, length)

@@ -1,0 +1,455 @@
+"""WAL ingest: what each decoded WAL record changes in storage.
+
+With ``wal_consistency_checking = all`` (DESIGN §7) a record that changes a page carries
+the page as it is after the change, so most of ingest is "store each block image at the
+record's end LSN". :class:`WalIngest` adds what arrives without an image:
+
+* relation sizes: from smgr create (0) and truncate records and from the highest block
+  written (a size cache per fork, seeded by the base-backup import, keeps the rest cheap);
+* visibility-map bits that heap insert/update/delete/lock/multi-insert clear through their
+  ``*_CLEARED`` flags without registering the VM page (delta ``VM_CLEAR``);
+* truncation of the main, FSM and VM forks (``XLOG_SMGR_TRUNCATE``), including clearing
+  the VM bits beyond the new end as ``visibilitymap_prepare_truncate`` does;
+* relation files dropped at commit/abort, DROP DATABASE: tombstones for every block;
+* pg_xact statuses of commits and aborts, with subtransactions and 2PC (delta
+  ``CLOG_SET``), multixact offsets and members (delta ``SLRU_PATCH``), SLRU zero pages;
+* relmap updates (the record holds the whole file), CREATE DATABASE: FILE_COPY copies
+  every key of the template database at that LSN (a key-range read, so the records before
+  it must be stored first: :meth:`WalIngest.needs_flush`), WAL_LOG writes PG_VERSION and
+  its pages come as images;
+* checkpoint records (for an export's control file) and two-phase state files.
+
+Records whose effect needs no storage change (standby, running xacts, assignments, ...)
+produce nothing. Everything produced by one WAL record is at its end LSN, one record per
+key, so the pages read at an LSN between two records are the state after the first.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable, Iterable
+from typing import Final
+
+import google_crc32c
+
+from zenith.errors import InvalidState
+from zenith.ids import TimelineId
+from zenith.lsn import Lsn
+from zenith.postgres import pg_constants as pgc
+from zenith.postgres import redo as pgredo
+from zenith.postgres import walrecord as wr
+from zenith.postgres.keys import (
+    ControlItem,
+    ForkNumber,
+    KeyKind,
+    RelTag,
+    SlruId,
+    control_key,
+    db_key_range,
+    db_version_key,
+    file_key,
+    key_kind,
+    pack_file_value,
+    parse_rel_key,
+    rebase_db_key,
+    rel_block_key,
+    rel_size_key,
+    relmap_key,
+    slru_page_key,
+)
+from zenith.postgres.waldecoder import DecodedRecord, RelFileNode
+from zenith.storage import Record, RecordKind, Repository, WriteResult
+
+BLCKSZ: Final = pgc.BLCKSZ
+_PAGE_HEADER: Final = pgc.maxalign(pgc.SIZE_OF_PAGE_HEADER_DATA)
+#: visibilitymap.c: 2 bits per heap block in the page contents.
+HEAPBLOCKS_PER_PAGE: Final = (BLCKSZ - _PAGE_HEADER) * 4
+VISIBILITYMAP_ALL_VISIBLE: Final = 0x01
+VISIBILITYMAP_ALL_FROZEN: Final = 0x02
+VISIBILITYMAP_VALID_BITS: Final = 0x03
+#: clog.c
+CLOG_XACTS_PER_PAGE: Final = BLCKSZ * 4
+#: multixact.c (PostgreSQL 15)
+MULTIXACT_OFFSETS_PER_PAGE: Final = BLCKSZ // 4
+MULTIXACT_MEMBERS_PER_GROUP: Final = 4
+MULTIXACT_GROUP_SIZE: Final = 4 + 4 * MULTIXACT_MEMBERS_PER_GROUP
+MULTIXACT_GROUPS_PER_PAGE: Final = BLCKSZ // MULTIXACT_GROUP_SIZE
+MULTIXACT_MEMBERS_PER_PAGE: Final = MULTIXACT_GROUPS_PER_PAGE * MULTIXACT_MEMBERS_PER_GROUP
+#: freespace.c
+FSM_SLOTS_PER_PAGE: Final = (BLCKSZ - _PAGE_HEADER - 4) - (BLCKSZ // 2 - 1)
+FSM_TREE_DEPTH: Final = 3
+#: Records per put_records call in :meth:`WalIngest.add`.
+BATCH_RECORDS: Final = 2048
+
+_IMAGE, _DELTA, _TOMB = RecordKind.IMAGE, RecordKind.DELTA, RecordKind.TOMBSTONE
+_PG_VERSION: Final = b"15\n"
+_FORKS: Final = tuple(ForkNumber)
+
+
+def vm_position(heap_blkno: int) -> tuple[int, int, int]:
+    """``(VM block, byte offset in that page, bit shift)`` of a heap block's 2 bits."""
+    block, rest = divmod(heap_blkno, HEAPBLOCKS_PER_PAGE)
+    return block, _PAGE_HEADER + rest // 4, (rest % 4) * 2
+
+
+def fsm_blocks_after_truncate(heap_nblocks: int) -> int:
+    """FreeSpaceMapPrepareTruncateRel's new FSM size for a heap cut to ``heap_nblocks``."""
+    logpageno, slot = divmod(heap_nblocks, FSM_SLOTS_PER_PAGE)
+    leafno, pages = logpageno, 0
+    for _ in range(FSM_TREE_DEPTH):
+        pages += leafno + 1
+        leafno //= FSM_SLOTS_PER_PAGE
+    physical = pages - 1  # fsm_logical_to_physical at the bottom level
+    return physical + 1 if slot > 0 else physical
+
+
+def set_page_lsn(page: bytes, lsn: Lsn) -> bytes:
+    """``page`` with pd_lsn = ``lsn``, as redo's PageSetLSN does (not on a new page)."""
+    if len(page) != BLCKSZ or page[14:16] == b"\0\0":  # PageIsNew: pd_upper == 0
+        return page
+    return struct.pack("<II", lsn >> 32, lsn & 0xFFFFFFFF) + page[8:]
+
+
+class WalIngest:
+    """Per-timeline ingest state: turns :class:`DecodedRecord` objects into records.
+
+    ``rel_sizes`` is the size (in blocks) of every relation fork at the point ingest
+    resumes: :class:`~zenith.postgres.import_basebackup.ImportResult` has it after an
+    import; without it, it is read from storage (:meth:`load_sizes`).
+    """
+
+    def __init__(
+        self,
+        repo: Repository,
+        timeline_id: TimelineId,
+        rel_sizes: dict[RelTag, int] | None = None,
+        *,
+        batch_records: int = BATCH_RECORDS,
+    ) -> None:
+        self.repo = repo
+        self.timeline_id = timeline_id
+        self.batch_records = batch_records
+        self.last_lsn = repo.get_timeline(timeline_id).last_record_lsn
+        self.sizes: dict[RelTag, int] = (
+            dict(rel_sizes) if rel_sizes is not None else self.load_sizes()
+        )
+        self.pending: list[Record] = []
+        #: Block references without an image: pages ingest could not rebuild.
+        self.missing_images = 0
+        self.records_seen = 0
+
+    def load_sizes(self) -> dict[RelTag, int]:
+        """Every relation fork's size from storage at ``last_record_lsn`` (one pass over
+        the database keys: resuming is rare, so no separate index of sizes)."""
+        lo, hi = bytes(18), b"\x01" + bytes(17)
+        sizes: dict[RelTag, int] = {}
+        for key, value in self.repo.materialize(self.timeline_id, self.last_lsn, lo=lo, hi=hi):
+            if key_kind(key) is KeyKind.REL_SIZE:
+                sizes[parse_rel_key(key)[1]] = int.from_bytes(value[:4], "little")
+        return sizes
+
+    # -- batching -------------------------------------------------------------------------
+
+    def add(self, rec: DecodedRecord) -> None:
+        """Ingest ``rec`` into the pending batch, writing it when full (or before a record
+        that reads storage)."""
+        if self.needs_flush(rec):
+            self.flush()
+        self.pending += self.ingest(rec)
+        self.last_lsn = max(self.last_lsn, rec.end_lsn)
+        if len(self.pending) >= self.batch_records:
+            self.flush()
+
+    def flush(self, last_record_lsn: Lsn | None = None) -> WriteResult | None:
+        """Store the pending records and advance ``last_record_lsn`` to the end of the
+        last record ingested (or ``last_record_lsn``, e.g. the WAL flushed so far)."""
+        upto = max(self.last_lsn, last_record_lsn or 0)
+        stored = self.repo.get_timeline(self.timeline_id).last_record_lsn
+        if upto <= stored and not self.pending:
+            return None
+        result = self.repo.put_records(self.timeline_id, self.pending, Lsn(upto))
+        self.pending = []
+        self.last_lsn = Lsn(upto)
+        return result
+
+    @staticmethod
+    def needs_flush(rec: DecodedRecord) -> bool:
+        """Whether ingesting ``rec`` reads storage at its start (CREATE DATABASE
+        FILE_COPY), so every earlier record must be stored first."""
+        return (
+            rec.rmid == pgc.RmgrId.DBASE
+            and rec.rmgr_info & 0x70 == pgc.XLOG_DBASE_CREATE_FILE_COPY
+        )
+
+    # -- one record -----------------------------------------------------------------------
+
+    def ingest(self, rec: DecodedRecord) -> list[Record]:
+        """The storage records (all at ``rec.end_lsn``) for one WAL record."""
+        self.records_seen += 1
+        out: dict[bytes, Record] = {}
+        lsn = rec.end_lsn
+        for blk in rec.blocks:
+            tag = blk.rel_tag
+            if blk.has_image:
+                page = set_page_lsn(blk.page_image(), lsn)
+                out[rel_block_key(tag, blk.blkno)] = Record(
+                    rel_block_key(tag, blk.blkno), lsn, _IMAGE, page
+                )
+            else:
+                self.missing_images += 1
+            if blk.blkno >= self.sizes.get(tag, 0):
+                self._set_size(out, tag, blk.blkno + 1, lsn)
+        handler = _HANDLERS.get(rec.rmid)
+        if handler is not None:
+            handler(self, rec, out)
+        return list(out.values())
+
+    # -- helpers --------------------------------------------------------------------------
+
+    def _set_size(self, out: dict[bytes, Record], tag: RelTag, n: int, lsn: Lsn) -> None:
+        old = self.sizes.get(tag, 0)
+        for blkno in range(n, old):
+            key = rel_block_key(tag, blkno)
+            out[key] = Record(key, lsn, _TOMB)
+        self.sizes[tag] = n
+        key = rel_size_key(tag)
+        out[key] = Record(key, lsn, _IMAGE, n.to_bytes(4, "little"))
+
+    def _drop_rel(self, out: dict[bytes, Record], node: RelFileNode, lsn: Lsn) -> None:
+        for fork in _FORKS:
+            tag = node.tag(fork)
+            if tag in self.sizes:
+                self._set_size(out, tag, 0, lsn)
+                del self.sizes[tag]
+                out[rel_size_key(tag)] = Record(rel_size_key(tag), lsn, _TOMB)
+
+    def _vm_clear(self, out: dict[bytes, Record], rec: DecodedRecord, node: RelFileNode,
+                  heap_blkno: int, bits: int) -> None:
+        vm = node.tag(ForkNumber.VISIBILITYMAP)
+        vm_blk, offset, shift = vm_position(heap_blkno)
+        if vm_blk >= self.sizes.get(vm, 0):
+            return  # no VM page: no bit was set
+        key = rel_block_key(vm, vm_blk)
+        mask = ~(bits << shift) & 0xFF
+        prev = out.get(key)
+        if prev is not None and prev.kind is _IMAGE:
+            return  # the record carries the VM page itself
+        masks = [(offset, mask)]
+        if prev is not None:  # update: old and new heap block on one VM page
+            body = prev.payload[1:]
+            masks += [(int.from_bytes(body[i : i + 2], "big"), body[i + 2])
+                      for i in range(0, len(body), 3)]
+        out[key] = Record(key, rec.end_lsn, _DELTA, pgredo.make_vm_clear(masks))
+
+    def _clog(self, out: dict[bytes, Record], xids: Iterable[int], status: int,
+              lsn: Lsn) -> None:
+        pages: dict[int, list[tuple[int, int, int]]] = {}
+        for xid in xids:
+            page, rest = divmod(xid, CLOG_XACTS_PER_PAGE)
+            pages.setdefault(page, []).append((rest // 4, (rest % 4) * 2, status))
+        for page, sets in pages.items():
+            key = slru_page_key(SlruId.XACT, page)
+            out[key] = Record(key, lsn, _DELTA, pgredo.make_clog_set(sets))
+
+
+# -- resource managers ---------------------------------------------------------------------
+
+
+def _heap(ing: WalIngest, rec: DecodedRecord, out: dict[bytes, Record]) -> None:
+    op = rec.rmgr_info & pgc.XLOG_HEAP_OPMASK
+    if not rec.blocks:
+        return
+    b0 = rec.blocks[0]
+    if op == pgc.XLOG_HEAP_INSERT:
+        if wr.parse_heap_insert(rec.main_data).all_visible_cleared:
+            ing._vm_clear(out, rec, b0.rlocator, b0.blkno, VISIBILITYMAP_VALID_BITS)
+    elif op == pgc.XLOG_HEAP_DELETE:
+        if wr.parse_heap_delete(rec.main_data).all_visible_cleared:
+            ing._vm_clear(out, rec, b0.rlocator, b0.blkno, VISIBILITYMAP_VALID_BITS)
+    elif op in (pgc.XLOG_HEAP_UPDATE, pgc.XLOG_HEAP_HOT_UPDATE):
+        upd = wr.parse_heap_update(rec.main_data)
+        old_blk = next((b.blkno for b in rec.blocks if b.block_id == 1), b0.blkno)
+        if upd.old_all_visible_cleared:
+            ing._vm_clear(out, rec, b0.rlocator, old_blk, VISIBILITYMAP_VALID_BITS)
+        if upd.new_all_visible_cleared:
+            ing._vm_clear(out, rec, b0.rlocator, b0.blkno, VISIBILITYMAP_VALID_BITS)
+    elif op == pgc.XLOG_HEAP_LOCK and wr.parse_heap_lock(rec.main_data).all_frozen_cleared:
+        ing._vm_clear(out, rec, b0.rlocator, b0.blkno, VISIBILITYMAP_ALL_FROZEN)
+
+
+def _heap2(ing: WalIngest, rec: DecodedRecord, out: dict[bytes, Record]) -> None:
+    op = rec.rmgr_info & pgc.XLOG_HEAP_OPMASK
+    if not rec.blocks:
+        return
+    b0 = rec.blocks[0]
+    if op == pgc.XLOG_HEAP2_MULTI_INSERT:
+        if wr.parse_heap_multi_insert(rec.main_data).all_visible_cleared:
+            ing._vm_clear(out, rec, b0.rlocator, b0.blkno, VISIBILITYMAP_VALID_BITS)
+    elif (op == pgc.XLOG_HEAP2_LOCK_UPDATED
+          and wr.parse_heap_lock_updated(rec.main_data).all_frozen_cleared):
+        ing._vm_clear(out, rec, b0.rlocator, b0.blkno, VISIBILITYMAP_ALL_FROZEN)
+
+
+def _smgr(ing: WalIngest, rec: DecodedRecord, out: dict[bytes, Record]) -> None:
+    info, lsn = rec.rmgr_info, rec.end_lsn
+    if info == pgc.XLOG_SMGR_CREATE:
+        create = wr.parse_smgr_create(rec.main_data)
+        tag = create.rnode.tag(create.forknum)
+        if tag not in ing.sizes:
+            ing._set_size(out, tag, 0, lsn)
+    elif info == pgc.XLOG_SMGR_TRUNCATE:
+        trunc = wr.parse_smgr_truncate(rec.main_data)
+        node, nblocks = trunc.rnode, trunc.blkno
+        if trunc.truncates_heap:
+            main = node.tag(ForkNumber.MAIN)
+            if ing.sizes.get(main, 0) > nblocks:
+                ing._set_size(out, main, nblocks, lsn)
+        fsm = node.tag(ForkNumber.FSM)
+        if trunc.truncates_fsm and fsm in ing.sizes:
+            # The FSM page's tail is not cleared here: the FSM is not WAL-logged and
+            # PostgreSQL tolerates a stale one (DESIGN §7).
+            new = fsm_blocks_after_truncate(nblocks)
+            if ing.sizes[fsm] > new:
+                ing._set_size(out, fsm, new, lsn)
+        vm = node.tag(ForkNumber.VISIBILITYMAP)
+        if trunc.truncates_vm and vm in ing.sizes:
+            _truncate_vm(ing, out, rec, vm, nblocks)
+
+
+def _truncate_vm(ing: WalIngest, out: dict[bytes, Record], rec: DecodedRecord, vm: RelTag,
+                 heap_nblocks: int) -> None:
+    """visibilitymap_prepare_truncate: clear the bits of the cut heap blocks in the last
+    VM page kept, then cut the fork after it."""
+    block, rest = divmod(heap_nblocks, HEAPBLOCKS_PER_PAGE)
+    trunc_byte, trunc_shift = rest // 4, (rest % 4) * 2
+    new = block
+    if trunc_byte or trunc_shift:
+        if block >= ing.sizes[vm]:
+            return  # the map is already smaller
+        first = _PAGE_HEADER + trunc_byte
+        masks = [(first, (1 << trunc_shift) - 1)] + [(o, 0) for o in range(first + 1, BLCKSZ)]
+        key = rel_block_key(vm, block)
+        out[key] = Record(key, rec.end_lsn, _DELTA, pgredo.make_vm_clear(masks))
+        new = block + 1
+    if ing.sizes[vm] > new:
+        ing._set_size(out, vm, new, rec.end_lsn)
+
+
+def _xact(ing: WalIngest, rec: DecodedRecord, out: dict[bytes, Record]) -> None:
+    op, lsn = rec.rmgr_info & pgc.XLOG_XACT_OPMASK, rec.end_lsn
+    if op in (pgc.XLOG_XACT_COMMIT, pgc.XLOG_XACT_COMMIT_PREPARED,
+              pgc.XLOG_XACT_ABORT, pgc.XLOG_XACT_ABORT_PREPARED):
+        commit = op in (pgc.XLOG_XACT_COMMIT, pgc.XLOG_XACT_COMMIT_PREPARED)
+        parsed = (wr.parse_xact_commit if commit else wr.parse_xact_abort)(rec.info,
+                                                                           rec.main_data)
+        xid = parsed.twophase_xid if parsed.twophase_xid is not None else rec.xid
+        status = pgc.TRANSACTION_STATUS_COMMITTED if commit else pgc.TRANSACTION_STATUS_ABORTED
+        ing._clog(out, (xid, *parsed.subxacts), status, lsn)
+        for node in parsed.dropped_rels:
+            ing._drop_rel(out, node, lsn)
+        if parsed.twophase_xid is not None:
+            key = file_key(_twophase_path(parsed.twophase_xid))
+            out[key] = Record(key, lsn, _TOMB)
+    elif op == pgc.XLOG_XACT_PREPARE:
+        # The state file PostgreSQL writes at the next checkpoint: the record's data
+        # followed by its CRC32C (twophase.c RecreateTwoPhaseFile).
+        prep = wr.parse_xact_prepare(rec.main_data)
+        path = _twophase_path(prep.xid)
+        content = rec.main_data + struct.pack("<I", google_crc32c.value(rec.main_data))
+        out[file_key(path)] = Record(file_key(path), lsn, _IMAGE, pack_file_value(path, content))
+
+
+def _twophase_path(xid: int) -> str:
+    return f"pg_twophase/{xid:08X}"
+
+
+def _clog_rm(ing: WalIngest, rec: DecodedRecord, out: dict[bytes, Record]) -> None:
+    if rec.rmgr_info == pgc.CLOG_ZEROPAGE:
+        key = slru_page_key(SlruId.XACT, wr.parse_zero_page(rec.main_data))
+        out[key] = Record(key, rec.end_lsn, _IMAGE, bytes(BLCKSZ))
+    # CLOG_TRUNCATE removes segments older than any running transaction: kept (an
+    # export carries them harmlessly).
+
+
+def _multixact(ing: WalIngest, rec: DecodedRecord, out: dict[bytes, Record]) -> None:
+    info, lsn = rec.rmgr_info, rec.end_lsn
+    if info in (pgc.XLOG_MULTIXACT_ZERO_OFF_PAGE, pgc.XLOG_MULTIXACT_ZERO_MEM_PAGE):
+        slru = (SlruId.MULTIXACT_OFFSETS if info == pgc.XLOG_MULTIXACT_ZERO_OFF_PAGE
+                else SlruId.MULTIXACT_MEMBERS)
+        key = slru_page_key(slru, wr.parse_zero_page(rec.main_data))
+        out[key] = Record(key, lsn, _IMAGE, bytes(BLCKSZ))
+    elif info == pgc.XLOG_MULTIXACT_CREATE_ID:
+        create = wr.parse_multixact_create(rec.main_data)
+        patches: dict[bytes, list[tuple[int, bytes]]] = {}
+        page, entry = divmod(create.mid, MULTIXACT_OFFSETS_PER_PAGE)
+        patches.setdefault(slru_page_key(SlruId.MULTIXACT_OFFSETS, page), []).append(
+            (entry * 4, struct.pack("<I", create.moff)))
+        for i, member in enumerate(create.members):
+            off = (create.moff + i) & 0xFFFFFFFF
+            page = off // MULTIXACT_MEMBERS_PER_PAGE
+            flags_at = (off // MULTIXACT_MEMBERS_PER_GROUP % MULTIXACT_GROUPS_PER_PAGE
+                        ) * MULTIXACT_GROUP_SIZE
+            slot = off % MULTIXACT_MEMBERS_PER_GROUP
+            changes = patches.setdefault(slru_page_key(SlruId.MULTIXACT_MEMBERS, page), [])
+            changes.append((flags_at + 4 + slot * 4, struct.pack("<I", member.xid)))
+            # 8 flag bits per member, little-endian in the group's flag word: one byte.
+            changes.append((flags_at + slot, bytes([member.status & 0xFF])))
+        for key, changes in patches.items():
+            out[key] = Record(key, lsn, _DELTA, pgredo.make_slru_patch(changes))
+    # MULTIXACT_TRUNCATE_ID: old segments are kept, like CLOG_TRUNCATE.
+
+
+def _relmap(ing: WalIngest, rec: DecodedRecord, out: dict[bytes, Record]) -> None:
+    if rec.rmgr_info == pgc.XLOG_RELMAP_UPDATE:
+        upd = wr.parse_relmap_update(rec.main_data)
+        key = relmap_key(upd.tsid, upd.dbid)
+        out[key] = Record(key, rec.end_lsn, _IMAGE, upd.data)
+
+
+def _dbase(ing: WalIngest, rec: DecodedRecord, out: dict[bytes, Record]) -> None:
+    info, lsn = rec.rmgr_info & 0x70, rec.end_lsn
+    if info == pgc.XLOG_DBASE_CREATE_FILE_COPY:
+        cp = wr.parse_dbase_create_file_copy(rec.main_data)
+        stored = ing.repo.get_timeline(ing.timeline_id)
+        if stored.last_record_lsn < rec.lsn or stored.min_readable_lsn > stored.last_record_lsn:
+            raise InvalidState(
+                f"CREATE DATABASE at {rec.lsn} copies database {cp.src_db_id}, which is not "
+                f"readable at {stored.last_record_lsn} (before the base backup's end?)"
+            )
+        lo, hi = db_key_range(cp.src_tablespace_id, cp.src_db_id)
+        for key, value in ing.repo.materialize(ing.timeline_id, stored.last_record_lsn,
+                                               lo=lo, hi=hi):
+            new = rebase_db_key(key, cp.tablespace_id, cp.db_id)
+            out[new] = Record(new, lsn, _IMAGE, value)
+            if key_kind(new) is KeyKind.REL_SIZE:
+                ing.sizes[parse_rel_key(new)[1]] = int.from_bytes(value[:4], "little")
+    elif info == pgc.XLOG_DBASE_CREATE_WAL_LOG:
+        wl = wr.parse_dbase_create_wal_log(rec.main_data)
+        key = db_version_key(wl.tablespace_id, wl.db_id)
+        out[key] = Record(key, lsn, _IMAGE, _PG_VERSION)
+    elif info == pgc.XLOG_DBASE_DROP:
+        drop = wr.parse_dbase_drop(rec.main_data)
+        for spc in drop.tablespace_ids:
+            for tag in [t for t in ing.sizes if (t.spcnode, t.dbnode) == (spc, drop.db_id)]:
+                ing._drop_rel(out, RelFileNode(tag.spcnode, tag.dbnode, tag.relnode), lsn)
+            for key in (relmap_key(spc, drop.db_id), db_version_key(spc, drop.db_id)):
+                out[key] = Record(key, lsn, _TOMB)
+
+
+def _xlog(ing: WalIngest, rec: DecodedRecord, out: dict[bytes, Record]) -> None:
+    if rec.rmgr_info in (pgc.XLOG_CHECKPOINT_SHUTDOWN, pgc.XLOG_CHECKPOINT_ONLINE):
+        key = control_key(ControlItem.CHECKPOINT)
+        out[key] = Record(key, rec.end_lsn, _IMAGE, rec.main_data)
+
+
+_HANDLERS: Final[dict[int, Callable[[WalIngest, DecodedRecord, dict[bytes, Record]], None]]] = {
+    pgc.RmgrId.XLOG: _xlog,
+    pgc.RmgrId.XACT: _xact,
+    pgc.RmgrId.SMGR: _smgr,
+    pgc.RmgrId.CLOG: _clog_rm,
+    pgc.RmgrId.DBASE: _dbase,
+    pgc.RmgrId.MULTIXACT: _multixact,
+    pgc.RmgrId.RELMAP: _relmap,
+    pgc.RmgrId.HEAP: _heap,
+    pgc.RmgrId.HEAP2: _heap2,
+}
