@@ -117,7 +117,9 @@ def _summary(row: dict[str, str | None], arrow: str) -> str:
     suffix = " (forced update)" if status == "forced" else ""
     if row["dry_run"] == "true":
         return f"(dry run) {prefix}{arrow} {span}{suffix}: would send {size}"
-    return f"{prefix}{arrow} {span}{suffix}, {size} in {float(row['seconds'] or 0):.1f} s"
+    seconds = float(row["seconds"] or 0)
+    took = f"{seconds:.1f}" if seconds >= 1 else f"{seconds:.2f}"
+    return f"{prefix}{arrow} {span}{suffix}, {size} in {took} s"
 
 
 def _transfer(repo: Repo, verb: str, branch: str, target: str, force: bool,
