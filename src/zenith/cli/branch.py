@@ -64,6 +64,13 @@ def list_(repo: Repo) -> None:
         return
     for line in render_tree(answer):
         click.echo(line)
+    sources = repo.query("source_list").dicts()
+    if sources:
+        click.echo("\nfollowing PostgreSQL:")
+    for s in sources:
+        lag = f"lag {s['lag_bytes']} bytes" if s["lag_bytes"] is not None else "lag unknown"
+        click.echo(f"  {s['name']} <- {s['source']} (slot {s['slot']}): at "
+                   f"{s['last_record_lsn']}, {lag}, {s['state']}")
 
 
 @branch.command()

@@ -20,6 +20,7 @@ from zenith import __version__
 from zenith.cli.branch import branch
 from zenith.cli.context import Repo, ZenithGroup, pass_repo
 from zenith.cli.remote import origin, pull, push
+from zenith.cli.source import detach, import_, wait
 from zenith.cli.user import user
 from zenith.errors import InvalidArgument, ZenithError
 from zenith.pageserver.config import AUTH_METHODS, DEFAULT_LISTEN, RepoConfig, resolve_repo_dir
@@ -201,6 +202,9 @@ main.add_command(user)
 main.add_command(origin)
 main.add_command(push)
 main.add_command(pull)
+main.add_command(import_)
+main.add_command(wait)
+main.add_command(detach)
 
 if __name__ == "__main__":
     main()

@@ -15,7 +15,10 @@ import ssl
 import time
 
 from zenith import __version__
-from zenith.pageserver import transfer_service  # noqa: F401 - registers push/pull commands
+from zenith.pageserver import (
+    transfer_service,  # noqa: F401 - registers push/pull commands
+    wal_service,
+)
 from zenith.pageserver.config import RepoConfig
 from zenith.pageserver.page_service import dispatch
 from zenith.pageserver.pidfile import PidFile
@@ -36,6 +39,7 @@ class Pageserver:
         self.listen = config.listen
         self.started = time.monotonic()
         self.receive_lock = asyncio.Lock()  # incoming pushes and pulls, one at a time
+        self.followers: dict[str, wal_service.Follower] = {}  # branches following PostgreSQL
 
     async def handle(self, session: Session, query: str) -> None:
         await dispatch(self, session, query)
@@ -65,10 +69,12 @@ async def serve(server: Pageserver, stop: asyncio.Event) -> None:
     )
     log.info("zenith %s listening on %s (repository %s)", __version__, server.listen,
              server.config.path)
+    wal_service.resume_followers(server)
     try:
         await stop.wait()
     finally:
         log.info("shutting down")
+        await wal_service.stop_followers(server)
         await close_server(listener, grace=5.0)
 
 

@@ -15,7 +15,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Final
 
-from zenith.errors import ConnectionFailed, InvalidArgument, ZenithError
+from zenith.errors import ConnectionFailed, InvalidArgument, PushRejected, ZenithError
 from zenith.pageserver.page_service import _args, command
 from zenith.pageserver.quoting import command_text
 from zenith.pageserver.users import Role, require
@@ -124,6 +124,16 @@ async def _remote_copy(conn: Connection, where: str, words: list[str]) -> Client
                         hint=exc.hint) from exc
 
 
+def _refuse_followed(server: Pageserver, name: str) -> None:
+    """One writer per timeline: a branch that follows a PostgreSQL source takes no pushes
+    or pulls."""
+    if name in server.followers:
+        raise PushRejected(
+            f'rejected: branch "{name}" follows a PostgreSQL source and accepts no pushes',
+            hint=f"push to another branch name, or `zenith detach {name}` first",
+        )
+
+
 @contextlib.asynccontextmanager
 async def _remote_stream(uri: str, verb: str, words: list[str]) -> AsyncIterator[ClientCopyStream]:
     """Connect to the remote pageserver, run ``words`` there (a CopyBoth command), and
@@ -164,6 +174,7 @@ async def _perform_pull(server: Pageserver, session: Session, args: list[str]) -
     require(session.user, Role.ADMIN, "start a pull")
     branch, uri, remote_branch = validate_branch_name(args[0]), args[1], args[2]
     force, dry_run = _flags(args[3:])
+    _refuse_followed(server, branch)
     async with _remote_stream(uri, "pull", ["branch_pull", remote_branch]) as stream, \
             server.receive_lock, _Reporter(session) as reporter:
         result = await receive_branch(stream, server.repo, branch, pushing=False,
@@ -179,6 +190,7 @@ async def _branch_push(server: Pageserver, session: Session, args: list[str]) ->
     require(session.user, Role.PUSH, "push")
     name = validate_branch_name(args[0])
     force, dry_run = _flags(args[1:])
+    _refuse_followed(server, name)
     async with server.receive_lock:
         copy = await session.copy_both()
         await receive_branch(copy, server.repo, name, pushing=True, force=force,

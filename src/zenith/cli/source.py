@@ -1,0 +1,47 @@
+"""``zenith import``, ``zenith wait`` and ``zenith detach``: branches that follow a real
+PostgreSQL 15 cluster (the pageserver does the work; see docs/ingest.md)."""
+
+from __future__ import annotations
+
+import click
+
+from zenith.cli.context import Repo, pass_repo
+from zenith.pgwire.conninfo import mask_uri
+
+
+@click.command("import")
+@click.argument("branch")
+@click.argument("uri")
+@pass_repo
+def import_(repo: Repo, branch: str, uri: str) -> None:
+    """Create BRANCH from the PostgreSQL cluster at URI and keep following its WAL.
+
+    URI is postgresql://user:password@host:port; the user needs the REPLICATION
+    attribute, and the source wal_level=replica and wal_consistency_checking=all.
+    """
+    row = repo.query("import", branch, uri, on_notice=lambda m: click.echo(m, err=True),
+                     timeout=30.0).dicts()[0]
+    click.echo(f"imported {branch} from {mask_uri(uri)}: base backup {row['start_lsn']}.."
+               f"{row['end_lsn']} ({row['records']} records), readable from {row['end_lsn']}; "
+               f"following the source through slot {row['slot']}")
+
+
+@click.command()
+@click.argument("branch")
+@click.argument("lsn")
+@click.option("--timeout", type=float, default=60.0, show_default=True,
+              help="Seconds to wait before giving up.")
+@pass_repo
+def wait(repo: Repo, branch: str, lsn: str, timeout: float) -> None:
+    """Return once BRANCH has ingested WAL up to LSN."""
+    row = repo.query("wait", branch, lsn, str(timeout)).dicts()[0]
+    click.echo(f"{branch} is at {row['last_record_lsn']}")
+
+
+@click.command()
+@click.argument("branch")
+@pass_repo
+def detach(repo: Repo, branch: str) -> None:
+    """Stop following BRANCH's source and drop its replication slot; the data stays."""
+    row = repo.query("detach", branch).dicts()[0]
+    click.echo(f"detached {branch} ({row['outcome']})")

@@ -1,0 +1,313 @@
+"""Branches that follow a real PostgreSQL: ``import``, ``wait``, ``detach``, and the
+background task that streams WAL into each attached branch.
+
+``import <branch> <uri>`` checks the source (PostgreSQL 15, ``wal_level`` replica or
+logical, ``wal_consistency_checking=all``), creates a physical replication slot, takes a
+base backup into a new timeline and then follows the source: START_REPLICATION on the slot
+from the branch's ``last_record_lsn``, records decoded and ingested in batches, standby
+status updates after each batch so the source can recycle WAL, reconnection with backoff
+after either side restarts. Attachments live in ``config.toml`` (``[sources.<branch>]``),
+so a restarted pageserver resumes following.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final
+
+from zenith.errors import (
+    AlreadyExists,
+    InvalidState,
+    NotFound,
+    SyntaxError_,
+    ZenithError,
+)
+from zenith.ids import TimelineId
+from zenith.lsn import INVALID_LSN, Lsn
+from zenith.pageserver.page_service import _args, _lsn, command
+from zenith.pageserver.users import Role, require
+from zenith.pgwire.conninfo import mask_uri
+from zenith.pgwire.server import Session
+from zenith.postgres.import_basebackup import import_base_backup
+from zenith.postgres.keys import RelTag
+from zenith.postgres.replication import connect_replication
+from zenith.postgres.waldecoder import WalStreamDecoder
+from zenith.postgres.walingest import WalIngest
+from zenith.storage import validate_branch_name
+
+if TYPE_CHECKING:
+    from zenith.pageserver.daemon import Pageserver
+
+log = logging.getLogger("zenith.walreceiver")
+
+FLUSH_EVERY: Final = 0.2  # seconds between batches (and status updates) while WAL flows
+BACKOFF: Final = (0.5, 1.0, 2.0, 5.0, 10.0)
+
+
+@dataclass
+class Follower:
+    """One attached branch and the task streaming its source's WAL."""
+
+    branch: str
+    timeline_id: TimelineId
+    uri: str
+    slot: str
+    pg_timeline: int
+    task: asyncio.Task[None] | None = None
+    source_lsn: Lsn = INVALID_LSN  # the source's WAL end, from its messages
+    error: str | None = None  # the last error, while reconnecting
+    connected: bool = False
+    stopping: bool = False
+    #: Relation sizes from the import, for the first stream (later ones read storage).
+    rel_sizes: dict[RelTag, int] | None = None
+
+
+def _sources(server: Pageserver) -> dict[str, dict[str, str]]:
+    raw = server.config._get("sources") or {}
+    return {str(k): {str(a): str(b) for a, b in v.items()} for k, v in raw.items()}
+
+
+def _save_source(server: Pageserver, f: Follower) -> None:
+    import tomlkit
+
+    doc = server.config.doc
+    if "sources" not in doc:
+        doc.add(tomlkit.nl())
+        doc.add("sources", tomlkit.table(is_super_table=True))
+    entry = tomlkit.table()
+    entry.add("uri", f.uri)
+    entry.add("slot", f.slot)
+    entry.add("timeline_id", str(f.timeline_id))
+    entry.add("pg_timeline", str(f.pg_timeline))
+    doc["sources"][f.branch] = entry
+    server.config.save()
+
+
+def _forget_source(server: Pageserver, branch: str) -> None:
+    doc = server.config.doc
+    if "sources" in doc and branch in doc["sources"]:
+        del doc["sources"][branch]
+        server.config.save()
+
+
+def followers(server: Pageserver) -> dict[str, Follower]:
+    return server.followers
+
+
+def resume_followers(server: Pageserver) -> None:
+    """Start following every source recorded in config.toml (at pageserver start)."""
+    for branch, entry in _sources(server).items():
+        try:
+            f = Follower(branch, TimelineId.parse(entry["timeline_id"]), entry["uri"],
+                         entry["slot"], int(entry.get("pg_timeline", "1")))
+        except (KeyError, ValueError) as exc:
+            log.error("config.toml: source of branch %s is malformed: %s", branch, exc)
+            continue
+        _start(server, f)
+
+
+def _start(server: Pageserver, f: Follower) -> None:
+    server.followers[f.branch] = f
+    f.task = asyncio.create_task(_follow(server, f), name=f"walreceiver {f.branch}")
+
+
+async def stop_followers(server: Pageserver) -> None:
+    for f in list(server.followers.values()):
+        await _stop(f)
+
+
+async def _stop(f: Follower) -> None:
+    f.stopping = True
+    if f.task is not None:
+        f.task.cancel()
+        with contextlib.suppress(BaseException):
+            await f.task
+
+
+async def _follow(server: Pageserver, f: Follower) -> None:
+    """Stream and ingest until stopped; reconnect after any failure, with backoff."""
+    failures = 0
+    while not f.stopping:
+        try:
+            await _stream_once(server, f)
+            failures = 0
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            f.connected = False
+            f.error = exc.message if isinstance(exc, ZenithError) else repr(exc)
+            delay = BACKOFF[min(failures, len(BACKOFF) - 1)]
+            failures += 1
+            log.warning("branch %s: WAL stream from %s failed (%s); retrying in %.1f s",
+                        f.branch, mask_uri(f.uri), f.error, delay)
+            await asyncio.sleep(delay)
+
+
+async def _stream_once(server: Pageserver, f: Follower) -> None:
+    repo = server.repo
+    start = repo.get_timeline(f.timeline_id).last_record_lsn
+    ingest = await asyncio.to_thread(WalIngest, repo, f.timeline_id, f.rel_sizes)
+    f.rel_sizes = None
+    decoder = WalStreamDecoder(start)
+    async with await connect_replication(f.uri, application_name="zenith") as conn:
+        stream = await conn.start_replication(f.slot, start, f.pg_timeline)
+        f.connected, f.error = True, None
+        log.info("branch %s: streaming WAL from %s at %s", f.branch, mask_uri(f.uri), start)
+        # A reader task owns the stream (and answers keepalives); this loop ingests what
+        # it queued and flushes on a clock, so a quiet source still gets status updates.
+        chunks: asyncio.Queue[bytes | BaseException | None] = asyncio.Queue(maxsize=64)
+
+        async def reader() -> None:
+            try:
+                while (item := await stream.read()) is not None:
+                    await chunks.put(item[1])
+                await chunks.put(None)
+            except Exception as exc:  # handed to the ingest loop
+                await chunks.put(exc)
+
+        task = asyncio.create_task(reader())
+        try:
+            last_flush = time.monotonic()
+            while True:
+                data: bytes | BaseException | None = b""
+                with contextlib.suppress(TimeoutError):
+                    data = await asyncio.wait_for(chunks.get(), FLUSH_EVERY)
+                if data is None:
+                    raise InvalidState("the source ended the WAL stream")
+                if isinstance(data, BaseException):
+                    raise data
+                if data:
+                    await asyncio.to_thread(_ingest_chunk, decoder, ingest, data)
+                f.source_lsn = max(f.source_lsn, stream.server_wal_end)
+                now = time.monotonic()
+                if now - last_flush >= FLUSH_EVERY:
+                    last_flush = now
+                    await asyncio.to_thread(ingest.flush)
+                    done = repo.get_timeline(f.timeline_id).last_record_lsn
+                    await stream.send_status(done, done, done)
+        finally:
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+
+
+def _ingest_chunk(decoder: WalStreamDecoder, ingest: WalIngest, data: bytes) -> None:
+    """Decode and ingest one chunk of WAL (in a worker thread: ingest may write a batch)."""
+    decoder.feed(data)
+    while (rec := decoder.poll()) is not None:
+        ingest.add(rec)
+
+
+# -- commands -----------------------------------------------------------------------------------
+
+
+@command("import", "<branch> <postgresql-uri>",
+         "create a branch from a PostgreSQL 15 cluster's base backup and follow its WAL")
+async def _import(server: Pageserver, session: Session, args: list[str]) -> None:
+    _args(args, 2, 2)
+    require(session.user, Role.ADMIN, "import")
+    branch, uri = validate_branch_name(args[0]), args[1]
+    if any(b.name == branch for b in server.repo.list_branches()):
+        raise AlreadyExists(f'branch "{branch}" already exists')
+    timeline = server.repo.create_timeline()
+    slot = f"zenith_{timeline.timeline_id.hex()[:16]}"
+    try:
+        async with await connect_replication(uri, application_name="zenith") as conn:
+            problems = (await conn.source_settings()).problems()
+            if problems:
+                raise InvalidState(
+                    "the source cannot be followed: " + "; ".join(problems),
+                    hint="wal_consistency_checking = 'all' makes every page change carry "
+                         "its page image; set it in postgresql.conf and reload",
+                )
+            system = await conn.identify_system()
+            await session.send_notice(f"creating replication slot {slot}")
+            await conn.create_physical_slot(slot)
+            try:
+                await session.send_notice("taking a base backup")
+                result = await import_base_backup(server.repo, timeline.timeline_id, conn)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await conn.drop_slot(slot)
+                raise
+    except BaseException:
+        with contextlib.suppress(Exception):
+            server.repo.delete_timeline(timeline.timeline_id)
+        raise
+    server.repo.set_branch(branch, timeline.timeline_id)
+    f = Follower(branch, timeline.timeline_id, uri, slot, result.timeline or system.timeline,
+                 rel_sizes=result.rel_sizes)
+    _save_source(server, f)
+    _start(server, f)
+    await session.send_rows(
+        ["name", "timeline_id", "start_lsn", "end_lsn", "records", "bytes", "slot"],
+        [[branch, str(timeline.timeline_id), str(result.start_lsn), str(result.end_lsn),
+          str(result.records), str(result.bytes), slot]],
+        "SELECT 1",
+    )
+
+
+@command("wait", "<branch> <lsn> [<timeout-seconds>]",
+         "return once the branch has ingested WAL up to lsn")
+async def _wait(server: Pageserver, session: Session, args: list[str]) -> None:
+    _args(args, 2, 3)
+    lsn = _lsn(args[1])
+    try:
+        timeout = float(args[2]) if len(args) > 2 else 60.0
+    except ValueError:
+        raise SyntaxError_(f"timeout must be a number of seconds, got {args[2]!r}") from None
+    deadline = time.monotonic() + timeout
+    while True:
+        tl = server.repo.resolve(args[0])
+        if tl.last_record_lsn >= lsn:
+            break
+        if time.monotonic() >= deadline:
+            f = server.followers.get(args[0])
+            why = f" (source: {f.error})" if f and f.error else ""
+            raise InvalidState(
+                f"timed out after {timeout:g} s waiting for {args[0]} to reach {lsn}: it is at "
+                f"{tl.last_record_lsn}{why}"
+            )
+        await asyncio.sleep(0.02)
+    await session.send_rows(["name", "last_record_lsn"], [[args[0], str(tl.last_record_lsn)]],
+                            "SELECT 1")
+
+
+@command("detach", "<branch>", "stop following the branch's source (drops the slot)")
+async def _detach(server: Pageserver, session: Session, args: list[str]) -> None:
+    _args(args, 1, 1)
+    require(session.user, Role.ADMIN, "detach")
+    f = server.followers.get(args[0])
+    if f is None:
+        raise NotFound(f'branch "{args[0]}" does not follow a PostgreSQL source')
+    await _stop(f)
+    dropped = "slot dropped"
+    try:
+        async with await connect_replication(f.uri) as conn:
+            await conn.drop_slot(f.slot, missing_ok=True)
+    except ZenithError as exc:
+        dropped = f"could not drop slot {f.slot}: {exc.message}"
+    del server.followers[f.branch]
+    _forget_source(server, f.branch)
+    await session.send_rows(["name", "slot", "outcome"], [[f.branch, f.slot, dropped]],
+                            "SELECT 1")
+
+
+@command("source_list", "", "attached branches: source, slot, state, lag")
+async def _source_list(server: Pageserver, session: Session, args: list[str]) -> None:
+    _args(args, 0, 0)
+    rows = []
+    for f in server.followers.values():
+        at = server.repo.get_timeline(f.timeline_id).last_record_lsn
+        lag = max(0, int(f.source_lsn) - int(at)) if f.source_lsn else None
+        state = "streaming" if f.connected else f"reconnecting: {f.error or 'starting'}"
+        rows.append([f.branch, mask_uri(f.uri), f.slot, str(at),
+                     str(f.source_lsn) if f.source_lsn else None,
+                     str(lag) if lag is not None else None, state])
+    await session.send_rows(
+        ["name", "source", "slot", "last_record_lsn", "source_lsn", "lag_bytes", "state"],
+        rows, f"SELECT {len(rows)}")
