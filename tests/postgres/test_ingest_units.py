@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from zenith.errors import InvalidArgument
+from zenith.errors import InvalidArgument, InvalidState
 from zenith.lsn import Lsn
 from zenith.postgres import pg_constants as pgc
 from zenith.postgres.basebackup import TarPiece
@@ -182,3 +182,43 @@ def test_ingest_create_truncate_commit_multixact(repo: SqliteRepository) -> None
     vm_cut = repo.get_value(tid, rel_block_key(vm, 0), Lsn(664))
     assert vm_cut is not None and vm_cut[24] == 0xFF and vm_cut[25] == 0 and vm_cut[8191] == 0
     assert repo.get_value(tid, rel_block_key(main, 9), Lsn(664)) is None
+
+
+def test_create_database_file_copy_and_drop(repo: SqliteRepository) -> None:
+    tid = repo.create_timeline().timeline_id
+    src = RelTag(1663, 1, 1259)
+    repo.put_records(tid, [
+        Record(rel_block_key(src, 0), Lsn(10), RecordKind.IMAGE, b"p" * 8192),
+        Record(rel_size_key(src), Lsn(10), RecordKind.IMAGE, (1).to_bytes(4, "little")),
+        Record(relmap_key(1663, 1), Lsn(10), RecordKind.IMAGE, b"m" * 512),
+    ], Lsn(10))
+    ing = WalIngest(repo, tid)  # sizes loaded from storage
+    assert ing.sizes == {src: 1}
+    ing.add(_rec(100, pgc.RmgrId.SMGR, pgc.XLOG_SMGR_CREATE,
+                 struct.pack("<IIIi", 1663, 1, 5000, 0)))
+    copy = _rec(200, pgc.RmgrId.DBASE, pgc.XLOG_DBASE_CREATE_FILE_COPY,
+                struct.pack("<IIII", 7, 1663, 1, 1663))
+    assert WalIngest.needs_flush(copy)
+    ing.add(copy)  # flushes the SMGR_CREATE first, then reads database 1 at its end
+    ing.flush()
+    lo, hi = db_key_range(1663, 7)
+    copied = dict(repo.materialize(tid, Lsn(264), lo=lo, hi=hi))
+    assert copied == {
+        rel_block_key(RelTag(1663, 7, 1259), 0): b"p" * 8192,
+        rel_size_key(RelTag(1663, 7, 1259)): (1).to_bytes(4, "little"),
+        rel_size_key(RelTag(1663, 7, 5000)): (0).to_bytes(4, "little"),
+        relmap_key(1663, 7): b"m" * 512,
+    }
+    assert ing.sizes[RelTag(1663, 7, 1259)] == 1
+    ing.add(_rec(300, pgc.RmgrId.DBASE, pgc.XLOG_DBASE_DROP, struct.pack("<IiI", 7, 1, 1663)))
+    ing.flush()
+    assert list(repo.materialize(tid, Lsn(364), lo=lo, hi=hi)) == []
+    assert len(list(repo.materialize(tid, Lsn(364), lo=db_key_range(1663, 1)[0],
+                                     hi=db_key_range(1663, 1)[1]))) == 4
+    # Called without storing the records before it, FILE_COPY refuses rather than
+    # copying a stale template.
+    lone = WalIngest(repo, tid)
+    lone.ingest(_rec(400, pgc.RmgrId.XLOG, pgc.XLOG_NOOP))
+    with pytest.raises(InvalidState):
+        lone.ingest(_rec(500, pgc.RmgrId.DBASE, pgc.XLOG_DBASE_CREATE_FILE_COPY,
+                         struct.pack("<IIII", 8, 1663, 1, 1663)))

@@ -130,6 +130,8 @@ class WalIngest:
         self.timeline_id = timeline_id
         self.batch_records = batch_records
         self.last_lsn = repo.get_timeline(timeline_id).last_record_lsn
+        #: End of the last record :meth:`ingest` turned into records (stored or not).
+        self.ingested_lsn = self.last_lsn
         self.sizes: dict[RelTag, int] = (
             dict(rel_sizes) if rel_sizes is not None else self.load_sizes()
         )
@@ -202,6 +204,7 @@ class WalIngest:
         handler = _HANDLERS.get(rec.rmid)
         if handler is not None:
             handler(self, rec, out)
+        self.ingested_lsn = max(self.ingested_lsn, rec.end_lsn)
         return list(out.values())
 
     # -- helpers --------------------------------------------------------------------------
@@ -411,10 +414,16 @@ def _dbase(ing: WalIngest, rec: DecodedRecord, out: dict[bytes, Record]) -> None
     if info == pgc.XLOG_DBASE_CREATE_FILE_COPY:
         cp = wr.parse_dbase_create_file_copy(rec.main_data)
         stored = ing.repo.get_timeline(ing.timeline_id)
-        if stored.last_record_lsn < rec.lsn or stored.min_readable_lsn > stored.last_record_lsn:
+        if stored.last_record_lsn < ing.ingested_lsn:
+            raise InvalidState(
+                f"CREATE DATABASE at {rec.lsn} reads storage, which has records up to "
+                f"{stored.last_record_lsn} of the {ing.ingested_lsn} ingested: flush first"
+            )
+        if stored.min_readable_lsn > stored.last_record_lsn:
             raise InvalidState(
                 f"CREATE DATABASE at {rec.lsn} copies database {cp.src_db_id}, which is not "
-                f"readable at {stored.last_record_lsn} (before the base backup's end?)"
+                f"readable at {stored.last_record_lsn} (before the base backup's end LSN "
+                f"{stored.min_readable_lsn})"
             )
         lo, hi = db_key_range(cp.src_tablespace_id, cp.src_db_id)
         for key, value in ing.repo.materialize(ing.timeline_id, stored.last_record_lsn,
