@@ -107,14 +107,14 @@ class _Usage(Exception):
     """Bad arguments for a command; turned into a 42601 with the command's usage."""
 
 
-def _args(args: list[str], least: int, most: int) -> list[str]:
+def expect_args(args: list[str], least: int, most: int) -> list[str]:
     if not least <= len(args) <= most:
         raise _Usage(f"expected {least}..{most} arguments, got {len(args)}" if least != most
                      else f"expected {least} argument{'s' if least != 1 else ''}, got {len(args)}")
     return args
 
 
-def _lsn(text: str) -> Lsn:
+def lsn_arg(text: str) -> Lsn:
     try:
         return Lsn.parse(text)
     except ValueError as exc:
@@ -136,7 +136,7 @@ def split_at(text: str) -> tuple[str, Lsn | None]:
     name, sep, lsn = text.partition("@")
     if not name or (sep and not lsn):
         raise _Usage(f"expected NAME[@LSN], got {text!r}")
-    return name, _lsn(lsn) if sep else None
+    return name, lsn_arg(lsn) if sep else None
 
 
 def timeline_row(name: str | None, tl: TimelineInfo) -> list[str | None]:
@@ -158,7 +158,7 @@ def branch_rows(branches: Sequence[BranchInfo]) -> list[list[str | None]]:
 
 @command("status", "", "server version, repository id, listen address")
 async def _status(server: Pageserver, session: Session, args: list[str]) -> None:
-    _args(args, 0, 0)
+    expect_args(args, 0, 0)
     uptime = f"{time.monotonic() - server.started:.0f}"
     await session.send_rows(
         ["server_version", "repository_id", "listen_address", "uptime_seconds", "user", "role"],
@@ -170,14 +170,14 @@ async def _status(server: Pageserver, session: Session, args: list[str]) -> None
 
 @command("branch_list", "", "one row per branch")
 async def _branch_list(server: Pageserver, session: Session, args: list[str]) -> None:
-    _args(args, 0, 0)
+    expect_args(args, 0, 0)
     rows = branch_rows(server.repo.list_branches())
     await session.send_rows(BRANCH_COLUMNS, rows, f"SELECT {len(rows)}")
 
 
 @command("timeline_list", "", "every timeline, named or not, with its branch names")
 async def _timeline_list(server: Pageserver, session: Session, args: list[str]) -> None:
-    _args(args, 0, 0)
+    expect_args(args, 0, 0)
     names: dict[TimelineId, list[str]] = {}
     for b in server.repo.list_branches():
         names.setdefault(b.timeline.timeline_id, []).append(b.name)
@@ -193,7 +193,7 @@ async def _timeline_list(server: Pageserver, session: Session, args: list[str]) 
 
 @command("branch_create", "<name> [<branch-or-timeline>[@<lsn>]]", "create a branch")
 async def _branch_create(server: Pageserver, session: Session, args: list[str]) -> None:
-    _args(args, 1, 2)
+    expect_args(args, 1, 2)
     require(session.user, Role.ADMIN, "create branches")
     source, lsn = split_at(args[1]) if len(args) == 2 else (None, None)
     info = await asyncio.to_thread(server.repo.create_branch, args[0], source, lsn)
@@ -202,7 +202,7 @@ async def _branch_create(server: Pageserver, session: Session, args: list[str]) 
 
 @command("branch_delete", "<name>", "remove a branch name (data others depend on is kept)")
 async def _branch_delete(server: Pageserver, session: Session, args: list[str]) -> None:
-    _args(args, 1, 1)
+    expect_args(args, 1, 1)
     require(session.user, Role.ADMIN, "delete branches")
     await asyncio.to_thread(server.repo.delete_branch, args[0])
     await session.send_command_complete("BRANCH_DELETE")
@@ -210,8 +210,8 @@ async def _branch_delete(server: Pageserver, session: Session, args: list[str]) 
 
 @command("get_page", "<branch-or-timeline> <lsn> <key-hex>", "a key's value at an LSN")
 async def _get_page(server: Pageserver, session: Session, args: list[str]) -> None:
-    _args(args, 3, 3)
-    lsn = _lsn(args[1])
+    expect_args(args, 3, 3)
+    lsn = lsn_arg(args[1])
     try:
         key = bytes.fromhex(args[2])
     except ValueError:
@@ -225,7 +225,7 @@ async def _get_page(server: Pageserver, session: Session, args: list[str]) -> No
 
 @command("digest", "<branch-or-timeline>[@<lsn>]", "hash of the whole state at an LSN")
 async def _digest(server: Pageserver, session: Session, args: list[str]) -> None:
-    _args(args, 1, 1)
+    expect_args(args, 1, 1)
     name, lsn = split_at(args[0])
     tl = server.repo.resolve(name)
     at = tl.last_record_lsn if lsn is None else lsn
@@ -242,7 +242,7 @@ async def _digest(server: Pageserver, session: Session, args: list[str]) -> None
     "write deterministic synthetic page history (round r rewrites every page)",
 )
 async def _generate(server: Pageserver, session: Session, args: list[str]) -> None:
-    _args(args, 3, 5)
+    expect_args(args, 3, 5)
     require(session.user, Role.ADMIN, "generate history")
     pages = _int(args[1], "pages", 1, 1 << 24)
     rounds = _int(args[2], "rounds", 1, 1 << 20)
@@ -307,7 +307,7 @@ def generate_round(
 @command("user_add", "<name> <admin|push|read> <scram-verifier> [<md5-hash>]",
          "add a user by its password verifier (never the password)")
 async def _user_add(server: Pageserver, session: Session, args: list[str]) -> None:
-    _args(args, 3, 4)
+    expect_args(args, 3, 4)
     require(session.user, Role.ADMIN, "manage users")
     role = Role.parse(args[1])
     # An MD5 hash is as good as the password to an attacker: keep it only when this
@@ -319,7 +319,7 @@ async def _user_add(server: Pageserver, session: Session, args: list[str]) -> No
 
 @command("user_list", "", "users and their roles")
 async def _user_list(server: Pageserver, session: Session, args: list[str]) -> None:
-    _args(args, 0, 0)
+    expect_args(args, 0, 0)
     require(session.user, Role.ADMIN, "list users")
     rows = [[u.name, u.role] for u in server.users.list()]
     await session.send_rows(["name", "role"], rows, f"SELECT {len(rows)}")
@@ -327,7 +327,7 @@ async def _user_list(server: Pageserver, session: Session, args: list[str]) -> N
 
 @command("user_remove", "<name>", "remove a user")
 async def _user_remove(server: Pageserver, session: Session, args: list[str]) -> None:
-    _args(args, 1, 1)
+    expect_args(args, 1, 1)
     require(session.user, Role.ADMIN, "manage users")
     await asyncio.to_thread(server.users.remove, args[0])
     await session.send_command_complete("USER_REMOVE")

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Final
 
 from zenith.errors import ConnectionFailed, InvalidArgument, PushRejected, ZenithError
-from zenith.pageserver.page_service import _args, command
+from zenith.pageserver.page_service import command, expect_args
 from zenith.pageserver.quoting import command_text
 from zenith.pageserver.users import Role, require
 from zenith.pgwire.client import ClientCopyStream, Connection, connect, mask_uri, parse_uri
@@ -153,7 +153,7 @@ async def _remote_stream(uri: str, verb: str, words: list[str]) -> AsyncIterator
 @command("perform_push", "<branch> <uri> <remote_branch> [force] [dry_run]",
          "push a local branch to the pageserver at uri")
 async def _perform_push(server: Pageserver, session: Session, args: list[str]) -> None:
-    _args(args, 3, 5)
+    expect_args(args, 3, 5)
     require(session.user, Role.ADMIN, "start a push")
     branch, uri, remote_branch = args[0], args[1], validate_branch_name(args[2])
     force, dry_run = _flags(args[3:])
@@ -170,7 +170,7 @@ async def _perform_push(server: Pageserver, session: Session, args: list[str]) -
 @command("perform_pull", "<branch> <uri> <remote_branch> [force] [dry_run]",
          "pull a branch of the pageserver at uri into a local branch")
 async def _perform_pull(server: Pageserver, session: Session, args: list[str]) -> None:
-    _args(args, 3, 5)
+    expect_args(args, 3, 5)
     require(session.user, Role.ADMIN, "start a pull")
     branch, uri, remote_branch = validate_branch_name(args[0]), args[1], args[2]
     force, dry_run = _flags(args[3:])
@@ -186,7 +186,7 @@ async def _perform_pull(server: Pageserver, session: Session, args: list[str]) -
 @command("branch_push", "<branch> [force] [dry_run]",
          "(between pageservers) receive a push into branch over CopyBoth")
 async def _branch_push(server: Pageserver, session: Session, args: list[str]) -> None:
-    _args(args, 1, 3)
+    expect_args(args, 1, 3)
     require(session.user, Role.PUSH, "push")
     name = validate_branch_name(args[0])
     force, dry_run = _flags(args[1:])
@@ -202,7 +202,7 @@ async def _branch_push(server: Pageserver, session: Session, args: list[str]) ->
 
 @command("branch_pull", "<branch>", "(between pageservers) send a branch over CopyBoth")
 async def _branch_pull(server: Pageserver, session: Session, args: list[str]) -> None:
-    _args(args, 1, 1)
+    expect_args(args, 1, 1)
     require(session.user, Role.READ, "pull")
     timeline = server.repo.resolve(args[0])
     chain = server.repo.ancestry(timeline.timeline_id)

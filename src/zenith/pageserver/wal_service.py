@@ -28,7 +28,7 @@ from zenith.errors import (
 )
 from zenith.ids import TimelineId
 from zenith.lsn import INVALID_LSN, Lsn
-from zenith.pageserver.page_service import _args, _lsn, command
+from zenith.pageserver.page_service import command, expect_args, lsn_arg
 from zenith.pageserver.users import Role, require
 from zenith.pgwire.conninfo import mask_uri
 from zenith.pgwire.server import Session
@@ -208,7 +208,7 @@ def _ingest_chunk(decoder: WalStreamDecoder, ingest: WalIngest, data: bytes) -> 
 @command("import", "<branch> <postgresql-uri>",
          "create a branch from a PostgreSQL 15 cluster's base backup and follow its WAL")
 async def _import(server: Pageserver, session: Session, args: list[str]) -> None:
-    _args(args, 2, 2)
+    expect_args(args, 2, 2)
     require(session.user, Role.ADMIN, "import")
     branch, uri = validate_branch_name(args[0]), args[1]
     if any(b.name == branch for b in server.repo.list_branches()):
@@ -254,8 +254,8 @@ async def _import(server: Pageserver, session: Session, args: list[str]) -> None
 @command("wait", "<branch> <lsn> [<timeout-seconds>]",
          "return once the branch has ingested WAL up to lsn")
 async def _wait(server: Pageserver, session: Session, args: list[str]) -> None:
-    _args(args, 2, 3)
-    lsn = _lsn(args[1])
+    expect_args(args, 2, 3)
+    lsn = lsn_arg(args[1])
     try:
         timeout = float(args[2]) if len(args) > 2 else 60.0
     except ValueError:
@@ -279,7 +279,7 @@ async def _wait(server: Pageserver, session: Session, args: list[str]) -> None:
 
 @command("detach", "<branch>", "stop following the branch's source (drops the slot)")
 async def _detach(server: Pageserver, session: Session, args: list[str]) -> None:
-    _args(args, 1, 1)
+    expect_args(args, 1, 1)
     require(session.user, Role.ADMIN, "detach")
     f = server.followers.get(args[0])
     if f is None:
@@ -299,7 +299,7 @@ async def _detach(server: Pageserver, session: Session, args: list[str]) -> None
 
 @command("source_list", "", "attached branches: source, slot, state, lag")
 async def _source_list(server: Pageserver, session: Session, args: list[str]) -> None:
-    _args(args, 0, 0)
+    expect_args(args, 0, 0)
     rows = []
     for f in server.followers.values():
         at = server.repo.get_timeline(f.timeline_id).last_record_lsn
