@@ -15,7 +15,8 @@ record's end LSN". :class:`WalIngest` adds what arrives without an image:
   ``CLOG_SET``), multixact offsets and members (delta ``SLRU_PATCH``), SLRU zero pages;
 * relmap updates (the record holds the whole file), CREATE DATABASE: FILE_COPY copies
   every key of the template database at that LSN (a key-range read, so the records before
-  it must be stored first: :meth:`WalIngest.needs_flush`), WAL_LOG writes PG_VERSION and
+  it must be stored first: :meth:`WalIngest.needs_flush`; :meth:`WalIngest.read_range`
+  also works before the backup's end LSN), WAL_LOG writes PG_VERSION and
   its pages come as images;
 * checkpoint records (for an export's control file) and two-phase state files.
 
@@ -59,6 +60,7 @@ from zenith.postgres.keys import (
 )
 from zenith.postgres.waldecoder import DecodedRecord, RelFileNode
 from zenith.storage import Record, RecordKind, Repository, WriteResult
+from zenith.storage.redo import apply_delta
 
 BLCKSZ: Final = pgc.BLCKSZ
 _PAGE_HEADER: Final = pgc.maxalign(pgc.SIZE_OF_PAGE_HEADER_DATA)
@@ -142,13 +144,51 @@ class WalIngest:
 
     def load_sizes(self) -> dict[RelTag, int]:
         """Every relation fork's size from storage at ``last_record_lsn`` (one pass over
-        the database keys: resuming is rare, so no separate index of sizes)."""
-        lo, hi = bytes(18), b"\x01" + bytes(17)
+        the database keys: resuming is rare, so no separate index of sizes).
+
+        Before the base backup's end LSN the timeline cannot be read, so the size records
+        are replayed from the timeline's own records instead (an imported timeline has no
+        ancestor)."""
         sizes: dict[RelTag, int] = {}
+        info = self.repo.get_timeline(self.timeline_id)
+        if info.last_record_lsn < info.min_readable_lsn and info.ancestor_id is None:
+            for rec in self.repo.iter_records(self.timeline_id, Lsn(0), info.last_record_lsn):
+                if rec.key[0] == 0 and key_kind(rec.key) is KeyKind.REL_SIZE:
+                    tag = parse_rel_key(rec.key)[1]
+                    if rec.kind is _TOMB:
+                        sizes.pop(tag, None)
+                    else:
+                        sizes[tag] = int.from_bytes(rec.payload[:4], "little")
+            return sizes
+        lo, hi = bytes(18), b"\x01" + bytes(17)
         for key, value in self.repo.materialize(self.timeline_id, self.last_lsn, lo=lo, hi=hi):
             if key_kind(key) is KeyKind.REL_SIZE:
                 sizes[parse_rel_key(key)[1]] = int.from_bytes(value[:4], "little")
         return sizes
+
+    def read_range(self, lo: bytes, hi: bytes) -> Iterable[tuple[bytes, bytes]]:
+        """Every key in ``[lo, hi)`` with its value at the stored ``last_record_lsn``.
+
+        Between a base backup's start and end LSN storage refuses reads (the files are not
+        consistent yet), but WAL there must still be ingested -- CREATE DATABASE FILE_COPY
+        included, which copies whatever the template holds at that point of the WAL, just
+        as PostgreSQL's own recovery would. So there the range is rebuilt from the
+        timeline's records (an imported timeline has no ancestor): rare, and bounded by
+        the template database's size."""
+        info = self.repo.get_timeline(self.timeline_id)
+        if info.last_record_lsn >= info.min_readable_lsn or info.ancestor_id is not None:
+            return self.repo.materialize(self.timeline_id, info.last_record_lsn, lo=lo, hi=hi)
+        values: dict[bytes, bytes | None] = {}
+        for rec in self.repo.iter_records(self.timeline_id, Lsn(0), info.last_record_lsn):
+            if not lo <= rec.key < hi:
+                continue
+            if rec.kind is _IMAGE:
+                values[rec.key] = rec.payload
+            elif rec.kind is _TOMB:
+                values[rec.key] = None
+            else:
+                values[rec.key] = apply_delta(values.get(rec.key), rec.payload)
+        return sorted((k, v) for k, v in values.items() if v is not None)
 
     # -- batching -------------------------------------------------------------------------
 
@@ -419,15 +459,8 @@ def _dbase(ing: WalIngest, rec: DecodedRecord, out: dict[bytes, Record]) -> None
                 f"CREATE DATABASE at {rec.lsn} reads storage, which has records up to "
                 f"{stored.last_record_lsn} of the {ing.ingested_lsn} ingested: flush first"
             )
-        if stored.min_readable_lsn > stored.last_record_lsn:
-            raise InvalidState(
-                f"CREATE DATABASE at {rec.lsn} copies database {cp.src_db_id}, which is not "
-                f"readable at {stored.last_record_lsn} (before the base backup's end LSN "
-                f"{stored.min_readable_lsn})"
-            )
         lo, hi = db_key_range(cp.src_tablespace_id, cp.src_db_id)
-        for key, value in ing.repo.materialize(ing.timeline_id, stored.last_record_lsn,
-                                               lo=lo, hi=hi):
+        for key, value in ing.read_range(lo, hi):
             new = rebase_db_key(key, cp.tablespace_id, cp.db_id)
             out[new] = Record(new, lsn, _IMAGE, value)
             if key_kind(new) is KeyKind.REL_SIZE:
