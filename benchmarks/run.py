@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from benchmarks import pageserver_bench, storage_bench, transfer_bench
+from benchmarks import ingest_bench, pageserver_bench, storage_bench, transfer_bench
 from benchmarks.common import Section, machine
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,6 +25,7 @@ def main() -> None:
         "storage": lambda: storage_bench.run((64 << 20) if quick else (1 << 30)),
         "pageserver": lambda: pageserver_bench.run(2000 if quick else 20000),
         "transfer": lambda: transfer_bench.run((32 << 20) if quick else (1 << 30)),
+        "ingest": lambda: ingest_bench.run(10 if quick else 60, 2 if quick else 10),
     }
     sections: list[Section] = []
     for name, bench in benches.items():
