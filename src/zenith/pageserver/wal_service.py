@@ -181,7 +181,16 @@ async def _stream_once(server: Pageserver, f: Follower) -> None:
                 if isinstance(data, BaseException):
                     raise data
                 if data:
-                    await asyncio.to_thread(_ingest_chunk, decoder, ingest, data)
+                    # Take every chunk already queued: one thread hop for all of them (the
+                    # source sends many small messages when it commits often).
+                    batch = [data]
+                    while not chunks.empty() and len(batch) < 256:
+                        more = chunks.get_nowait()
+                        if not isinstance(more, bytes):
+                            chunks.put_nowait(more)  # the end or an error: next round
+                            break
+                        batch.append(more)
+                    await asyncio.to_thread(_ingest_chunks, decoder, ingest, batch)
                 f.source_lsn = max(f.source_lsn, stream.server_wal_end)
                 now = time.monotonic()
                 if now - last_flush >= FLUSH_EVERY:
@@ -195,11 +204,12 @@ async def _stream_once(server: Pageserver, f: Follower) -> None:
                 await task
 
 
-def _ingest_chunk(decoder: WalStreamDecoder, ingest: WalIngest, data: bytes) -> None:
-    """Decode and ingest one chunk of WAL (in a worker thread: ingest may write a batch)."""
-    decoder.feed(data)
-    while (rec := decoder.poll()) is not None:
-        ingest.add(rec)
+def _ingest_chunks(decoder: WalStreamDecoder, ingest: WalIngest, batch: list[bytes]) -> None:
+    """Decode and ingest chunks of WAL (in a worker thread: ingest may write a batch)."""
+    for data in batch:
+        decoder.feed(data)
+        while (rec := decoder.poll()) is not None:
+            ingest.add(rec)
 
 
 # -- commands -----------------------------------------------------------------------------------
