@@ -27,6 +27,7 @@ def main() -> None:
         "transfer": lambda: transfer_bench.run((32 << 20) if quick else (1 << 30)),
         "ingest": lambda: ingest_bench.run(10 if quick else 60, 2 if quick else 10),
     }
+    load_before = os.getloadavg()[0]
     sections: list[Section] = []
     for name, bench in benches.items():
         if only and name not in only:
@@ -44,6 +45,9 @@ def main() -> None:
         "",
         f"- date: {datetime.date.today().isoformat()}",
         f"- machine: {machine()}",
+        f"- load average (1 min) before / after: {load_before:.1f} / {os.getloadavg()[0]:.1f}"
+        " — above ~0.5 other work shared the 2 cores, and absolute figures drop with it;"
+        " ratios are less affected since anchors run under the same load",
         "",
     ]
     text += [s.markdown() for s in sections]
