@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from zenith.errors import InvalidArgument
+from zenith.ids import TimelineId
 from zenith.lsn import Lsn
 from zenith.postgres import pgcontrol
 from zenith.postgres.export import export_entries, tar_chunks, write_directory
@@ -43,6 +44,7 @@ SETTINGS = {
     "max_wal_senders": "5",
     "max_replication_slots": "5",
     "autovacuum": "off",
+    "max_prepared_transactions": "3",
 }
 TABLES = ("pgbench_accounts", "pgbench_branches", "pgbench_tellers", "pgbench_history",
           "items", "wide")
@@ -107,9 +109,9 @@ class Follower:
 class Exported(PgCluster):
     """A PgCluster on an exported directory: the export's config gets our port appended."""
 
-    def __init__(self, repo: SqliteRepository, tid: object, lsn: Lsn) -> None:
-        super().__init__()
-        write_directory(export_entries(repo, tid, lsn), self.datadir)  # type: ignore[arg-type]
+    def __init__(self, repo: SqliteRepository, tid: TimelineId, lsn: Lsn) -> None:
+        super().__init__(settings={"fsync": "off", "wal_consistency_checking": "''"})
+        write_directory(export_entries(repo, tid, lsn), self.datadir)
         with open(self.datadir / "postgresql.auto.conf", "a") as f:
             for k, v in self.settings.items():
                 f.write(f"{k} = {v}\n")
@@ -130,7 +132,7 @@ def control_data(exp: Exported) -> dict[str, str]:
 
 
 def check_export(exp: Exported, expected: dict[str, str], checksums: bool,
-                 open_xid: int) -> None:
+                 open_xid: int, prepared: bool) -> None:
     try:
         ctl = control_data(exp)
         assert ctl["Database cluster state"] == "shut down"
@@ -150,6 +152,14 @@ def check_export(exp: Exported, expected: dict[str, str], checksums: bool,
         # The row share-locked by two transactions (a multixact) can be locked again.
         assert sql(exp, "SELECT id FROM items WHERE id = 1 FOR UPDATE") == ["1"]
         assert amcheck(exp) == ""
+        # A transaction prepared at the LSN is still prepared, and commits.
+        assert sql(exp, "SELECT gid FROM pg_prepared_xacts") == (["p1"] if prepared else [])
+        if prepared:
+            assert sql(exp, "SELECT count(*) FROM items WHERE id = -2") == ["0"]
+            sql(exp, "COMMIT PREPARED 'p1'")
+            assert sql(exp, "SELECT count(*) FROM items WHERE id = -2") == ["1"]
+        else:
+            assert sql(exp, "SELECT count(*) FROM items WHERE id = -2") == ["1"]
         # Writes, a new table, a restart, and the writes are still there.
         sql(exp, "INSERT INTO items SELECT g, 'after', g FROM generate_series(100000, 100999) g;"
                  "CREATE TABLE post_export AS SELECT g FROM generate_series(1, 5000) g;"
@@ -191,7 +201,7 @@ async def test_export_starts_and_matches_source(tmp_path: Path, checksums: bool)
             follower.run(pg.uri(), "zenith_export", result.timeline, stop))
 
         def first_half() -> None:
-            pg.run("pgbench", "-t", "200", "-c", "2", "-h", "127.0.0.1", "-p", str(pg.port),
+            pg.run("pgbench", "-t", "100", "-c", "2", "-h", "127.0.0.1", "-p", str(pg.port),
                    "-U", "postgres", "postgres")
             sql(pg, """
                 CREATE TABLE items (id int PRIMARY KEY, v text, n int);
@@ -225,6 +235,7 @@ async def test_export_starts_and_matches_source(tmp_path: Path, checksums: bool)
         open_xid = int(open_tx.stdout.readline())
         assert open_tx.stdout.readline().strip() == "ready"
         sql(pg, "BEGIN; SELECT id FROM items WHERE id = 1 FOR SHARE; COMMIT;")
+        sql(pg, "BEGIN; INSERT INTO items VALUES (-2, 'prepared', 0); PREPARE TRANSACTION 'p1';")
         assert sql(pg, "SELECT count(*) FROM pg_get_multixact_members("
                        "(SELECT xmax FROM items WHERE id = 1))")[0] == "2"
         mid_expected = contents(pg)
@@ -235,7 +246,8 @@ async def test_export_starts_and_matches_source(tmp_path: Path, checksums: bool)
             open_tx.stdin.write("COMMIT;\n\\q\n")
             open_tx.stdin.flush()
             open_tx.wait(30)
-            pg.run("pgbench", "-t", "200", "-c", "2", "-h", "127.0.0.1", "-p", str(pg.port),
+            sql(pg, "COMMIT PREPARED 'p1'")
+            pg.run("pgbench", "-t", "100", "-c", "2", "-h", "127.0.0.1", "-p", str(pg.port),
                    "-U", "postgres", "postgres")
             sql(pg, """
                 ALTER TABLE items ADD COLUMN extra int DEFAULT 7;
@@ -264,6 +276,7 @@ async def test_export_starts_and_matches_source(tmp_path: Path, checksums: bool)
         with tarfile.open(tar_path) as tf:
             in_tar = {m.name: (m.isdir(), m.size if m.isfile() else 0) for m in tf}
         tar_path.unlink()
+        prepared = {mid: True, end: False}
         for lsn, expected in ((mid, mid_expected), (end, end_expected)):
             t0 = time.monotonic()
             exp = await asyncio.to_thread(Exported, repo, tid, lsn)
@@ -275,7 +288,8 @@ async def test_export_starts_and_matches_source(tmp_path: Path, checksums: bool)
                            if p.name != "postgresql.auto.conf"}
                 in_tar.pop("postgresql.auto.conf", None)
                 assert in_tar == on_disk
-            await asyncio.to_thread(check_export, exp, expected, checksums, open_xid)
+            await asyncio.to_thread(check_export, exp, expected, checksums, open_xid,
+                                    prepared[lsn])
         repo.close()
 
 

@@ -166,42 +166,44 @@ _BASE_OFFSETS: Final = (
 )
 _ROW: Final = _N_SUMS * 4  # bytes of one round: 32 uint32
 _ROUNDS: Final = BLCKSZ // _ROW
-_BASE_LANES: Final = array("Q", _BASE_OFFSETS).tobytes()
+_BASE_EVEN: Final = array("Q", _BASE_OFFSETS[0::2]).tobytes()
+_BASE_ODD: Final = array("Q", _BASE_OFFSETS[1::2]).tobytes()
 _PD_CHECKSUM: Final = 8
 
 
-def _stretch(rows: bytes) -> int:
-    """Little-endian uint32 words as an integer with one word per 64-bit lane."""
-    wide = bytearray(len(rows) * 2)
-    for k in range(4):
-        wide[k::8] = rows[k::4]
-    return int.from_bytes(wide, "little")
+def _mix(sums: int, mask: int) -> int:
+    """CHECKSUM_COMP on every lane (``sums`` already XORed with the round's values)."""
+    return ((sums * _FNV_PRIME) & mask) ^ (sums >> 17 & mask)
 
 
 def page_checksums(pages: list[bytes], blknos: list[int]) -> list[int]:
     """``pg_checksum_page`` of each page (its pd_checksum field is ignored), computed for
-    all pages at once."""
+    all pages at once. A round's 32 words of every page, read as one integer, hold the
+    even-numbered lanes in the low half of each 64-bit slot and the odd ones in the high
+    half: two masks split them into two sets of 64-bit lanes without copying bytes."""
     n = len(pages)
     if n == 0:
         return []
-    lanes = n * _N_SUMS
-    mask = int.from_bytes(b"\xff\xff\xff\xff\0\0\0\0" * lanes, "little")
-    sums = int.from_bytes(_BASE_LANES * n, "little")
+    slots = n * _N_SUMS // 2
+    mask = int.from_bytes(b"\xff\xff\xff\xff\0\0\0\0" * slots, "little")
+    even = int.from_bytes(_BASE_EVEN * n, "little")
+    odd = int.from_bytes(_BASE_ODD * n, "little")
     # Round 0 reads the page header, with pd_checksum taken as zero.
     first = b"".join([p[:_PD_CHECKSUM] + b"\0\0" + p[_PD_CHECKSUM + 2 : _ROW] for p in pages])
     for i in range(_ROUNDS):
         rows = first if i == 0 else b"".join([p[i * _ROW : (i + 1) * _ROW] for p in pages])
-        tmp = sums ^ _stretch(rows)
-        sums = ((tmp * _FNV_PRIME) & mask) ^ (tmp >> 17 & mask)
+        x = int.from_bytes(rows, "little")
+        even = _mix(even ^ (x & mask), mask)
+        odd = _mix(odd ^ (x >> 32 & mask), mask)
     for _ in range(2):  # two rounds of zeros
-        tmp = sums
-        sums = ((tmp * _FNV_PRIME) & mask) ^ (tmp >> 17 & mask)
-    # XOR the 32 lanes of each page together by folding halves onto each other.
-    shift = _N_SUMS * 64 // 2
+        even, odd = _mix(even, mask), _mix(odd, mask)
+    # XOR the 32 lanes of each page together: pair them, then fold halves onto each other.
+    sums = even ^ odd
+    shift = _N_SUMS * 64 // 4
     while shift >= 64:
         sums ^= sums >> shift
         shift //= 2
-    words = array("Q", (sums & mask).to_bytes(lanes * 8, "little"))[::_N_SUMS]
+    words = array("Q", (sums & mask).to_bytes(slots * 8, "little"))[:: _N_SUMS // 2]
     return [((w ^ blk) & 0xFFFFFFFF) % 65535 + 1 for w, blk in zip(words, blknos, strict=True)]
 
 
