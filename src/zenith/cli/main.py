@@ -19,6 +19,7 @@ import click
 from zenith import __version__
 from zenith.cli.branch import branch
 from zenith.cli.context import Repo, ZenithGroup, pass_repo
+from zenith.cli.export import export
 from zenith.cli.remote import origin, pull, push
 from zenith.cli.source import detach, import_, wait
 from zenith.cli.user import user
@@ -205,6 +206,7 @@ main.add_command(pull)
 main.add_command(import_)
 main.add_command(wait)
 main.add_command(detach)
+main.add_command(export)
 
 if __name__ == "__main__":
     main()

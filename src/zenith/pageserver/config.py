@@ -15,10 +15,13 @@ otherwise)::
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import re
 import secrets
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -147,6 +150,17 @@ class RepoConfig:
     def save(self) -> None:
         write_private(self.path / CONFIG_FILE, tomlkit.dumps(self.doc))
 
+    @contextlib.contextmanager
+    def updating(self) -> Iterator[tomlkit.TOMLDocument]:
+        """Read-modify-write of ``config.toml``: the CLI (origins) and the pageserver
+        (sources) both write it, so each change starts from the file as it is now, under
+        a lock, and is saved atomically."""
+        with open(self.path / (CONFIG_FILE + ".lock"), "a") as lock:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+            self.doc = RepoConfig.load(self.path).doc
+            yield self.doc
+            self.save()
+
     # -- values ----------------------------------------------------------------------------
 
     def _get(self, name: str, default: Any = None) -> Any:
@@ -217,16 +231,16 @@ class RepoConfig:
                 f'origin "{name}" already exists ({mask_uri(self.origins()[name])})',
                 hint=f"remove it first: zenith origin remove {name}",
             )
-        if "origins" not in self.doc:
-            self.doc.add(tomlkit.nl())
-            self.doc.add("origins", tomlkit.table())
-        self.doc["origins"][name] = uri
-        self.save()
+        with self.updating() as doc:
+            if "origins" not in doc:
+                doc.add(tomlkit.nl())
+                doc.add("origins", tomlkit.table())
+            doc["origins"][name] = uri
 
     def remove_origin(self, name: str) -> None:
         self.origin(name)
-        del self.doc["origins"][name]
-        self.save()
+        with self.updating() as doc:
+            del doc["origins"][name]
 
     @property
     def db_path(self) -> Path:

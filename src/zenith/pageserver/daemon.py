@@ -15,10 +15,9 @@ import ssl
 import time
 
 from zenith import __version__
-from zenith.pageserver import (
-    transfer_service,  # noqa: F401 - registers push/pull commands
-    wal_service,
-)
+
+# Importing a command module registers its commands with the dispatcher.
+from zenith.pageserver import export_service, transfer_service, wal_service
 from zenith.pageserver.config import RepoConfig
 from zenith.pageserver.page_service import dispatch
 from zenith.pageserver.pidfile import PidFile
@@ -27,6 +26,7 @@ from zenith.pgwire.server import ServerConfig, Session, close_server, start_serv
 from zenith.storage import SqliteRepository, open_repository
 
 log = logging.getLogger("zenith.pageserver")
+_COMMAND_MODULES = (export_service, transfer_service, wal_service)
 
 
 class Pageserver:

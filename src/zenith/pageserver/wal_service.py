@@ -74,24 +74,22 @@ def _sources(server: Pageserver) -> dict[str, dict[str, str]]:
 def _save_source(server: Pageserver, f: Follower) -> None:
     import tomlkit
 
-    doc = server.config.doc
-    if "sources" not in doc:
-        doc.add(tomlkit.nl())
-        doc.add("sources", tomlkit.table(is_super_table=True))
-    entry = tomlkit.table()
-    entry.add("uri", f.uri)
-    entry.add("slot", f.slot)
-    entry.add("timeline_id", str(f.timeline_id))
-    entry.add("pg_timeline", str(f.pg_timeline))
-    doc["sources"][f.branch] = entry
-    server.config.save()
+    with server.config.updating() as doc:
+        if "sources" not in doc:
+            doc.add(tomlkit.nl())
+            doc.add("sources", tomlkit.table(is_super_table=True))
+        entry = tomlkit.table()
+        entry.add("uri", f.uri)
+        entry.add("slot", f.slot)
+        entry.add("timeline_id", str(f.timeline_id))
+        entry.add("pg_timeline", str(f.pg_timeline))
+        doc["sources"][f.branch] = entry
 
 
 def _forget_source(server: Pageserver, branch: str) -> None:
-    doc = server.config.doc
-    if "sources" in doc and branch in doc["sources"]:
-        del doc["sources"][branch]
-        server.config.save()
+    with server.config.updating() as doc:
+        if "sources" in doc and branch in doc["sources"]:
+            del doc["sources"][branch]
 
 
 def followers(server: Pageserver) -> dict[str, Follower]:
