@@ -12,7 +12,13 @@ import os
 import sys
 from pathlib import Path
 
-from benchmarks import ingest_bench, pageserver_bench, storage_bench, transfer_bench
+from benchmarks import (
+    export_bench,
+    ingest_bench,
+    pageserver_bench,
+    storage_bench,
+    transfer_bench,
+)
 from benchmarks.common import Section, machine
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,6 +32,7 @@ def main() -> None:
         "pageserver": lambda: pageserver_bench.run(2000 if quick else 20000),
         "transfer": lambda: transfer_bench.run((32 << 20) if quick else (1 << 30)),
         "ingest": lambda: ingest_bench.run(10 if quick else 60, 2 if quick else 10),
+        "export": lambda: export_bench.run(2 if quick else 50),
     }
     load_before = os.getloadavg()[0]
     sections: list[Section] = []
