@@ -1,6 +1,6 @@
 """``zenith export`` end to end with real processes only: a PostgreSQL source imported into
 pageserver A, pgbench and DDL on the source, A's branch pushed to pageserver B, exports from
-B (straight from the origin, at a middle LSN) and from A (local, at the end), and stock
+B at a middle LSN and at the end (straight from the origin), checksums verified, and stock
 ``postgres`` started on each: contents equal the source's at those moments (issue 6)."""
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def test_export_through_push_and_origin(pageserver_factory) -> None:  # type: ig
     a.cli("origin", "add", "b", b.uri(), check=True)
     out = Path(tempfile.mkdtemp(prefix="zenith-export-"))  # the postgres user must reach it
     os.chmod(out, 0o755)
-    with PgCluster(settings=FOLLOWABLE) as src:
+    with PgCluster(settings=FOLLOWABLE, initdb_args=("--data-checksums",)) as src:
         src.run("pgbench", "-i", "-q", "-s", "1", "-h", "127.0.0.1", "-p", str(src.port),
                 "-U", "postgres", "postgres")
         a.cli("import", "main", src.uri(), check=True)
@@ -91,11 +91,13 @@ def test_export_through_push_and_origin(pageserver_factory) -> None:  # type: ig
         exported = {
             "mid": (a.cli("export", f"b:main@{mid}", str(out / "mid"), "--owner", PG_USER),
                     at_mid),
-            "end": (a.cli("export", "main", str(out / "end"), "--owner", PG_USER), at_end),
+            "end": (a.cli("export", "b:main", str(out / "end"), "--owner", PG_USER), at_end),
         }
     for name, (res, expected) in exported.items():
         assert res.returncode == 0, res.stderr
         started = Started(out / name)
+        checked = started.run("pg_checksums", "--check", "-D", str(out / name), check=False)
+        assert checked.returncode == 0 and "Bad checksums:  0" in checked.stdout, checked
         try:
             started.start()
             assert contents(started) == expected, name
