@@ -11,6 +11,7 @@ from typing import Final
 import click
 
 from zenith.cli.context import Repo, pass_repo
+from zenith.pageserver.quoting import flag_words
 from zenith.pgwire.conninfo import mask_uri
 
 _PROGRESS: Final = re.compile(
@@ -132,14 +133,10 @@ def _transfer(repo: Repo, verb: str, branch: str, target: str, force: bool,
     view = ProgressView(f"{verb} {arrow}")
     try:
         answer = repo.query(f"perform_{verb}", branch, uri, remote_branch,
-                            *_flag_words(force, dry_run), on_notice=view.notice, timeout=30.0)
+                            *flag_words(force, dry_run), on_notice=view.notice, timeout=30.0)
     finally:
         view.close()
     click.echo(_summary(answer.dicts()[0], arrow))
-
-
-def _flag_words(force: bool, dry_run: bool) -> list[str]:
-    return (["force"] if force else []) + (["dry_run"] if dry_run else [])
 
 
 @click.command()

@@ -212,6 +212,11 @@ class RepoConfig:
         table = self._get("origins") or {}
         return {str(k): str(v) for k, v in table.items()}
 
+    def sources(self) -> dict[str, dict[str, str]]:
+        """Branch -> its PostgreSQL source (uri, slot, timeline_id, pg_timeline)."""
+        table = self._get("sources") or {}
+        return {str(k): {str(a): str(b) for a, b in v.items()} for k, v in table.items()}
+
     def origin(self, name: str) -> str:
         try:
             return self.origins()[name]

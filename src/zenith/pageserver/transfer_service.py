@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Final
 
 from zenith.errors import ConnectionFailed, InvalidArgument, PushRejected, ZenithError
 from zenith.pageserver.page_service import command, expect_args
-from zenith.pageserver.quoting import command_text
+from zenith.pageserver.quoting import command_text, flag_words
 from zenith.pageserver.users import Role, require
 from zenith.pgwire.client import ClientCopyStream, Connection, connect, mask_uri, parse_uri
 from zenith.pgwire.server import Session
@@ -42,10 +42,6 @@ def _flags(words: list[str]) -> tuple[bool, bool]:
         raise InvalidArgument(f"unknown option {unknown[0]!r}: expected force or dry_run")
     lowered = {w.lower() for w in words}
     return "force" in lowered, "dry_run" in lowered
-
-
-def _flag_words(force: bool, dry_run: bool) -> list[str]:
-    return (["force"] if force else []) + (["dry_run"] if dry_run else [])
 
 
 async def _send_result(session: Session, branch: str, remote: str, r: TransferResult) -> None:
@@ -159,7 +155,7 @@ async def _perform_push(server: Pageserver, session: Session, args: list[str]) -
     force, dry_run = _flags(args[3:])
     timeline = server.repo.resolve(branch)
     chain = server.repo.ancestry(timeline.timeline_id)
-    words = ["branch_push", remote_branch, *_flag_words(force, dry_run)]
+    words = ["branch_push", remote_branch, *flag_words(force, dry_run)]
     async with _remote_stream(uri, "push", words) as stream, _Reporter(session) as reporter:
         result = await send_branch(stream, server.repo, timeline, chain=chain,
                                    progress=reporter.update)

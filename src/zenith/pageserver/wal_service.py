@@ -66,11 +66,6 @@ class Follower:
     rel_sizes: dict[RelTag, int] | None = None
 
 
-def _sources(server: Pageserver) -> dict[str, dict[str, str]]:
-    raw = server.config._get("sources") or {}
-    return {str(k): {str(a): str(b) for a, b in v.items()} for k, v in raw.items()}
-
-
 def _save_source(server: Pageserver, f: Follower) -> None:
     import tomlkit
 
@@ -92,13 +87,9 @@ def _forget_source(server: Pageserver, branch: str) -> None:
             del doc["sources"][branch]
 
 
-def followers(server: Pageserver) -> dict[str, Follower]:
-    return server.followers
-
-
 def resume_followers(server: Pageserver) -> None:
     """Start following every source recorded in config.toml (at pageserver start)."""
-    for branch, entry in _sources(server).items():
+    for branch, entry in server.config.sources().items():
         try:
             f = Follower(branch, TimelineId.parse(entry["timeline_id"]), entry["uri"],
                          entry["slot"], int(entry.get("pg_timeline", "1")))
