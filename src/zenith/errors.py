@@ -83,6 +83,16 @@ class TransferAborted(ZenithError):
     sqlstate = "XX001"  # data_corrupted
 
 
+class HistoryMismatch(TransferAborted):
+    """Records whose history hash is not the one claimed for them."""
+
+
+class PeerTimeout(TransferAborted):
+    """The other end of a transfer went silent for longer than the configured timeout."""
+
+    sqlstate = "57014"  # query_canceled
+
+
 class AuthenticationFailed(ZenithError):
     sqlstate = "28P01"  # invalid_password
 
@@ -127,6 +137,7 @@ def _register() -> None:
         ObjectInUse,
         InvalidState,
         TransferAborted,
+        PeerTimeout,
         AuthenticationFailed,
         PermissionDenied,
         FeatureNotSupported,

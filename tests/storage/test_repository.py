@@ -41,7 +41,7 @@ def snapshot(path: Path) -> list[tuple[object, ...]]:
     a refused call changed nothing."""
     with sqlite3.connect(path) as conn:
         out: list[tuple[object, ...]] = []
-        for table in ("timelines", "branches", "records", "batches"):
+        for table in ("timelines", "branches", "records", "batches", "history"):
             out += [(table, *r) for r in conn.execute(f"SELECT * FROM {table} ORDER BY 1, 2")]
     data_dir = path.with_name(path.name + ".d")
     for file in sorted(data_dir.iterdir()):
@@ -171,11 +171,12 @@ def test_queries_use_their_indexes(repo: SqliteRepository) -> None:
         " ORDER BY lsn DESC"
     )
     assert "PRIMARY KEY" in detail and "SCAN" not in detail and "TEMP B-TREE" not in detail
-    # An LSN range: the first frame through the (tl, last_lsn) primary key of batches.
+    # An LSN range: the first frame through the (tl, last_lsn, start) index of batches.
     detail = plan(
-        "SELECT start FROM batches WHERE tl = 1 AND last_lsn > 5 ORDER BY last_lsn LIMIT 1"
+        "SELECT start FROM batches WHERE tl = 1 AND last_lsn > 5 ORDER BY last_lsn, start"
+        " LIMIT 1"
     )
-    assert "PRIMARY KEY" in detail and "SCAN" not in detail and "TEMP B-TREE" not in detail
+    assert "batches_by_lsn" in detail and "SCAN" not in detail and "TEMP B-TREE" not in detail
 
 
 def test_iterator_reads_a_snapshot(repo: SqliteRepository) -> None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
 from zenith import __version__
-from zenith.errors import SyntaxError_, ZenithError
+from zenith.errors import InvalidState, SyntaxError_, UnknownBranch, ZenithError
 from zenith.ids import TimelineId
 from zenith.lsn import Lsn
 from zenith.pageserver.users import Role, require
@@ -249,12 +249,19 @@ async def _generate(server: Pageserver, session: Session, args: list[str]) -> No
     seed = _int(args[3], "seed", 0, 1 << 62) if len(args) > 3 else 0
     page_size = _int(args[4], "page size", 16, 1 << 20) if len(args) > 4 else 8192
     repo = server.repo
-    try:
+    if TimelineId.looks_like(args[0]):
         tl = repo.resolve(args[0])
-    except ZenithError:
-        if TimelineId.looks_like(args[0]):
-            raise
-        tl = (await asyncio.to_thread(repo.create_branch, args[0])).timeline
+        if tl.received:
+            raise InvalidState(
+                f"timeline {tl.timeline_id} was received from another pageserver, which "
+                "writes it; write to a branch instead (it forks a timeline of its own)"
+            )
+    else:
+        try:
+            # One writer per timeline: a received branch forks a child timeline first.
+            tl = await asyncio.to_thread(repo.branch_for_writing, args[0])
+        except UnknownBranch:
+            tl = (await asyncio.to_thread(repo.create_branch, args[0])).timeline
     start = tl.last_record_lsn
     total = 0
     for r in range(rounds):

@@ -12,6 +12,7 @@ import os
 from zenith.storage.api import (
     KEY_SIZE,
     BranchInfo,
+    Cursor,
     Record,
     RecordKind,
     Repository,
@@ -26,6 +27,7 @@ __all__ = [
     "KEY_SIZE",
     "BranchInfo",
     "CorruptDataFile",
+    "Cursor",
     "Record",
     "RecordKind",
     "Repository",

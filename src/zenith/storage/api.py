@@ -74,6 +74,17 @@ class _RecordSlots:
 
 
 @dataclass(frozen=True, slots=True)
+class Cursor:
+    """Where a timeline's durable but unpublished records end: the first ``count`` records
+    of LSN ``lsn`` (in the order they were written, which every copy of a timeline keeps)
+    are stored, later ones of that LSN are not yet. ``key`` is the key of the last one."""
+
+    lsn: Lsn
+    count: int
+    key: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class TimelineInfo:
     timeline_id: TimelineId
     ancestor_id: TimelineId | None
@@ -82,6 +93,12 @@ class TimelineInfo:
     #: Reads below this LSN are refused (an imported base backup is consistent only from
     #: its end LSN; a child timeline starts at its branch point).
     min_readable_lsn: Lsn
+    #: Created by a transfer from another pageserver: this one is not its writer, so new
+    #: history goes on a child timeline (:meth:`Repository.branch_for_writing`).
+    received: bool = False
+    #: Records of one LSN beyond ``last_record_lsn`` already stored by an interrupted
+    #: transfer (a frame may end inside one LSN); ``None`` when there are none.
+    pending: Cursor | None = None
 
     @property
     def start_lsn(self) -> Lsn:
@@ -127,6 +144,7 @@ class Repository(Protocol):
         ancestor: tuple[TimelineId, Lsn] | None = None,
         *,
         min_readable_lsn: Lsn | None = None,
+        received: bool = False,
     ) -> TimelineInfo: ...
 
     def get_timeline(self, timeline_id: TimelineId) -> TimelineInfo: ...
@@ -154,13 +172,36 @@ class Repository(Protocol):
         """The timeline and its ancestors, nearest first."""
         ...
 
+    def branch_for_writing(self, name: str) -> TimelineInfo:
+        """The timeline new history of branch ``name`` goes to: its own if this repository
+        is the timeline's writer; otherwise (received from elsewhere) a new child timeline
+        at its ``last_record_lsn``, which the name is moved to. Never extends a timeline
+        another pageserver writes."""
+        ...
+
     # records -------------------------------------------------------------------------------
     def put_records(
         self,
         timeline_id: TimelineId,
         records: Iterable[Record],
         last_record_lsn: Lsn | None = None,
-    ) -> WriteResult: ...
+        *,
+        partial: bool = False,
+        expect_hash: bytes | None = None,
+    ) -> WriteResult:
+        """Append records above ``last_record_lsn`` (or, continuing a pending LSN, after
+        its stored records) and publish the new ``last_record_lsn`` in one transaction.
+        ``partial``: the batch's greatest LSN may go on in a later batch, so it is stored
+        but not published (it becomes the pending cursor). ``expect_hash``: refuse the
+        batch (nothing written) unless the history hash at the new ``last_record_lsn``
+        equals it."""
+        ...
+
+    def history_hash(self, timeline_id: TimelineId, lsn: Lsn) -> bytes:
+        """The chained hash of this timeline's own records with lsn <= ``lsn`` (which must
+        be within its published history): equal on two repositories exactly when they
+        hold the same records up to there, however they were batched."""
+        ...
 
     def get_value(self, timeline_id: TimelineId, key: bytes, lsn: Lsn) -> bytes | None: ...
 
@@ -168,7 +209,13 @@ class Repository(Protocol):
         """:meth:`get_value` for a branch name or timeline id."""
         ...
 
-    def iter_records(self, timeline_id: TimelineId, after: Lsn, upto: Lsn) -> Iterator[Record]: ...
+    def iter_records(
+        self, timeline_id: TimelineId, after: Lsn, upto: Lsn, *, skip: Cursor | None = None
+    ) -> Iterator[Record]:
+        """Records of the timeline itself with lsn in ``(after, upto]`` in stored order;
+        ``skip`` leaves out the first ``skip.count`` records of LSN ``skip.lsn`` (what a
+        receiver already holds) without reading their payloads."""
+        ...
 
     def count_records(self, timeline_id: TimelineId, after: Lsn, upto: Lsn) -> tuple[int, int]:
         """Number of records and payload bytes with lsn in ``(after, upto]``."""

@@ -238,10 +238,13 @@ def read_directory(f: DataFile, start: int) -> list[Entry]:
     return list(ENTRY.iter_unpack(f.pread(at, count * ENTRY.size)))
 
 
-def walk(f: DataFile, start: int, end: int, after: int, upto: int) -> Iterator[Record]:
+def walk(
+    f: DataFile, start: int, end: int, after: int, upto: int,
+    *, skip: tuple[int, int] | None = None,
+) -> Iterator[Record]:
     """Records with lsn in ``(after, upto]`` from the frames between ``start`` (a frame
     boundary) and ``end`` (the committed length when the caller took its snapshot), in LSN
-    order.
+    order; ``skip=(lsn, n)`` leaves out the first ``n`` records of that LSN unread.
 
     This is the hot path of push and pull: the file is mapped :data:`WINDOW` bytes at a
     time and each payload is sliced out of the mapping; records are built without
@@ -253,7 +256,7 @@ def walk(f: DataFile, start: int, end: int, after: int, upto: int) -> Iterator[R
         raise CorruptDataFile(f"data file {f.name} is shorter than its committed {end} bytes")
     window = _Window(f.fd, end)
     try:
-        yield from _records(window, f, start, end, after, upto)
+        yield from _records(window, f, start, end, after, upto, skip)
     finally:
         window.close()
 
@@ -284,7 +287,8 @@ class _Window:
 
 
 def _records(
-    w: _Window, f: DataFile, start: int, end: int, after: int, upto: int
+    w: _Window, f: DataFile, start: int, end: int, after: int, upto: int,
+    skip: tuple[int, int] | None,
 ) -> Iterator[Record]:
     unpack_header, iter_entries = HEADER.unpack_from, ENTRY.iter_unpack
     make, record, new_lsn, lsn_type, kinds = _RecordSlots, Record, int.__new__, Lsn, _KINDS
@@ -313,6 +317,15 @@ def _records(
             return
         if entries[0][1] <= after or entries[-1][1] > upto:
             entries = [e for e in entries if after < e[1] <= upto]
+        if skip is not None and skip[1] > 0:
+            skip_lsn, left = skip
+            kept = []
+            for e in entries:
+                if e[1] == skip_lsn and left > 0:
+                    left -= 1
+                else:
+                    kept.append(e)
+            entries, skip = kept, (skip_lsn, left)
         for key, lsn, kind, offset, length in entries:
             stop = offset + length
             if offset < base or stop > top:

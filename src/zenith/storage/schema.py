@@ -18,11 +18,38 @@ from typing import Final
 from zenith.errors import InvalidArgument
 
 #: 2: payloads moved from the ``records`` table into data files.
-SCHEMA_VERSION: Final = 2
+#: 3: history hashes, received timelines, pending cursors; batches keyed by their start.
+SCHEMA_VERSION: Final = 3
 #: The database holds only small index rows now; small pages keep the commit of a small
 #: batch (WAL ingest) small.
 PAGE_SIZE: Final = 4096
 MMAP_SIZE: Final = 256 * 1024 * 1024
+
+_BATCHES: Final = (
+    # One row per write batch (a frame of the data file): where the frame of an LSN
+    # range starts, and the counts of whole batches for count_records. Several batches
+    # may share an LSN (a transfer stores one LSN across frames), so the start keys it.
+    """CREATE TABLE batches (
+        tl        INTEGER NOT NULL,
+        start     INTEGER NOT NULL,
+        first_lsn INTEGER NOT NULL,
+        last_lsn  INTEGER NOT NULL,
+        records   INTEGER NOT NULL,
+        bytes     INTEGER NOT NULL,
+        PRIMARY KEY (tl, start)
+    ) WITHOUT ROWID""",
+    "CREATE INDEX batches_by_lsn ON batches (tl, last_lsn, start)",
+)
+_HISTORY: Final = (
+    # The history hash (``history.py``) at commit points, so the hash at any LSN is a
+    # lookup plus a fold over at most one batch's records.
+    """CREATE TABLE history (
+        tl   INTEGER NOT NULL,
+        lsn  INTEGER NOT NULL,
+        hash BLOB NOT NULL,
+        PRIMARY KEY (tl, lsn)
+    ) WITHOUT ROWID""",
+)
 
 SCHEMA: Final = (
     """CREATE TABLE meta (
@@ -38,8 +65,14 @@ SCHEMA: Final = (
         ancestor_lsn     INTEGER,
         last_record_lsn  INTEGER NOT NULL,
         min_readable_lsn INTEGER NOT NULL DEFAULT 0,
-        data_end         INTEGER NOT NULL DEFAULT 0
-    )""",
+        data_end         INTEGER NOT NULL DEFAULT 0,
+        received         INTEGER NOT NULL DEFAULT 0,
+        hash             BLOB NOT NULL DEFAULT X'{zero}',
+        pending_lsn      INTEGER,
+        pending_count    INTEGER NOT NULL DEFAULT 0,
+        pending_key      BLOB,
+        pending_sum      BLOB
+    )""".format(zero="00" * 32),
     """CREATE TABLE branches (
         name     TEXT PRIMARY KEY,
         timeline INTEGER NOT NULL REFERENCES timelines(id)
@@ -56,17 +89,25 @@ SCHEMA: Final = (
         len  INTEGER NOT NULL,
         PRIMARY KEY (tl, key, lsn)
     ) WITHOUT ROWID""",
-    # One row per write batch (a frame of the data file): where the frame of an LSN range
-    # starts, and the counts of whole batches for count_records.
-    """CREATE TABLE batches (
-        tl        INTEGER NOT NULL,
-        last_lsn  INTEGER NOT NULL,
-        first_lsn INTEGER NOT NULL,
-        start     INTEGER NOT NULL,
-        records   INTEGER NOT NULL,
-        bytes     INTEGER NOT NULL,
-        PRIMARY KEY (tl, last_lsn)
-    ) WITHOUT ROWID""",
+    *_BATCHES,
+    *_HISTORY,
+)
+
+#: From version 2: received is unknown for old timelines, so they count as received (new
+#: history then goes on a child timeline: the safe side). Hashes are computed by the
+#: repository right after (it needs the data files).
+_MIGRATE_2_TO_3: Final = (
+    "ALTER TABLE timelines ADD COLUMN received INTEGER NOT NULL DEFAULT 1",
+    f"ALTER TABLE timelines ADD COLUMN hash BLOB NOT NULL DEFAULT X'{'00' * 32}'",
+    "ALTER TABLE timelines ADD COLUMN pending_lsn INTEGER",
+    "ALTER TABLE timelines ADD COLUMN pending_count INTEGER NOT NULL DEFAULT 0",
+    "ALTER TABLE timelines ADD COLUMN pending_key BLOB",
+    "ALTER TABLE timelines ADD COLUMN pending_sum BLOB",
+    "ALTER TABLE batches RENAME TO batches_v2",
+    *_BATCHES,
+    "INSERT INTO batches SELECT tl, start, first_lsn, last_lsn, records, bytes FROM batches_v2",
+    "DROP TABLE batches_v2",
+    *_HISTORY,
 )
 
 
@@ -83,9 +124,10 @@ def connect(path: Path, *, durable: bool) -> sqlite3.Connection:
     return conn
 
 
-def prepare(conn: sqlite3.Connection, path: Path) -> None:
-    """Create the schema in a new database or check an existing one's version. The caller
-    holds a write transaction."""
+def prepare(conn: sqlite3.Connection, path: Path) -> bool:
+    """Create the schema in a new database, or check an existing one's version and migrate
+    it; True when the caller must compute history hashes (migrated from version 2). The
+    caller holds a write transaction."""
     if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'meta'").fetchone() is None:
         for statement in SCHEMA:
             conn.execute(statement)
@@ -93,12 +135,19 @@ def prepare(conn: sqlite3.Connection, path: Path) -> None:
             "INSERT INTO meta VALUES ('schema_version', ?), ('repository_id', ?)",
             (str(SCHEMA_VERSION), uuid.uuid4().hex),
         )
-        return
+        return False
     row = conn.execute("SELECT value FROM meta WHERE name='schema_version'").fetchone()
+    if row is not None and int(row[0]) == 2:
+        for statement in _MIGRATE_2_TO_3:
+            conn.execute(statement)
+        conn.execute("UPDATE meta SET value = ? WHERE name = 'schema_version'",
+                     (str(SCHEMA_VERSION),))
+        return True
     if row is None or int(row[0]) != SCHEMA_VERSION:
         raise InvalidArgument(
             f"{path} has schema version {row and row[0]}; this zenith reads {SCHEMA_VERSION}"
         )
+    return False
 
 
 class Transaction:

@@ -41,6 +41,7 @@ from typing import Final
 from zenith.errors import (
     AlreadyExists,
     HistoryImmutable,
+    HistoryMismatch,
     InvalidArgument,
     LsnOutOfRange,
     ObjectInUse,
@@ -54,6 +55,7 @@ from zenith.storage.api import (
     KEY_SIZE,
     MAX_STORED_LSN,
     BranchInfo,
+    Cursor,
     Record,
     RecordKind,
     TimelineInfo,
@@ -69,17 +71,23 @@ from zenith.storage.datafile import (
     read_directory,
     walk,
 )
+from zenith.storage.history import EMPTY, Folder, OpenLsn, record_digest
 from zenith.storage.schema import Transaction
 
 _TL_COLUMNS: Final = (
-    "id, timeline_id, ancestor, ancestor_lsn, last_record_lsn, min_readable_lsn, data_end"
+    "id, timeline_id, ancestor, ancestor_lsn, last_record_lsn, min_readable_lsn, data_end,"
+    " received, hash, pending_lsn, pending_count, pending_key, pending_sum"
 )
 _DIGEST_LEN: Final = struct.Struct(">I")
 _IMAGE: Final = int(RecordKind.IMAGE)
 _DELTA: Final = int(RecordKind.DELTA)
 
-#: ``(id, timeline_id, ancestor, ancestor_lsn, last_record_lsn, min_readable_lsn, data_end)``
-_Row = tuple[int, bytes, int | None, int | None, int, int, int]
+#: ``(id, timeline_id, ancestor, ancestor_lsn, last_record_lsn, min_readable_lsn, data_end,
+#: received, hash, pending_lsn, pending_count, pending_key, pending_sum)``
+_Row = tuple[
+    int, bytes, int | None, int | None, int, int, int,
+    int, bytes, int | None, int, bytes | None, bytes | None,
+]
 #: Where a payload is: the timeline's row, offset, length.
 _Loc = tuple[_Row, int, int]
 
@@ -100,8 +108,10 @@ class SqliteRepository:
         with self._write_lock:
             conn.execute("BEGIN IMMEDIATE")
             try:
-                schema.prepare(conn, self.path)
+                migrated = schema.prepare(conn, self.path)
                 self._files = self._recover(conn)
+                if migrated:
+                    self._hash_all(conn)
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
@@ -114,6 +124,21 @@ class SqliteRepository:
         rows = conn.execute("SELECT id, timeline_id, data_end FROM timelines")
         files.recover({file_name(tid, internal): end for internal, tid, end in rows})
         return files
+
+    def _hash_all(self, conn: sqlite3.Connection) -> None:
+        """Compute every timeline's history hash from its records (schema 2 had none)."""
+        for row in conn.execute(f"SELECT {_TL_COLUMNS} FROM timelines").fetchall():
+            folder = Folder()
+            first = conn.execute(
+                "SELECT start FROM batches WHERE tl = ? ORDER BY last_lsn, start LIMIT 1",
+                (row[0],),
+            ).fetchone()
+            if first is not None:
+                for rec in walk(self._file(row), first[0], row[6], 0, row[4]):
+                    folder.add(rec.key, rec.lsn, rec.kind, rec.payload)
+            digest = folder.close()
+            conn.execute("UPDATE timelines SET hash = ? WHERE id = ?", (digest, row[0]))
+            conn.execute("INSERT INTO history VALUES (?, ?, ?)", (row[0], row[4], digest))
 
     # connections -------------------------------------------------------------------------
 
@@ -167,6 +192,10 @@ class SqliteRepository:
             ancestor_lsn=Lsn(row[3]) if row[3] is not None else None,
             last_record_lsn=Lsn(row[4]),
             min_readable_lsn=Lsn(row[5]),
+            received=bool(row[7]),
+            pending=(
+                Cursor(Lsn(row[9]), row[10], row[11] or b"") if row[9] is not None else None
+            ),
         )
 
     def create_timeline(
@@ -175,6 +204,7 @@ class SqliteRepository:
         ancestor: tuple[TimelineId, Lsn] | None = None,
         *,
         min_readable_lsn: Lsn | None = None,
+        received: bool = False,
     ) -> TimelineInfo:
         tid = TimelineId.generate() if timeline_id is None else TimelineId(timeline_id)
         with self._transaction() as conn:
@@ -196,8 +226,9 @@ class SqliteRepository:
                 )
             conn.execute(
                 "INSERT INTO timelines (timeline_id, ancestor, ancestor_lsn, last_record_lsn,"
-                " min_readable_lsn) VALUES (?, ?, ?, ?, ?)",
-                (bytes(tid), ancestor_id, start if ancestor else None, start, readable),
+                " min_readable_lsn, received) VALUES (?, ?, ?, ?, ?, ?)",
+                (bytes(tid), ancestor_id, start if ancestor else None, start, readable,
+                 int(received)),
             )
             return self._info(conn, self._row_by_tid(conn, tid))
 
@@ -339,7 +370,9 @@ class SqliteRepository:
     @staticmethod
     def _drop(conn: sqlite3.Connection, row: _Row) -> str:
         """Delete a timeline's rows; return its data file's name, to remove after commit."""
-        for table, column in (("records", "tl"), ("batches", "tl"), ("timelines", "id")):
+        for table, column in (
+            ("records", "tl"), ("batches", "tl"), ("history", "tl"), ("timelines", "id")
+        ):
             conn.execute(f"DELETE FROM {table} WHERE {column} = ?", (row[0],))
         return file_name(row[1], row[0])
 
@@ -358,27 +391,46 @@ class SqliteRepository:
         timeline_id: TimelineId,
         records: Iterable[Record],
         last_record_lsn: Lsn | None = None,
+        *,
+        partial: bool = False,
+        expect_hash: bytes | None = None,
     ) -> WriteResult:
-        """Append records with lsn in ``(last_record_lsn, new last_record_lsn]`` and publish the
-        new ``last_record_lsn`` in the same transaction. All or nothing: a refused or failed
-        batch leaves neither index rows nor bytes in the data file."""
+        """Append records above ``last_record_lsn`` (or, continuing the pending LSN, after its
+        stored records) and publish the new ``last_record_lsn``, its history hash and the
+        pending cursor in the same transaction. ``partial``: the batch's greatest LSN may go
+        on in a later batch, so it is stored and not published. All or nothing: a refused
+        or failed batch leaves neither index rows nor bytes in the data file."""
         if last_record_lsn is not None:
             _check_lsn(last_record_lsn)
+            if partial:
+                raise InvalidArgument("a partial batch publishes only the LSNs it completes")
         txn = self._transaction()
         with txn as conn:
             row = self._row_by_tid(conn, timeline_id)
             internal, current, data_end = row[0], Lsn(row[4]), row[6]
+            pending = (
+                OpenLsn(row[9], row[10], int.from_bytes(row[12] or b"", "big"))
+                if row[9] is not None else None
+            )
+            floor = pending.lsn - 1 if pending is not None else int(current)
             if last_record_lsn is not None and last_record_lsn < current:
                 raise HistoryImmutable(
                     f"last record LSN {last_record_lsn} is behind the timeline's {current}"
                 )
+            if last_record_lsn is not None and pending is not None \
+                    and last_record_lsn < pending.lsn:
+                raise InvalidArgument(
+                    f"records at {Lsn(pending.lsn)} are stored: the LSN to publish must "
+                    f"reach it, not {last_record_lsn}"
+                )
             limit = last_record_lsn
             writer: FrameWriter | None = None
-            top = int(current)
+            top, top_key = -1, b""
+            opened: dict[int, OpenLsn] = {}
             for rec in records:
                 rec.validate()
                 lsn = rec.lsn
-                if lsn <= current:
+                if lsn <= floor:
                     raise HistoryImmutable(
                         f"record at {lsn} is at or below the timeline's last record "
                         f"LSN {current}: recorded history never changes"
@@ -394,18 +446,103 @@ class SqliteRepository:
                 if writer is None:
                     writer = self._start_frame(row, txn)
                 writer.add(rec.key, int(lsn), int(rec.kind), rec.payload)
-                if lsn > top:
-                    top = int(lsn)
+                group = opened.get(lsn)
+                if group is None:
+                    group = opened[lsn] = OpenLsn(lsn)
+                group.add(record_digest(rec.key, lsn, rec.kind, rec.payload))
+                if lsn >= top:
+                    top, top_key = int(lsn), rec.key
             count = 0
             if writer is not None:
                 data_end = self._finish_frame(conn, internal, writer)
                 count = len(writer.entries)
-            new_last = Lsn(top if last_record_lsn is None else last_record_lsn)
+            # The pending LSN's earlier records join this batch's ones.
+            pending_key = row[11]
+            if pending is not None:
+                group = opened.get(pending.lsn)
+                if group is None:
+                    opened[pending.lsn] = pending
+                else:
+                    group.count += pending.count
+                    group.total = (group.total + pending.total) % (1 << 256)
+            lsns = sorted(opened)
+            still_open: OpenLsn | None = None
+            if partial and lsns:
+                still_open = opened.pop(lsns.pop())
+                if still_open.lsn == top:
+                    pending_key = top_key
+            digest = row[8]
+            for lsn in lsns:
+                digest = opened[lsn].close(digest)
+            new_last = max([int(current), *lsns])
+            if last_record_lsn is not None:
+                new_last = max(new_last, int(last_record_lsn))
+            if expect_hash is not None and digest != expect_hash:
+                raise HistoryMismatch(
+                    f"the records up to {Lsn(new_last)} do not have the history hash the "
+                    "sender announced for them; nothing of this batch was kept"
+                )
             conn.execute(
-                "UPDATE timelines SET last_record_lsn = ?, data_end = ? WHERE id = ?",
-                (new_last, data_end, internal),
+                "UPDATE timelines SET last_record_lsn = ?, data_end = ?, hash = ?,"
+                " pending_lsn = ?, pending_count = ?, pending_key = ?, pending_sum = ?"
+                " WHERE id = ?",
+                (
+                    new_last, data_end, digest,
+                    still_open.lsn if still_open else None,
+                    still_open.count if still_open else 0,
+                    pending_key if still_open else None,
+                    still_open.total.to_bytes(32, "big") if still_open else None,
+                    internal,
+                ),
             )
-            return WriteResult(records=count, last_record_lsn=new_last)
+            if digest != row[8]:
+                conn.execute(
+                    "INSERT OR REPLACE INTO history (tl, lsn, hash) VALUES (?, ?, ?)",
+                    (internal, new_last, digest),
+                )
+            return WriteResult(records=count, last_record_lsn=Lsn(new_last))
+
+    def history_hash(self, timeline_id: TimelineId, lsn: Lsn) -> bytes:
+        """The chained hash of the timeline's own records up to ``lsn`` (``history.py``):
+        the nearest commit point at or below it, then the records after it folded in."""
+        conn = self._conn()
+        row = self._row_by_tid(conn, timeline_id)
+        lsn = _check_lsn(lsn)
+        start = Lsn(row[3] or 0)
+        if not start <= lsn <= row[4]:
+            raise LsnOutOfRange(
+                f"LSN {lsn} is outside timeline {timeline_id}'s history ({start}, "
+                f"{Lsn(row[4])}]"
+            )
+        found = conn.execute(
+            "SELECT lsn, hash FROM history WHERE tl = ? AND lsn <= ? ORDER BY lsn DESC LIMIT 1",
+            (row[0], lsn),
+        ).fetchone()
+        base, digest = (found[0], found[1]) if found is not None else (int(start), EMPTY)
+        if base == lsn:
+            return bytes(digest)
+        folder = Folder(bytes(digest))
+        for rec in self.iter_records(timeline_id, Lsn(base), lsn):
+            folder.add(rec.key, rec.lsn, rec.kind, rec.payload)
+        return folder.close()
+
+    def branch_for_writing(self, name: str) -> TimelineInfo:
+        """The branch's timeline if this repository writes it; for a received timeline a new
+        child at its ``last_record_lsn``, which the name then points to (one transaction)."""
+        with self._transaction() as conn:
+            row = self._row_by_name(conn, name)
+            if not row[7]:
+                return self._info(conn, row)
+            self._check_readable(row, Lsn(row[4]), what="branch point")
+            tid = TimelineId.generate()
+            conn.execute(
+                "INSERT INTO timelines (timeline_id, ancestor, ancestor_lsn, last_record_lsn,"
+                " min_readable_lsn, received) VALUES (?, ?, ?, ?, ?, 0)",
+                (bytes(tid), row[0], row[4], row[4], row[4]),
+            )
+            child = self._row_by_tid(conn, tid)
+            conn.execute("UPDATE branches SET timeline = ? WHERE name = ?", (child[0], name))
+            return self._info(conn, child)
 
     def _start_frame(self, row: _Row, txn: Transaction) -> FrameWriter:
         """Open (or create) the timeline's data file for a new frame at ``data_end``, first
@@ -516,18 +653,23 @@ class SqliteRepository:
                 raise CorruptDataFile(f"data file {name} is missing") from None
             raise UnknownTimeline(f'timeline "{TimelineId(row[1])}" was deleted') from None
 
-    def iter_records(self, timeline_id: TimelineId, after: Lsn, upto: Lsn) -> Iterator[Record]:
+    def iter_records(
+        self, timeline_id: TimelineId, after: Lsn, upto: Lsn, *, skip: Cursor | None = None
+    ) -> Iterator[Record]:
         """Records of this timeline only (not its ancestors) with lsn in ``(after, upto]``,
-        in LSN order. The snapshot is taken now: the iterator then reads only the data file
-        (in large windows), holds no database transaction, and survives the timeline's
-        deletion."""
+        in stored order (LSN order; within an LSN, the order they were written in, which
+        every copy of the timeline keeps); ``skip`` leaves out the first ``skip.count`` of
+        LSN ``skip.lsn`` without reading them. The snapshot is taken now: the iterator then
+        reads only the data file (in large windows), holds no database transaction, and
+        survives the timeline's deletion."""
         conn = self._conn()
         row = self._row_by_tid(conn, timeline_id)
         lo, hi = _clamp(after), _clamp(upto)
         # One statement, so the committed end and the first frame are one snapshot.
         snap = conn.execute(
             "SELECT t.data_end, (SELECT b.start FROM batches b WHERE b.tl = t.id"
-            " AND b.last_lsn > ? ORDER BY b.last_lsn LIMIT 1) FROM timelines t WHERE t.id = ?",
+            " AND b.last_lsn > ? ORDER BY b.last_lsn, b.start LIMIT 1)"
+            " FROM timelines t WHERE t.id = ?",
             (lo, row[0]),
         ).fetchone()
         if snap is None:
@@ -535,7 +677,8 @@ class SqliteRepository:
         end, start = snap
         if start is None or lo >= hi:
             return iter(())
-        return walk(self._file(row), start, end, lo, hi)
+        skipping = (int(skip.lsn), skip.count) if skip is not None and skip.count else None
+        return walk(self._file(row), start, end, lo, hi, skip=skipping)
 
     def count_records(self, timeline_id: TimelineId, after: Lsn, upto: Lsn) -> tuple[int, int]:
         """Whole batches are counted from the index; the (at most two) batches cut by the
@@ -556,7 +699,7 @@ class SqliteRepository:
             for bound in (lo, hi):
                 edge = conn.execute(
                     "SELECT start, first_lsn, last_lsn FROM batches WHERE tl = ? AND last_lsn > ?"
-                    " ORDER BY last_lsn LIMIT 1",
+                    " ORDER BY last_lsn, start LIMIT 1",
                     (row[0], bound),
                 ).fetchone()
                 if edge and edge[1] <= hi and (edge[1] <= lo or edge[2] > hi):

@@ -1,0 +1,238 @@
+"""Push, pull and export of a real PostgreSQL 15 cluster of more than 300 MiB, through the
+``zenith`` CLI only (DESIGN §6 and §7).
+
+A base-backup import puts every page of the cluster at ONE LSN, so these transfers must
+split frames inside that LSN, and an interrupted transfer must resume from the receiver's
+durable cursor inside it, not start over:
+
+- ``test_real_cluster_push_pull_export``: pgbench source imported into A and followed
+  through pgbench and DDL; A -> B by push, B -> C by pull; C exported at a middle LSN and at
+  the end; the stock ``postgres`` started on each shows every table as the source had it
+  then; ``pg_amcheck --heapallindexed`` and ``pg_checksums --check`` clean; digests equal.
+- ``test_real_push_killed_mid_import_lsn_resumes``: the sender or the receiver SIGKILLed
+  while the import LSN is a third across; restarted; the push run again sends only the
+  rest, and both sides end with the same digest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.cli.realpg import (
+    FOLLOWABLE,
+    MiB,
+    check_export,
+    cluster_bytes,
+    export_dir,
+    flush_lsn,
+    pgbench,
+    sent,
+    table_contents,
+)
+from tests.fixtures import PageserverProc, make_pageserver
+from tests.pgcluster import PGBIN, PgCluster
+from tests.transfer.test_faults import _check_consistent, _progress
+
+pytestmark = [
+    pytest.mark.skipif(not (PGBIN / "postgres").exists(), reason="PostgreSQL 15 not installed"),
+    pytest.mark.timeout(300),
+]
+
+SCALE = 20  # pgbench scale: about 320 MiB of cluster
+MIN_BYTES = 300 * MiB
+KILL_AT = 0.3  # fraction of the import across when one side is killed
+
+# The plain progress lines of `zenith push` when stderr is not a terminal (every 2 s):
+#   "push main -> b:main: 12.3 MiB of 345.6 MiB, 1234 of 42082 records"
+_PROGRESS_LINE = re.compile(r": ([0-9.]+) MiB of ([0-9.]+) MiB, (\d+) of (\d+) records$")
+
+
+@pytest.fixture(scope="module")
+def source() -> Iterator[PgCluster]:
+    """A followable PostgreSQL 15 cluster (data checksums on) of at least 300 MiB."""
+    with PgCluster(settings=FOLLOWABLE, initdb_args=("--data-checksums",)) as pg:
+        pgbench(pg, "-i", "-q", "-s", str(SCALE))
+        size = cluster_bytes(pg)
+        assert size >= MIN_BYTES, f"source is only {size / MiB:.0f} MiB"
+        yield pg
+
+
+def _import(ps: PageserverProc, pg: PgCluster) -> str:
+    """``zenith import main``; the timeline id."""
+    res = ps.cli("import", "main", pg.uri(), timeout=600)
+    assert res.returncode == 0, res.stderr
+    assert "following the source through slot zenith_" in res.stdout, res.stdout
+    return str(ps.branch("main")["timeline_id"])
+
+
+def test_real_cluster_push_pull_export(source: PgCluster, pageserver_factory) -> None:  # type: ignore[no-untyped-def]
+    a: PageserverProc = pageserver_factory(name="a")
+    b: PageserverProc = pageserver_factory(name="b")
+    c: PageserverProc = pageserver_factory(name="c")
+    a.cli("origin", "add", "b", b.uri(), check=True)
+    c.cli("origin", "add", "b", b.uri(), check=True)
+    _import(a, source)
+
+    # while A follows: a pgbench run (the middle), then DDL and deletes (the end)
+    pgbench(source, "-T", "5", "-c", "2")
+    at_mid = table_contents(source)
+    mid = flush_lsn(source)
+    source.psql("CREATE TABLE extra AS SELECT g, repeat('x', g % 300) AS s"
+                " FROM generate_series(1, 20000) g")
+    source.psql("CREATE INDEX extra_g ON extra (g)")
+    source.psql("CREATE INDEX pgbench_history_tid ON pgbench_history (tid)")
+    source.psql("ALTER TABLE extra ADD COLUMN n int DEFAULT 7")
+    source.psql("ALTER TABLE pgbench_tellers ADD COLUMN note text")
+    source.psql("UPDATE pgbench_tellers SET note = 'teller ' || tid WHERE tid % 3 = 0")
+    source.psql("DELETE FROM extra WHERE g % 3 = 0")
+    source.psql("DELETE FROM pgbench_accounts WHERE aid % 1000 = 0")
+    at_end = table_contents(source)
+    end = flush_lsn(source)
+    assert at_end != at_mid and "extra" in at_end and "extra" not in at_mid
+
+    waited = a.cli("wait", "main", end, "--timeout", "120")
+    assert waited.returncode == 0, waited.stderr
+    a.cli("detach", "main", check=True)
+    digest = a.digest("main")
+    last = str(a.branch("main")["last_record_lsn"])
+
+    pushed = a.cli("push", "main", "b", timeout=600)
+    assert pushed.returncode == 0, pushed.stderr
+    assert pushed.stdout.startswith(f"* [new branch] main -> b:main 0/0..{last}, "), pushed.stdout
+    pulled = c.cli("pull", "main", "b", timeout=600)
+    assert pulled.returncode == 0, pulled.stderr
+    assert pulled.stdout.startswith(f"* [new branch] b:main -> main 0/0..{last}, "), pulled.stdout
+    assert sent(pulled.stdout)[0] == sent(pushed.stdout)[0]
+    assert b.digest("main") == digest
+    assert c.digest("main") == digest
+    assert c.branch("main")["timeline_id"] == a.branch("main")["timeline_id"]
+
+    # C's copy, two generations away from the source, exported at both moments
+    with export_dir() as out:
+        check_export(c, f"main@{mid}", out / "mid", at_mid)
+        check_export(c, "main", out / "end", at_end)
+
+
+# -- an interrupted push of the import LSN -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def imported(source: PgCluster, tmp_path_factory: pytest.TempPathFactory
+             ) -> Iterator[PageserverProc]:
+    """Pageserver A holding the source's import as ``main``, detached (so it stays put),
+    shared by the kill tests (each kills and restarts it, or a receiver of its own)."""
+    a = make_pageserver(tmp_path_factory.mktemp("real-push") / "a")
+    a.start()
+    try:
+        _import(a, source)
+        a.cli("detach", "main", check=True)
+        yield a
+    finally:
+        a.stop()
+
+
+def _repo_bytes(ps: PageserverProc) -> int:
+    """Bytes of every file of a pageserver's repository directory (whatever its layout)."""
+    total = 0
+    for root, _, files in os.walk(ps.path):
+        for name in files:
+            with contextlib.suppress(FileNotFoundError):
+                total += os.stat(os.path.join(root, name)).st_size
+    return total
+
+
+class _BackgroundPush:
+    """``zenith push`` in a process of its own; stderr's progress lines read as they come."""
+
+    def __init__(self, ps: PageserverProc, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "zenith.cli", "-D", str(ps.path), "push", *args],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.lines: list[str] = []
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.append(line.rstrip("\n"))
+
+    def fraction(self) -> float:
+        """How far across the last progress line says the push is (0 without one)."""
+        for line in reversed(self.lines):
+            m = _PROGRESS_LINE.search(line)
+            if m and float(m.group(2)) > 0:
+                return float(m.group(1)) / float(m.group(2))
+        return 0.0
+
+    def finish(self, timeout: float = 60) -> tuple[int, str, str]:
+        assert self.proc.stdout is not None
+        out = self.proc.stdout.read()
+        rc = self.proc.wait(timeout)
+        self.reader.join(timeout)
+        return rc, out, "\n".join(self.lines)
+
+
+@pytest.mark.parametrize("killed", ["sender", "receiver"])
+def test_real_push_killed_mid_import_lsn_resumes(imported: PageserverProc, pageserver_factory,  # type: ignore[no-untyped-def]
+                                                 killed: str) -> None:
+    a = imported
+    b: PageserverProc = pageserver_factory(name="b")
+    a.cli("origin", "remove", "b")  # the previous parameter's receiver
+    a.cli("origin", "add", "b", b.uri(), check=True)
+    src = a.branch("main")
+    tid, last = str(src["timeline_id"]), str(src["last_record_lsn"])
+    final = _progress(a, tid)
+    digest = a.digest("main")
+
+    # what a full push sends: the baseline the resumed push must stay well under
+    dry = a.cli("push", "main", "b", "--dry-run", check=True).stdout
+    assert dry.startswith(f"(dry run) * [new branch] main -> b:main 0/0..{last}: would send "), dry
+    full_records, full_mib = sent(dry)
+    assert full_mib * MiB >= MIN_BYTES * 0.9, dry
+
+    before = _repo_bytes(b)
+    push = _BackgroundPush(a, "main", "b")
+    deadline = time.monotonic() + 240
+    while True:
+        assert push.proc.poll() is None, ("the push ended before it could be interrupted",
+                                          push.finish())
+        assert time.monotonic() < deadline, ("no progress", push.lines)
+        across = max(push.fraction(), (_repo_bytes(b) - before) / (full_mib * MiB))
+        if across >= KILL_AT and any(t["timeline_id"] == tid for t in b.query("timeline_list")):
+            break
+        time.sleep(0.02)
+    (a if killed == "sender" else b).kill()
+    rc, out, err = push.finish()
+    assert rc == 1, (out, err)
+    assert "Traceback" not in err, err
+    assert any(line.startswith("error: ") for line in err.splitlines()), err
+    if killed == "receiver":
+        assert re.search(r"error: push interrupted: .*server at 127\.0\.0\.1:\d+", err), err
+        assert err.splitlines()[-1].startswith("hint: the destination kept"), err
+    (a if killed == "sender" else b).start()
+
+    # the receiver is consistent: no branch name yet, its timeline not past what it holds
+    assert [r for r in b.query("branch_list") if r["name"] == "main"] == []
+    assert _check_consistent(a, b, tid) < final
+    assert a.digest("main") == digest  # the sender lost nothing
+
+    resumed = a.cli("push", "main", "b", timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert resumed.stdout.startswith("* [new branch] main -> b:main "), resumed.stdout
+    records, mib = sent(resumed.stdout)
+    assert records < full_records and mib < full_mib * 0.9, (resumed.stdout, dry)
+    assert b.digest("main") == a.digest("main") == digest
+    assert b.branch("main")["last_record_lsn"] == last
+    again = a.cli("push", "main", "b", check=True).stdout
+    assert again.strip() == "Everything up-to-date"
