@@ -24,7 +24,6 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -42,6 +41,7 @@ from tests.cli.realpg import (
 from tests.fixtures import PageserverProc, make_pageserver
 from tests.pgcluster import PGBIN, PgCluster
 from tests.transfer.test_faults import _check_consistent, _progress
+from zenith.lsn import Lsn
 
 pytestmark = [
     pytest.mark.skipif(not (PGBIN / "postgres").exists(), reason="PostgreSQL 15 not installed"),
@@ -67,12 +67,14 @@ def source() -> Iterator[PgCluster]:
         yield pg
 
 
-def _import(ps: PageserverProc, pg: PgCluster) -> str:
-    """``zenith import main``; the timeline id."""
+def _import(ps: PageserverProc, pg: PgCluster) -> int:
+    """``zenith import main``; the base backup's start LSN, where every page of it lies."""
     res = ps.cli("import", "main", pg.uri(), timeout=600)
     assert res.returncode == 0, res.stderr
-    assert "following the source through slot zenith_" in res.stdout, res.stdout
-    return str(ps.branch("main")["timeline_id"])
+    m = re.match(r"imported main from \S+: base backup (\S+)\.\.\S+ \(\d+ records\), "
+                 r"readable from \S+; following the source through slot zenith_", res.stdout)
+    assert m, res.stdout
+    return int(Lsn.parse(m.group(1)))
 
 
 def test_real_cluster_push_pull_export(source: PgCluster, pageserver_factory) -> None:  # type: ignore[no-untyped-def]
@@ -128,15 +130,17 @@ def test_real_cluster_push_pull_export(source: PgCluster, pageserver_factory) ->
 
 @pytest.fixture(scope="module")
 def imported(source: PgCluster, tmp_path_factory: pytest.TempPathFactory
-             ) -> Iterator[PageserverProc]:
-    """Pageserver A holding the source's import as ``main``, detached (so it stays put),
-    shared by the kill tests (each kills and restarts it, or a receiver of its own)."""
+             ) -> Iterator[tuple[PageserverProc, int]]:
+    """Pageserver A holding the source's import as ``main``, detached (so it stays put), and
+    the import LSN; shared by the kill tests (each kills and restarts A or its receiver)."""
     a = make_pageserver(tmp_path_factory.mktemp("real-push") / "a")
     a.start()
     try:
-        _import(a, source)
+        import_lsn = _import(a, source)
+        # readable only from the base backup's end LSN: catch up before detaching
+        a.cli("wait", "main", flush_lsn(source), "--timeout", "120", check=True)
         a.cli("detach", "main", check=True)
-        yield a
+        yield a, import_lsn
     finally:
         a.stop()
 
@@ -184,9 +188,9 @@ class _BackgroundPush:
 
 
 @pytest.mark.parametrize("killed", ["sender", "receiver"])
-def test_real_push_killed_mid_import_lsn_resumes(imported: PageserverProc, pageserver_factory,  # type: ignore[no-untyped-def]
-                                                 killed: str) -> None:
-    a = imported
+def test_real_push_killed_mid_import_lsn_resumes(imported: tuple[PageserverProc, int],  # type: ignore[no-untyped-def]
+                                                 pageserver_factory, killed: str) -> None:
+    a, import_lsn = imported
     b: PageserverProc = pageserver_factory(name="b")
     a.cli("origin", "remove", "b")  # the previous parameter's receiver
     a.cli("origin", "add", "b", b.uri(), check=True)
@@ -222,9 +226,10 @@ def test_real_push_killed_mid_import_lsn_resumes(imported: PageserverProc, pages
         assert err.splitlines()[-1].startswith("hint: the destination kept"), err
     (a if killed == "sender" else b).start()
 
-    # the receiver is consistent: no branch name yet, its timeline not past what it holds
+    # the receiver is consistent: no branch name yet, and its timeline (equal to the
+    # sender's up to where it is) has not completed the import LSN: the kill fell inside it
     assert [r for r in b.query("branch_list") if r["name"] == "main"] == []
-    assert _check_consistent(a, b, tid) < final
+    assert _check_consistent(a, b, tid) < import_lsn < final
     assert a.digest("main") == digest  # the sender lost nothing
 
     resumed = a.cli("push", "main", "b", timeout=600)

@@ -10,12 +10,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.storage.test_repository import snapshot
 from zenith.errors import HistoryImmutable, HistoryMismatch, InvalidArgument, LsnOutOfRange
 from zenith.ids import TimelineId
 from zenith.lsn import Lsn
 from zenith.storage import Cursor, Record, RecordKind, SqliteRepository, open_repository
 from zenith.storage.history import EMPTY
-from tests.storage.test_repository import snapshot
 
 IMG = RecordKind.IMAGE
 
@@ -82,8 +82,8 @@ def test_partial_lsn_is_stored_not_published(repo: SqliteRepository) -> None:
         repo.put_records(tid, [Record(key(77), Lsn(150), IMG, b"x")])
     with pytest.raises(InvalidArgument):  # the same (key, lsn) twice
         repo.put_records(tid, [recs[3]], partial=True)
-    with pytest.raises(InvalidArgument):  # publishing below the stored records
-        repo.put_records(tid, [], Lsn(150))
+    repo.put_records(tid, [], Lsn(150))  # publishing below them keeps them pending
+    assert repo.get_timeline(tid).pending == Cursor(Lsn(200), 2, recs[3].key)
     # Continue: the rest of LSN 200, still partial, then complete it.
     repo.put_records(tid, recs[4:6], partial=True)
     assert repo.get_timeline(tid).pending == Cursor(Lsn(200), 4, recs[5].key)
@@ -162,7 +162,8 @@ def test_any_split_gives_the_same_timeline(
             assert info.last_record_lsn < recs[hi - 1].lsn
         repo.put_records(split.timeline_id, recs[points[-1] if points else 0:], end)
         assert list(repo.iter_records(split.timeline_id, Lsn(0), end)) == recs
-        assert repo.history_hash(split.timeline_id, end) == repo.history_hash(whole.timeline_id, end)
+        assert repo.history_hash(split.timeline_id, end) == \
+            repo.history_hash(whole.timeline_id, end)
         assert repo.digest(split.timeline_id, end) == repo.digest(whole.timeline_id, end)
     finally:
         repo.close()

@@ -3,20 +3,14 @@ page history. The CLI asks the local pageserver to act; that pageserver connects
 
 from __future__ import annotations
 
-import re
 import sys
 import time
-from typing import Final
 
 import click
 
 from zenith.cli.context import Repo, pass_repo
-from zenith.pageserver.quoting import flag_words
 from zenith.pgwire.conninfo import mask_uri
-
-_PROGRESS: Final = re.compile(
-    r"progress bytes=(\d+)/(\d+) records=(\d+)/(\d+) lsn=(\S+)"
-)
+from zenith.transfer.messages import Progress, Status, TransferArgs, TransferResult
 
 
 @click.group()
@@ -90,11 +84,12 @@ class ProgressView:
             self.bar.start()
 
     def notice(self, message: str) -> None:
-        m = _PROGRESS.fullmatch(message)
-        if m is None:
+        p = Progress.from_notice(message)
+        if p is None:
             click.echo(message, err=True)
             return
-        done, total, rec, rec_total = (int(m.group(i)) for i in range(1, 5))
+        done, total, rec, rec_total = p.bytes_done, p.bytes_total, p.records_done, \
+            p.records_total
         if self.bar is not None and self.task is not None:
             self.bar.update(self.task, completed=done, total=total or None,
                             records=f"{rec}/{rec_total}")
@@ -108,18 +103,16 @@ class ProgressView:
             self.bar.stop()
 
 
-def _summary(row: dict[str, str | None], arrow: str) -> str:
-    status = row["status"]
-    if status == "up-to-date":
-        return str(row["message"])
-    span = f"{row['old_lsn'] or '0/0'}..{row['new_lsn']}"
-    size = f"{row['records']} records, {_mib(int(row['bytes'] or 0))}"
-    prefix = {"new": "* [new branch] ", "forced": "+ "}.get(str(status), "")
-    suffix = " (forced update)" if status == "forced" else ""
-    if row["dry_run"] == "true":
+def _summary(r: TransferResult, arrow: str) -> str:
+    if r.status is Status.UP_TO_DATE:
+        return r.message
+    span = f"{r.old_lsn or '0/0'}..{r.new_lsn}"
+    size = f"{r.records} records, {_mib(r.bytes)}"
+    prefix = {Status.NEW: "* [new branch] ", Status.FORCED: "+ "}.get(r.status, "")
+    suffix = " (forced update)" if r.status is Status.FORCED else ""
+    if r.dry_run:
         return f"(dry run) {prefix}{arrow} {span}{suffix}: would send {size}"
-    seconds = float(row["seconds"] or 0)
-    took = f"{seconds:.1f}" if seconds >= 1 else f"{seconds:.2f}"
+    took = f"{r.seconds:.1f}" if r.seconds >= 1 else f"{r.seconds:.2f}"
     return f"{prefix}{arrow} {span}{suffix}, {size} in {took} s"
 
 
@@ -127,16 +120,15 @@ def _transfer(repo: Repo, verb: str, branch: str, target: str, force: bool,
               dry_run: bool) -> None:
     """Ask the local pageserver to push or pull, show progress, then the summary line."""
     name, remote_branch = _split_target(target, branch)
-    uri = repo.config.origin(name)
+    args = TransferArgs(branch, repo.config.origin(name), remote_branch, force, dry_run)
     remote = f"{name}:{remote_branch}"
     arrow = f"{branch} -> {remote}" if verb == "push" else f"{remote} -> {branch}"
     view = ProgressView(f"{verb} {arrow}")
     try:
-        answer = repo.query(f"perform_{verb}", branch, uri, remote_branch,
-                            *flag_words(force, dry_run), on_notice=view.notice, timeout=30.0)
+        answer = repo.query(*args.perform_words(verb), on_notice=view.notice, timeout=30.0)
     finally:
         view.close()
-    click.echo(_summary(answer.dicts()[0], arrow))
+    click.echo(_summary(TransferResult.from_row(answer.dicts()[0]), arrow))
 
 
 @click.command()

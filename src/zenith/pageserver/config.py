@@ -40,6 +40,7 @@ USERS_FILE: Final = "users.json"
 PID_FILE: Final = "pageserver.pid"
 LOG_FILE: Final = "pageserver.log"
 ADMIN_USER: Final = "admin"
+DEFAULT_TRANSFER_TIMEOUT: Final = 60.0
 
 _HOST_PORT: Final = re.compile(
     r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9.\-]+)):(?P<port>\d{1,5})"
@@ -117,6 +118,8 @@ class RepoConfig:
         doc["auth_method"].comment("scram-sha-256 | md5 | trust")
         doc.add(tomlkit.comment('tls_cert_file = "server.crt"  # TLS when both are set'))
         doc.add(tomlkit.comment('tls_key_file = "server.key"'))
+        doc.add(tomlkit.comment("transfer_timeout = 60  # seconds before a silent peer of a "
+                                "push or pull is dropped"))
         doc.add(tomlkit.nl())
         cli = tomlkit.table()
         cli.add(tomlkit.comment("credentials the local `zenith` command uses to reach it"))
@@ -178,6 +181,17 @@ class RepoConfig:
     @property
     def auth_method(self) -> str:
         return str(self._get("auth_method", "scram-sha-256"))
+
+    @property
+    def transfer_timeout(self) -> float:
+        """Seconds a push or pull waits for a silent peer before dropping it (DESIGN §12)."""
+        value = self._get("transfer_timeout", DEFAULT_TRANSFER_TIMEOUT)
+        if isinstance(value, bool) or not isinstance(value, int | float) or \
+                not 0 < value <= 86400:
+            raise InvalidArgument(
+                f"{self.path / CONFIG_FILE}: transfer_timeout must be seconds in (0, 86400]"
+            )
+        return float(value)
 
     @property
     def tls_files(self) -> tuple[Path, Path] | None:

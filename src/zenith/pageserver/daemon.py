@@ -24,6 +24,7 @@ from zenith.pageserver.pidfile import PidFile
 from zenith.pageserver.users import UserStore
 from zenith.pgwire.server import ServerConfig, Session, close_server, start_server
 from zenith.storage import SqliteRepository, open_repository
+from zenith.transfer import TransferLocks
 
 log = logging.getLogger("zenith.pageserver")
 _COMMAND_MODULES = (export_service, transfer_service, wal_service)
@@ -38,7 +39,8 @@ class Pageserver:
         self.users = users
         self.listen = config.listen
         self.started = time.monotonic()
-        self.receive_lock = asyncio.Lock()  # incoming pushes and pulls, one at a time
+        #: Incoming pushes and pulls lock their destination name and timelines.
+        self.transfer_locks = TransferLocks()
         self.followers: dict[str, wal_service.Follower] = {}  # branches following PostgreSQL
 
     async def handle(self, session: Session, query: str) -> None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
 from zenith import __version__
-from zenith.errors import InvalidState, SyntaxError_, UnknownBranch, ZenithError
+from zenith.errors import InvalidState, SyntaxError_, UnknownBranch
 from zenith.ids import TimelineId
 from zenith.lsn import Lsn
 from zenith.pageserver.users import Role, require

@@ -9,8 +9,3 @@ import shlex
 def command_text(*words: str) -> str:
     """A command line for the pageserver, each word quoted so it cannot split or inject."""
     return " ".join(shlex.quote(w) for w in words)
-
-
-def flag_words(force: bool, dry_run: bool) -> list[str]:
-    """The optional words of ``perform_*`` and ``branch_push``, as their parsers expect."""
-    return (["force"] if force else []) + (["dry_run"] if dry_run else [])

@@ -4,8 +4,10 @@ pageserver-to-pageserver ``branch_*`` ones they run on the remote side.
 The local pageserver always connects OUT to the remote one (so pulling works from behind
 NAT): ``perform_push`` runs ``branch_push`` there and sends; ``perform_pull`` runs
 ``branch_pull`` there and receives. Either way the same :func:`send_branch` and
-:func:`receive_branch` run on the two ends. Incoming transfers are serialised per
-pageserver by one lock: a second one waits for the first to finish.
+:func:`receive_branch` run on the two ends. Incoming transfers lock their destination name
+and the timelines they may write (``TransferLocks``): transfers to unrelated branches run
+concurrently, two to one timeline one after the other. A peer silent for longer than
+``transfer_timeout`` (config.toml, 60 s by default) is dropped.
 """
 
 from __future__ import annotations
@@ -15,33 +17,22 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Final
 
-from zenith.errors import ConnectionFailed, InvalidArgument, PushRejected, ZenithError
+from zenith.errors import ConnectionFailed, PushRejected, ZenithError
 from zenith.pageserver.page_service import command, expect_args
-from zenith.pageserver.quoting import command_text, flag_words
+from zenith.pageserver.quoting import command_text
 from zenith.pageserver.users import Role, require
 from zenith.pgwire.client import ClientCopyStream, Connection, connect, mask_uri, parse_uri
 from zenith.pgwire.server import Session
 from zenith.storage import validate_branch_name
-from zenith.transfer import Progress, TransferResult, receive_branch, send_branch
+from zenith.transfer import Progress, TransferArgs, TransferResult, receive_branch, send_branch
+from zenith.transfer.messages import parse_flags
 
 if TYPE_CHECKING:
     from zenith.pageserver.daemon import Pageserver
 
-RESULT_COLUMNS: Final = [
-    "status", "message", "branch", "remote", "timeline_id", "old_timeline_id", "old_lsn",
-    "new_lsn", "records", "bytes", "seconds", "dry_run",
-]
+RESULT_COLUMNS: Final = ["branch", "remote", *TransferResult.COLUMNS]
 CONNECT_TIMEOUT: Final = 10.0
 PROGRESS_EVERY: Final = 0.25  # seconds between progress notices
-_FLAGS: Final = ("force", "dry_run")
-
-
-def _flags(words: list[str]) -> tuple[bool, bool]:
-    unknown = [w for w in words if w.lower() not in _FLAGS]
-    if unknown:
-        raise InvalidArgument(f"unknown option {unknown[0]!r}: expected force or dry_run")
-    lowered = {w.lower() for w in words}
-    return "force" in lowered, "dry_run" in lowered
 
 
 async def _send_result(session: Session, branch: str, remote: str, r: TransferResult) -> None:
@@ -72,10 +63,7 @@ class _Reporter:
         if s is None or (s.bytes_done, s.records_done) == self.sent:
             return
         self.sent = (s.bytes_done, s.records_done)
-        await self.session.send_notice(
-            f"progress bytes={s.bytes_done}/{s.bytes_total} "
-            f"records={s.records_done}/{s.records_total} lsn={s.acked_lsn}"
-        )
+        await self.session.send_notice(s.to_notice())
 
     async def __aenter__(self) -> _Reporter:
         self.task = asyncio.create_task(self._loop())
@@ -146,37 +134,36 @@ async def _remote_stream(uri: str, verb: str, words: list[str]) -> AsyncIterator
         await conn.close()
 
 
-@command("perform_push", "<branch> <uri> <remote_branch> [force] [dry_run]",
-         "push a local branch to the pageserver at uri")
+@command("perform_push", TransferArgs.PERFORM_USAGE, "push a local branch to the pageserver at uri")
 async def _perform_push(server: Pageserver, session: Session, args: list[str]) -> None:
-    expect_args(args, 3, 5)
     require(session.user, Role.ADMIN, "start a push")
-    branch, uri, remote_branch = args[0], args[1], validate_branch_name(args[2])
-    force, dry_run = _flags(args[3:])
-    timeline = server.repo.resolve(branch)
+    a = TransferArgs.parse_perform(args)
+    validate_branch_name(a.remote_branch)
+    timeline = server.repo.resolve(a.branch)
     chain = server.repo.ancestry(timeline.timeline_id)
-    words = ["branch_push", remote_branch, *flag_words(force, dry_run)]
-    async with _remote_stream(uri, "push", words) as stream, _Reporter(session) as reporter:
-        result = await send_branch(stream, server.repo, timeline, chain=chain,
-                                   progress=reporter.update)
+    words = ["branch_push", a.remote_branch, *a.flag_words()]
+    async with _remote_stream(a.uri, "push", words) as stream, _Reporter(session) as reporter:
+        result = await send_branch(stream, server.repo, chain, progress=reporter.update,
+                                   timeout=server.config.transfer_timeout)
         await reporter.flush()
-    await _send_result(session, branch, f"{mask_uri(uri)} {remote_branch}", result)
+    await _send_result(session, a.branch, f"{mask_uri(a.uri)} {a.remote_branch}", result)
 
 
-@command("perform_pull", "<branch> <uri> <remote_branch> [force] [dry_run]",
+@command("perform_pull", TransferArgs.PERFORM_USAGE,
          "pull a branch of the pageserver at uri into a local branch")
 async def _perform_pull(server: Pageserver, session: Session, args: list[str]) -> None:
-    expect_args(args, 3, 5)
     require(session.user, Role.ADMIN, "start a pull")
-    branch, uri, remote_branch = validate_branch_name(args[0]), args[1], args[2]
-    force, dry_run = _flags(args[3:])
-    _refuse_followed(server, branch)
-    async with _remote_stream(uri, "pull", ["branch_pull", remote_branch]) as stream, \
-            server.receive_lock, _Reporter(session) as reporter:
-        result = await receive_branch(stream, server.repo, branch, pushing=False,
-                                      force=force, dry_run=dry_run, progress=reporter.update)
+    a = TransferArgs.parse_perform(args)
+    validate_branch_name(a.branch)
+    _refuse_followed(server, a.branch)
+    async with _remote_stream(a.uri, "pull", ["branch_pull", a.remote_branch]) as stream, \
+            _Reporter(session) as reporter:
+        result = await receive_branch(
+            stream, server.repo, a.branch, pushing=False, force=a.force, dry_run=a.dry_run,
+            progress=reporter.update, timeout=server.config.transfer_timeout,
+            locks=server.transfer_locks)
         await reporter.flush()
-    await _send_result(session, branch, f"{mask_uri(uri)} {remote_branch}", result)
+    await _send_result(session, a.branch, f"{mask_uri(a.uri)} {a.remote_branch}", result)
 
 
 @command("branch_push", "<branch> [force] [dry_run]",
@@ -185,15 +172,14 @@ async def _branch_push(server: Pageserver, session: Session, args: list[str]) ->
     expect_args(args, 1, 3)
     require(session.user, Role.PUSH, "push")
     name = validate_branch_name(args[0])
-    force, dry_run = _flags(args[1:])
+    force, dry_run = parse_flags(args[1:])
     _refuse_followed(server, name)
-    async with server.receive_lock:
-        copy = await session.copy_both()
-        await receive_branch(copy, server.repo, name, pushing=True, force=force,
-                             dry_run=dry_run)
-        while await copy.read() is not None:
-            pass
-        await copy.done()
+    copy = await session.copy_both()
+    await receive_branch(copy, server.repo, name, pushing=True, force=force, dry_run=dry_run,
+                         timeout=server.config.transfer_timeout, locks=server.transfer_locks)
+    while await copy.read() is not None:
+        pass
+    await copy.done()
 
 
 @command("branch_pull", "<branch>", "(between pageservers) send a branch over CopyBoth")
@@ -203,7 +189,7 @@ async def _branch_pull(server: Pageserver, session: Session, args: list[str]) ->
     timeline = server.repo.resolve(args[0])
     chain = server.repo.ancestry(timeline.timeline_id)
     copy = await session.copy_both()
-    await send_branch(copy, server.repo, timeline, chain=chain)
+    await send_branch(copy, server.repo, chain, timeout=server.config.transfer_timeout)
     await copy.done()
     while await copy.read() is not None:
         pass

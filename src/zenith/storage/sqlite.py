@@ -417,12 +417,8 @@ class SqliteRepository:
                 raise HistoryImmutable(
                     f"last record LSN {last_record_lsn} is behind the timeline's {current}"
                 )
-            if last_record_lsn is not None and pending is not None \
-                    and last_record_lsn < pending.lsn:
-                raise InvalidArgument(
-                    f"records at {Lsn(pending.lsn)} are stored: the LSN to publish must "
-                    f"reach it, not {last_record_lsn}"
-                )
+            # Publishing below a pending LSN is fine: its records stay pending (no record
+            # can lie between the published LSN and it: they arrived in LSN order).
             limit = last_record_lsn
             writer: FrameWriter | None = None
             top, top_key = -1, b""
@@ -472,9 +468,9 @@ class SqliteRepository:
                 if still_open.lsn == top:
                     pending_key = top_key
             digest = row[8]
-            for lsn in lsns:
-                digest = opened[lsn].close(digest)
-            new_last = max([int(current), *lsns])
+            for complete in lsns:
+                digest = opened[complete].close(digest)
+            new_last: int = max([int(current), *lsns])
             if last_record_lsn is not None:
                 new_last = max(new_last, int(last_record_lsn))
             if expect_hash is not None and digest != expect_hash:

@@ -1,30 +1,29 @@
-"""The segment stream's frames: a sans-I/O codec shared by push and pull.
+"""The frames of a transfer: a sans-I/O codec shared by push and pull.
 
 Each CopyData message of a transfer carries exactly one frame::
 
     type u8 | flags u8 | reserved u16 | body_len u32 | raw_len u32 | crc32c u32 | body
 
 ``crc32c`` covers the body as sent (compressed or not), so corruption is caught before
-anything is decompressed or parsed. ``raw_len`` is the body's size once decompressed and is
-bounded before any memory is given to it. Control frames carry JSON; DATA frames carry
-records in LSN order::
+anything is decompressed or parsed. ``raw_len`` is the body's size once decompressed: it
+is bounded, and a zstd body must declare exactly that content size, before any memory is
+given to it. Control frames carry the JSON of a message (``messages.py``); DATA frames
+carry records in stored order::
 
-    DATA body: commit_lsn u64 | count u32 | count x record
+    DATA body: count u32 | count x record
     record:    key 18B | lsn u64 | kind u8 | len u32 | payload
 
-A DATA frame holds every record of each LSN it touches (frames are cut only between
-LSNs), so ``commit_lsn`` (its greatest record LSN) is a consistent point to publish once
-the frame is applied.
+A DATA frame may end anywhere between two records, inside one LSN too (a base-backup
+import puts a whole cluster at one LSN); the receiver publishes only LSNs it holds whole.
 """
 
 from __future__ import annotations
 
-import json
+import builtins
 import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from enum import IntEnum
-from typing import Any, Final
+from typing import Final
 
 import google_crc32c
 import zstandard
@@ -32,25 +31,17 @@ import zstandard
 from zenith.errors import TransferAborted
 from zenith.lsn import Lsn
 from zenith.storage import KEY_SIZE, Record, RecordKind
+from zenith.storage.api import MAX_PAYLOAD
+from zenith.transfer.messages import FrameType, M, Message, decode
 
 HEADER: Final = struct.Struct(">BBHIII")
 RECORD_HEADER: Final = struct.Struct(f">{KEY_SIZE}sQBI")
-DATA_HEADER: Final = struct.Struct(">QI")
-MAX_FRAME: Final = 64 * 1024 * 1024  # bound on body and raw sizes
+DATA_HEADER: Final = struct.Struct(">I")
+#: Bound on a frame's body, sent and decompressed: one record of the largest payload fits.
+MAX_FRAME: Final = MAX_PAYLOAD + (1 << 20)
 FRAME_TARGET: Final = 1024 * 1024  # cut DATA frames at about this many payload bytes
 FLAG_ZSTD: Final = 0x01
 _KINDS: Final = {k.value: k for k in RecordKind}
-
-
-class FrameType(IntEnum):
-    OFFER = 1  # sender -> receiver: the source's timelines (JSON)
-    PLAN = 2  # receiver -> sender: what to send, or why not (JSON)
-    TIMELINE = 3  # sender: the records that follow belong to this timeline range (JSON)
-    DATA = 4  # sender: records
-    TIMELINE_END = 5  # sender: final LSN, counts and digest of the timeline's records (JSON)
-    ACK = 6  # receiver: everything up to this LSN of this timeline is durable (JSON)
-    DONE = 7  # receiver: the outcome, after the branch name moved (JSON)
-    SUMMARY = 8  # sender, for a dry run: what it would send (JSON: records, bytes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,14 +49,9 @@ class Frame:
     type: FrameType
     body: bytes  # decompressed
 
-    def json(self) -> dict[str, Any]:
-        try:
-            value = json.loads(self.body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise TransferAborted(f"{self.type.name} frame holds no valid JSON") from exc
-        if not isinstance(value, dict):
-            raise TransferAborted(f"{self.type.name} frame holds no JSON object")
-        return value
+    def message(self, cls: builtins.type[M]) -> M:
+        """This frame as control message ``cls`` (checked: see ``messages.decode``)."""
+        return decode(cls, self.type, self.body)
 
 
 def encode_frame(
@@ -84,8 +70,8 @@ def encode_frame(
     return HEADER.pack(ftype, flags, 0, len(wire), len(body), crc) + wire
 
 
-def encode_json(ftype: FrameType, value: dict[str, Any]) -> bytes:
-    return encode_frame(ftype, json.dumps(value, separators=(",", ":")).encode())
+def encode_message(message: Message) -> bytes:
+    return encode_frame(message.TYPE, message.encode())
 
 
 def decode_frame(data: bytes | bytearray | memoryview) -> Frame:
@@ -107,6 +93,16 @@ def decode_frame(data: bytes | bytearray | memoryview) -> Frame:
     if google_crc32c.value(wire) != crc:
         raise TransferAborted(f"{kind.name} frame failed its CRC32C check")
     if flags & FLAG_ZSTD:
+        # A zstd frame may declare its content size, and the decompressor then allocates
+        # that much whatever ``max_output_size`` says: it must be the header's raw_len.
+        try:
+            declared = zstandard.frame_content_size(wire)
+        except zstandard.ZstdError as exc:
+            raise TransferAborted(f"{kind.name} frame is not zstd: {exc}") from exc
+        if declared not in (raw_len, -1):
+            raise TransferAborted(
+                f"{kind.name} frame declares {declared} bytes decompressed, header says {raw_len}"
+            )
         try:
             body = zstandard.ZstdDecompressor().decompress(wire, max_output_size=raw_len)
         except zstandard.ZstdError as exc:
@@ -119,8 +115,8 @@ def decode_frame(data: bytes | bytearray | memoryview) -> Frame:
 
 
 def encode_records(records: list[Record]) -> bytes:
-    """A DATA body. The records must be in LSN order."""
-    parts = [DATA_HEADER.pack(records[-1].lsn if records else 0, len(records))]
+    """A DATA body."""
+    parts = [DATA_HEADER.pack(len(records))]
     pack = RECORD_HEADER.pack
     for rec in records:
         parts.append(pack(rec.key, rec.lsn, rec.kind, len(rec.payload)))
@@ -128,15 +124,19 @@ def encode_records(records: list[Record]) -> bytes:
     return b"".join(parts)
 
 
-def decode_records(body: bytes) -> tuple[Lsn, list[Record]]:
-    """A DATA body to ``(commit_lsn, records)``; every length and value is checked."""
+def decode_records(body: bytes) -> list[Record]:
+    """A DATA body to its records, in LSN order; every length and value is checked."""
     if len(body) < DATA_HEADER.size:
         raise TransferAborted("truncated DATA frame")
-    commit_lsn, count = DATA_HEADER.unpack_from(body)
+    (count,) = DATA_HEADER.unpack_from(body)
     pos = DATA_HEADER.size
     records: list[Record] = []
     previous = 0
     size = RECORD_HEADER.size
+    if count == 0:
+        raise TransferAborted("a DATA frame without records")
+    if count * size > len(body):
+        raise TransferAborted(f"a DATA frame of {len(body)} bytes cannot hold {count} records")
     for _ in range(count):
         if pos + size > len(body):
             raise TransferAborted("truncated record header in DATA frame")
@@ -151,21 +151,19 @@ def decode_records(body: bytes) -> tuple[Lsn, list[Record]]:
         previous = lsn
     if pos != len(body):
         raise TransferAborted("trailing bytes after the records of a DATA frame")
-    if records and records[-1].lsn != commit_lsn:
-        raise TransferAborted("DATA frame's commit LSN is not its last record's")
-    return Lsn(commit_lsn), records
+    return records
 
 
 def cut_frames(records: Iterable[Record], target: int = FRAME_TARGET) -> Iterator[list[Record]]:
-    """Group records (in LSN order) into batches of about ``target`` payload bytes, cutting
-    only between LSNs so each batch ends at a consistent point."""
+    """Group records into batches of about ``target`` payload bytes, cut anywhere (a batch
+    may end inside one LSN): memory stays bounded whatever the size of one LSN."""
     batch: list[Record] = []
     size = 0
     for rec in records:
-        if size >= target and batch and rec.lsn != batch[-1].lsn:
-            yield batch
-            batch, size = [], 0
         batch.append(rec)
         size += len(rec.payload) + RECORD_HEADER.size
+        if size >= target:
+            yield batch
+            batch, size = [], 0
     if batch:
         yield batch

@@ -1,39 +1,36 @@
-"""Negotiation: what the receiving side decides to accept, given the sender's offer.
+"""Negotiation: what the receiving side accepts, given the sender's offer and proofs.
 
-The decision is a pure function of the offer (the source's timeline chain) and the
-receiver's repository, so it is tested without any I/O. It follows DESIGN §6: cases are
-decided on timelines, then the branch name is created or moved.
+Pure functions of the offer (the source's timeline chain), the sender's history hashes
+and the receiver's repository, so every case is tested without I/O. DESIGN §6:
+
+* identity first: every timeline of the chain that the receiver holds must have the same
+  ancestry and the same history hash up to where both have it (:func:`points_to_prove`),
+  or the histories diverged — refused, with or without ``--force``, since one timeline id
+  cannot hold two histories;
+* then cases are decided on timelines, and the branch name is created or moved;
+* a transfer writes only the destination's own chain: timelines it creates, the timeline
+  the destination name points to (when this pageserver is not its writer), and timelines
+  an interrupted transfer created and left unnamed.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import StrEnum
-from typing import Any
 
-from zenith.errors import InvalidArgument, TransferAborted, UnknownBranch, UnknownTimeline
+from zenith.errors import UnknownBranch, UnknownTimeline
 from zenith.ids import TimelineId
 from zenith.lsn import Lsn
 from zenith.storage import Repository, TimelineInfo
-
-
-class Status(StrEnum):
-    NEW = "new"  # destination branch absent: created
-    FAST_FORWARD = "fast-forward"  # destination behind, on the same or an ancestor timeline
-    UP_TO_DATE = "up-to-date"
-    FORCED = "forced"  # diverged, name repointed by --force (old timeline kept)
-    REJECTED = "rejected"
+from zenith.transfer.messages import PlanMsg, Point, RangeRequest, Status
 
 
 @dataclass(frozen=True)
 class Send:
-    """Records of ``timeline`` with lsn in ``(after, upto]``; ``create`` if the receiver
-    lacks the timeline (it is then created with the offered id and ancestry)."""
+    """Records of ``timeline`` in ``(after, upto]`` (less what ``request.resume`` says the
+    receiver holds); ``create``: the receiver creates the timeline first."""
 
     timeline: TimelineInfo
-    after: Lsn
-    upto: Lsn
-    create: bool
+    request: RangeRequest
 
 
 @dataclass
@@ -44,67 +41,9 @@ class Plan:
     source: TimelineInfo
     sends: list[Send] = field(default_factory=list)
 
-    def to_json(self, dry_run: bool) -> dict[str, Any]:
-        return {
-            "status": self.status.value,
-            "message": self.message,
-            "dry_run": dry_run,
-            "old": _tl_json(self.old) if self.old else None,
-            "sends": [
-                {"timeline_id": str(s.timeline.timeline_id), "after": str(s.after),
-                 "upto": str(s.upto), "create": s.create}
-                for s in self.sends
-            ],
-        }
-
-
-def _tl_json(tl: TimelineInfo) -> dict[str, Any]:
-    return {
-        "timeline_id": str(tl.timeline_id),
-        "ancestor_id": str(tl.ancestor_id) if tl.ancestor_id else None,
-        "ancestor_lsn": str(tl.ancestor_lsn) if tl.ancestor_lsn is not None else None,
-        "last_record_lsn": str(tl.last_record_lsn),
-        "min_readable_lsn": str(tl.min_readable_lsn),
-    }
-
-
-def chain_to_json(chain: list[TimelineInfo]) -> list[dict[str, Any]]:
-    """The source's chain, root first, as the OFFER carries it."""
-    return [_tl_json(t) for t in chain]
-
-
-def chain_from_json(raw: Any) -> list[TimelineInfo]:
-    """Parse and check an offered chain: root first, each the child of the one before at an
-    LSN within it. Anything else is refused (it comes from the network)."""
-    if not isinstance(raw, list) or not 1 <= len(raw) <= 10_000:
-        raise TransferAborted("the offer's timeline chain is missing or too long")
-    chain: list[TimelineInfo] = []
-    try:
-        for item in raw:
-            anc = item["ancestor_id"]
-            tl = TimelineInfo(
-                timeline_id=TimelineId.parse(item["timeline_id"]),
-                ancestor_id=TimelineId.parse(anc) if anc is not None else None,
-                ancestor_lsn=Lsn.parse(item["ancestor_lsn"]) if anc is not None else None,
-                last_record_lsn=Lsn.parse(item["last_record_lsn"]),
-                min_readable_lsn=Lsn.parse(item["min_readable_lsn"]),
-            )
-            chain.append(tl)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise TransferAborted(f"malformed timeline in the offer: {exc}") from exc
-    for i, tl in enumerate(chain):
-        parent = chain[i - 1] if i else None
-        if (parent is None) != (tl.ancestor_id is None):
-            raise TransferAborted("the offer's chain does not start at a root timeline")
-        if parent is not None:
-            assert tl.ancestor_lsn is not None
-            if tl.ancestor_id != parent.timeline_id or tl.ancestor_lsn > parent.last_record_lsn:
-                raise TransferAborted("the offer's chain is not a line of descent")
-        if tl.last_record_lsn < tl.start_lsn or tl.min_readable_lsn < tl.start_lsn:
-            raise TransferAborted("an offered timeline ends before it starts")
-    if len({t.timeline_id for t in chain}) != len(chain):
-        raise TransferAborted("the offer's chain repeats a timeline")
-    return chain
+    def to_message(self, dry_run: bool, compression: str | None) -> PlanMsg:
+        return PlanMsg(self.status, self.message, dry_run, self.old,
+                       tuple(s.request for s in self.sends), compression)
 
 
 def _held(repo: Repository, tid: TimelineId) -> TimelineInfo | None:
@@ -114,16 +53,60 @@ def _held(repo: Repository, tid: TimelineId) -> TimelineInfo | None:
         return None
 
 
+def _needed(chain: tuple[TimelineInfo, ...], i: int) -> Lsn:
+    """How far the chain needs timeline ``i``: the next one's branch point, or its end."""
+    nxt = chain[i + 1].ancestor_lsn if i + 1 < len(chain) else chain[i].last_record_lsn
+    assert nxt is not None
+    return nxt
+
+
+def points_to_prove(repo: Repository, chain: tuple[TimelineInfo, ...]) -> list[Point]:
+    """Where the sender must prove its history: every chain timeline held here, at the
+    lower of our ``last_record_lsn`` and the LSN the chain needs it to."""
+    points = []
+    for i, tl in enumerate(chain):
+        held = _held(repo, tl.timeline_id)
+        if held is not None:
+            points.append(Point(tl.timeline_id, min(held.last_record_lsn, _needed(chain, i))))
+    return points
+
+
 def make_plan(
-    repo: Repository, dest_name: str, chain: list[TimelineInfo], *, pushing: bool, force: bool
+    repo: Repository,
+    dest_name: str,
+    chain: tuple[TimelineInfo, ...],
+    mismatched: dict[TimelineId, Lsn],
+    *,
+    pushing: bool,
+    force: bool,
 ) -> Plan:
-    """Decide what to receive for branch ``dest_name`` from the offered ``chain``."""
+    """Decide what to receive for branch ``dest_name`` from the offered ``chain`` (root
+    first). ``mismatched``: the timelines whose proof failed, with the LSN of the proof."""
     source = chain[-1]
     try:
         old: TimelineInfo | None = repo.get_branch(dest_name).timeline
     except UnknownBranch:
         old = None
     here, there = ("remote", "local") if pushing else ("local", "remote")
+
+    def reject(message: str) -> Plan:
+        return Plan(Status.REJECTED, message, old, source)
+
+    for tl in chain:
+        held = _held(repo, tl.timeline_id)
+        if held is not None and (held.ancestor_id, held.ancestor_lsn) != \
+                (tl.ancestor_id, tl.ancestor_lsn):
+            return reject(
+                f"rejected: histories diverged: timeline {tl.timeline_id} has another ancestry "
+                f"{here} than {there}; it cannot be received (no --force: one timeline id "
+                "cannot hold two histories)"
+            )
+        if tl.timeline_id in mismatched:
+            return reject(
+                f"rejected: histories diverged: timeline {tl.timeline_id} holds different "
+                f"records {here} than {there} up to {mismatched[tl.timeline_id]}; it cannot be "
+                "received (no --force: one timeline id cannot hold two histories)"
+            )
 
     if old is None:
         status, message = Status.NEW, f"new branch {dest_name}"
@@ -132,12 +115,8 @@ def make_plan(
             return Plan(Status.UP_TO_DATE, "Everything up-to-date", old, source)
         if old.last_record_lsn > source.last_record_lsn:
             if pushing:
-                return Plan(
-                    Status.REJECTED,
-                    f"rejected: remote is ahead ({old.last_record_lsn} > "
-                    f"{source.last_record_lsn}); pull first",
-                    old, source,
-                )
+                return reject(f"rejected: remote is ahead ({old.last_record_lsn} > "
+                              f"{source.last_record_lsn}); pull first")
             return Plan(Status.UP_TO_DATE,
                         f"Already up-to-date (local is ahead: {old.last_record_lsn} > "
                         f"{source.last_record_lsn})", old, source)
@@ -153,23 +132,23 @@ def make_plan(
                 status, message = _diverged(old, source, dest_name, here, there, force)
         elif source.timeline_id in _ancestor_ids(repo, old):
             # The destination descends from the source: it holds all of it and more.
-            if pushing and not force:
-                return Plan(
-                    Status.REJECTED,
-                    f"rejected: remote {dest_name} is ahead (on timeline {old.timeline_id}, "
-                    f"which descends from {source.timeline_id}); pull first",
-                    old, source,
-                )
             if not pushing:
                 return Plan(Status.UP_TO_DATE, "Already up-to-date (local descends from remote)",
                             old, source)
+            if not force:
+                return reject(
+                    f"rejected: remote {dest_name} is ahead (on timeline {old.timeline_id}, "
+                    f"which descends from {source.timeline_id}); pull first"
+                )
             status, message = Status.FORCED, "forced update"
         else:
             status, message = _diverged(old, source, dest_name, here, there, force)
         if status is Status.REJECTED:
-            return Plan(status, message, old, source)
+            return reject(message)
 
-    sends = _sends(repo, chain)
+    sends = _sends(repo, chain, old, dest_name)
+    if isinstance(sends, str):
+        return reject(sends)
     return Plan(status, message, old, source, sends)
 
 
@@ -193,23 +172,38 @@ def _ancestor_ids(repo: Repository, tl: TimelineInfo) -> set[TimelineId]:
     return out
 
 
-def _sends(repo: Repository, chain: list[TimelineInfo]) -> list[Send]:
-    """For each timeline of the chain, root first, the records the receiver lacks up to the
-    point the chain needs (the branch point of the next one; the source's end)."""
+def _sends(
+    repo: Repository, chain: tuple[TimelineInfo, ...], old: TimelineInfo | None, dest: str
+) -> list[Send] | str:
+    """For each timeline of the chain, root first, the records the receiver lacks up to
+    where the chain needs it; or why it may not write them."""
+    named: dict[TimelineId, list[str]] = {}
+    for b in repo.list_branches():
+        named.setdefault(b.timeline.timeline_id, []).append(b.name)
+    parents = {t.ancestor_id for t in repo.list_timelines() if t.ancestor_id is not None}
     sends: list[Send] = []
     for i, tl in enumerate(chain):
-        needed = chain[i + 1].ancestor_lsn if i + 1 < len(chain) else tl.last_record_lsn
-        assert needed is not None
+        needed = _needed(chain, i)
         held = _held(repo, tl.timeline_id)
-        if held is not None:
-            if held.ancestor_id != tl.ancestor_id or held.ancestor_lsn != tl.ancestor_lsn:
-                raise InvalidArgument(
-                    f"timeline {tl.timeline_id} exists here with another ancestry; "
-                    "refusing to mix histories"
-                )
-            if held.last_record_lsn >= needed:
-                continue
-            sends.append(Send(tl, held.last_record_lsn, needed, create=False))
-        else:
-            sends.append(Send(tl, tl.start_lsn, needed, create=True))
+        if held is None:
+            request = RangeRequest(tl.timeline_id, tl.start_lsn, needed, create=True)
+            sends.append(Send(tl, request))
+            continue
+        if held.last_record_lsn >= needed:
+            continue
+        ours = old is not None and held.timeline_id == old.timeline_id
+        orphan = held.timeline_id not in named and held.timeline_id not in parents
+        if not held.received:
+            return (f"rejected: histories diverged: timeline {tl.timeline_id} is written by "
+                    "this pageserver; it cannot receive history for it from elsewhere")
+        if not (ours or orphan):
+            names = ", ".join(sorted(named.get(held.timeline_id, []))) or "a descendant"
+            return (f"rejected: timeline {tl.timeline_id} is held here at "
+                    f"{held.last_record_lsn} (by {names}) and {dest} needs it up to {needed}; "
+                    f"a transfer to {dest} writes only {dest}'s own timelines: transfer "
+                    f"{names} first")
+        pending = held.pending
+        resume = pending if pending is not None and pending.lsn <= needed else None
+        request = RangeRequest(tl.timeline_id, held.last_record_lsn, needed, False, resume)
+        sends.append(Send(tl, request))
     return sends

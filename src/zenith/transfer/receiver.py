@@ -1,0 +1,269 @@
+"""The receiving end of a push or pull: :func:`receive_branch`.
+
+Its loop, over the exchange in ``messages.py``: read the offer, take the locks of the
+destination name and of the offered timelines, ask the sender to prove its history where
+ours overlaps it, plan (``plan.py``), then for each planned range apply the DATA frames in
+groups — each group one transaction, ACKed once durable — check the range's end against
+what arrived (counts and history hash), and finally move the branch name.
+
+Durability: a group's greatest LSN may continue in the next frame, so it is stored as the
+pending cursor and only the LSNs before it are published; an interrupted transfer leaves
+a consistent ``last_record_lsn`` plus the cursor, and the next plan resumes after it.
+Bounds (DESIGN §12): frames are bounded by the codec, the read-ahead by bytes, the peer's
+silence by ``timeout``; checks, decompression and storage run in worker threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass
+
+from zenith.errors import PushRejected, TransferAborted
+from zenith.ids import TimelineId
+from zenith.lsn import Lsn
+from zenith.storage import Cursor, Record, Repository
+from zenith.transfer.channel import (
+    DEFAULT_TIMEOUT,
+    Channel,
+    TransferLocks,
+    read_message,
+    read_raw,
+    send,
+)
+from zenith.transfer.frames import HEADER, Frame, decode_frame, decode_records
+from zenith.transfer.messages import (
+    Ack,
+    Ask,
+    Done,
+    FrameType,
+    Offer,
+    Progress,
+    ProgressFn,
+    Proof,
+    Range,
+    RangeEnd,
+    Status,
+    Summary,
+    TransferResult,
+)
+from zenith.transfer.plan import Plan, Send, make_plan, points_to_prove
+
+#: Read-ahead while the previous group commits, and the most one transaction takes.
+READ_AHEAD_BYTES = 32 * 1024 * 1024
+GROUP_BYTES = 16 * 1024 * 1024
+
+
+async def receive_branch(
+    channel: Channel,
+    repo: Repository,
+    dest_name: str,
+    *,
+    pushing: bool,
+    force: bool = False,
+    dry_run: bool = False,
+    progress: ProgressFn | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+    locks: TransferLocks | None = None,
+) -> TransferResult:
+    """Receive into branch ``dest_name``. ``pushing`` says whether the peer is pushing to
+    us (for the wording and rules of DESIGN §6). Raises PushRejected when the plan
+    rejects; anything the sender does wrong is TransferAborted with nothing published
+    beyond what was acknowledged."""
+    started = time.monotonic()
+    offer = await read_message(channel, Offer, timeout)
+    keys = [f"branch:{dest_name}", *(f"timeline:{t.timeline_id}" for t in offer.chain)]
+    async with (locks or TransferLocks()).hold(keys, wait=timeout):
+        plan = await _negotiate(channel, repo, dest_name, offer, pushing, force, timeout)
+        await send(channel, plan.to_message(
+            dry_run, "zstd" if "zstd" in offer.compression else None))
+
+        def result(records: int, nbytes: int) -> TransferResult:
+            old, source = plan.old, plan.source
+            return TransferResult(plan.status, plan.message, source.timeline_id,
+                                  old.timeline_id if old else None,
+                                  old.last_record_lsn if old else None, source.last_record_lsn,
+                                  records, nbytes, time.monotonic() - started, dry_run)
+
+        if plan.status is Status.REJECTED:
+            raise PushRejected(plan.message, hint="nothing was changed")
+        if plan.status is Status.UP_TO_DATE:
+            return result(0, 0)
+        if dry_run:
+            summary = await read_message(channel, Summary, timeout)
+            return result(summary.records, summary.bytes)
+
+        state = Progress()
+        for item in plan.sends:
+            await _receive_range(channel, repo, item, state, progress, timeout)
+        await asyncio.to_thread(repo.set_branch, dest_name, plan.source.timeline_id)
+        outcome = result(state.records_done, state.bytes_done)
+        await send(channel, Done(outcome))
+        return outcome
+
+
+async def _negotiate(
+    channel: Channel, repo: Repository, dest_name: str, offer: Offer, pushing: bool,
+    force: bool, timeout: float,
+) -> Plan:
+    """Ask for proofs where our history overlaps the offer, compare them, plan."""
+    points = await asyncio.to_thread(points_to_prove, repo, offer.chain)
+    await send(channel, Ask(tuple(points)))
+    proof = await read_message(channel, Proof, timeout)
+    if len(proof.hashes) != len(points):
+        raise TransferAborted(f"asked for {len(points)} proofs, got {len(proof.hashes)}")
+    ours = await asyncio.to_thread(
+        lambda: [repo.history_hash(p.timeline_id, p.lsn) for p in points])
+    mismatched = {p.timeline_id: p.lsn
+                  for p, mine, theirs in zip(points, ours, proof.hashes, strict=True)
+                  if mine != theirs}
+    return await asyncio.to_thread(
+        make_plan, repo, dest_name, offer.chain, mismatched, pushing=pushing, force=force)
+
+
+class _ReadAhead:
+    """Frames read ahead of the committing thread, bounded by bytes (one frame always
+    fits): DATA frames raw (checked in the worker), then the RANGE_END, or the error."""
+
+    def __init__(self) -> None:
+        self.items: list[bytes | Frame | BaseException] = []
+        self.size = 0
+        self.changed = asyncio.Event()
+
+    async def put(self, item: bytes | Frame | BaseException) -> None:
+        while self.size >= READ_AHEAD_BYTES:
+            self.changed.clear()
+            await self.changed.wait()
+        self.items.append(item)
+        self.size += len(item) if isinstance(item, bytes) else 0
+        self.changed.set()
+
+    async def take_group(self) -> list[bytes | Frame | BaseException]:
+        """Wait for something, then take what is there (up to GROUP_BYTES of DATA)."""
+        while not self.items:
+            self.changed.clear()
+            await self.changed.wait()
+        group: list[bytes | Frame | BaseException] = []
+        size = 0
+        while self.items and size < GROUP_BYTES:
+            item = self.items.pop(0)
+            group.append(item)
+            if not isinstance(item, bytes):
+                break
+            size += len(item)
+            self.size -= len(item)
+        self.changed.set()
+        return group
+
+
+async def _pump(channel: Channel, ahead: _ReadAhead, timeout: float) -> None:
+    """Read one range's frames up to its RANGE_END; a failure is queued after the good
+    frames before it. Only the frame type is looked at here."""
+    try:
+        while True:
+            data = await read_raw(channel, timeout)
+            if len(data) >= HEADER.size and data[0] == FrameType.DATA:
+                await ahead.put(data)
+                continue
+            frame = decode_frame(data)
+            if frame.type is not FrameType.RANGE_END:
+                raise TransferAborted(f"expected DATA or RANGE_END, got a {frame.type.name} frame")
+            await ahead.put(frame)
+            return
+    except asyncio.CancelledError:
+        raise
+    except BaseException as exc:
+        await ahead.put(exc)
+
+
+@dataclass
+class _Applied:
+    records: int
+    payload: int
+    last_lsn: Lsn  # greatest record LSN so far
+
+
+def _apply(repo: Repository, tid: TimelineId, frames: list[bytes], after: Lsn, upto: Lsn,
+           last: Lsn) -> tuple[_Applied, Lsn, Cursor | None]:
+    """Check and decode DATA frames and store their records in one transaction, the last
+    LSN left pending. Runs in a worker thread."""
+    batch: list[Record] = []
+    top = last
+    for data in frames:
+        records = decode_records(decode_frame(data).body)
+        first, final = records[0].lsn, records[-1].lsn
+        if first < top or first <= after or final > upto:
+            raise TransferAborted(
+                f"DATA frame records {first}..{final} fall outside the range ({after}, {upto}] "
+                f"or before records already received ({top})"
+            )
+        batch.extend(records)
+        top = final
+    written = repo.put_records(tid, batch, partial=True)
+    info = repo.get_timeline(tid)
+    return (_Applied(len(batch), sum(len(r.payload) for r in batch), top),
+            written.last_record_lsn, info.pending)
+
+
+async def _receive_range(
+    channel: Channel, repo: Repository, item: Send, state: Progress,
+    progress: ProgressFn | None, timeout: float,
+) -> None:
+    request, tl = item.request, item.timeline
+    head = await read_message(channel, Range, timeout)
+    if head.request != request:
+        raise TransferAborted("the sender announced another range than the plan asked for")
+    state.records_total, state.bytes_total = head.total_records, head.total_bytes
+    if request.create:
+        await asyncio.to_thread(
+            repo.create_timeline, tl.timeline_id,
+            (tl.ancestor_id, tl.ancestor_lsn)
+            if tl.ancestor_id is not None and tl.ancestor_lsn is not None else None,
+            min_readable_lsn=tl.min_readable_lsn, received=True,
+        )
+    records, nbytes = 0, 0
+    end: RangeEnd | None = None
+    last = request.resume.lsn if request.resume else request.after
+    ahead = _ReadAhead()
+    pump = asyncio.create_task(_pump(channel, ahead, timeout))
+    try:
+        while True:
+            group = await ahead.take_group()
+            data = [g for g in group if isinstance(g, bytes)]
+            if data:
+                # One transaction for every frame that arrived while the last one
+                # committed: the commit rate follows fsync's latency, not the frame rate.
+                applied, published, pending = await asyncio.to_thread(
+                    _apply, repo, request.timeline_id, data, request.after, request.upto, last)
+                last = applied.last_lsn
+                records += applied.records
+                nbytes += applied.payload
+                state.records_done += applied.records
+                state.bytes_done += applied.payload
+                state.acked_lsn = published
+                await send(channel, Ack(request.timeline_id, published, pending))
+                if progress is not None:
+                    progress(state)
+            tail = group[-1]
+            if isinstance(tail, BaseException):
+                raise tail
+            if isinstance(tail, Frame):
+                end = tail.message(RangeEnd)
+                break
+    finally:
+        pump.cancel()
+        with contextlib.suppress(BaseException):
+            await pump
+    assert end is not None
+    if (end.timeline_id, end.upto) != (request.timeline_id, request.upto) \
+            or (end.records, end.nbytes) != (records, nbytes):
+        raise TransferAborted(
+            f"timeline {request.timeline_id}: the range's end does not match what arrived "
+            f"({records} records, {nbytes} bytes); kept everything acknowledged"
+        )
+    # Publish the range's end only if our records hash to what the sender's do there.
+    await asyncio.to_thread(
+        repo.put_records, request.timeline_id, [], request.upto, expect_hash=end.hash)
+    state.acked_lsn = request.upto
+    await send(channel, Ack(request.timeline_id, request.upto))

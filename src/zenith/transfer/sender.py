@@ -1,0 +1,201 @@
+"""The sending end of a push or pull: :func:`send_branch`.
+
+Push and pull both run it (the pushing pageserver sends; for a pull, the remote one does).
+Its loop, over the exchange in ``messages.py``: offer the chain, prove the hashes the
+receiver asks for, read the plan, then stream each planned range and wait for DONE. The
+receiver decides everything; the sender checks that what it is asked for is its own
+history, and reads its records off the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import time
+from collections.abc import Iterator
+
+import zstandard
+
+from zenith.errors import PushRejected, TransferAborted
+from zenith.storage import Record, Repository, TimelineInfo
+from zenith.transfer.channel import DEFAULT_TIMEOUT, Channel, read_frame, read_message, send
+from zenith.transfer.frames import cut_frames, encode_frame, encode_records
+from zenith.transfer.messages import (
+    Ack,
+    Ask,
+    Done,
+    FrameType,
+    Offer,
+    PlanMsg,
+    Progress,
+    ProgressFn,
+    Proof,
+    Range,
+    RangeEnd,
+    RangeRequest,
+    Status,
+    Summary,
+    TransferResult,
+)
+
+
+async def send_branch(
+    channel: Channel,
+    repo: Repository,
+    chain: list[TimelineInfo],
+    *,
+    compress: bool = True,
+    progress: ProgressFn | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> TransferResult:
+    """Offer the timeline ``chain[0]`` (``chain``: it and its ancestors, nearest first, as
+    ``Repository.ancestry`` gives them) and send what the receiver asks for. Raises
+    PushRejected when the receiver refuses, TransferAborted/PeerTimeout when it misbehaves."""
+    started = time.monotonic()
+    offered = tuple(reversed(chain))
+    source = offered[-1]
+    await send(channel, Offer(offered, ("zstd",) if compress else ()))
+    # The receiver may first wait for another transfer of the same timelines to finish.
+    ask = await read_message(channel, Ask, 2 * timeout)
+    await send(channel, Proof(tuple(await asyncio.to_thread(_prove, repo, offered, ask))))
+    plan = await read_message(channel, PlanMsg, timeout)
+    ranges = _check_ranges(plan, offered)
+
+    state = Progress()
+    for request in ranges:
+        n, size = await asyncio.to_thread(
+            repo.count_records, request.timeline_id, request.after, request.upto
+        )
+        skipped = request.resume.count if request.resume else 0
+        state.records_total += max(0, n - skipped)
+        state.bytes_total += size
+
+    def result(records: int, nbytes: int) -> TransferResult:
+        old = plan.old
+        return TransferResult(plan.status, plan.message, source.timeline_id,
+                              old.timeline_id if old else None,
+                              old.last_record_lsn if old else None, source.last_record_lsn,
+                              records, nbytes, time.monotonic() - started, plan.dry_run)
+
+    if plan.status is Status.REJECTED:
+        raise PushRejected(plan.message, hint="nothing was changed")
+    if plan.status is Status.UP_TO_DATE:
+        return result(0, 0)
+    if plan.dry_run:
+        await send(channel, Summary(state.records_total, state.bytes_total))
+        return result(state.records_total, state.bytes_total)
+
+    compressor = zstandard.ZstdCompressor(level=1) if plan.compression == "zstd" else None
+    reader = asyncio.create_task(_read_acks(channel, state, timeout))
+    try:
+        for request in ranges:
+            await _send_range(channel, repo, request, state, compressor, reader, progress)
+        done = await reader
+    finally:
+        if not reader.done():
+            reader.cancel()
+        with contextlib.suppress(BaseException):
+            await reader  # retrieve its outcome: never an unobserved exception
+    # Our own counts (what we sent); the receiver's words for what happened.
+    return dataclasses.replace(result(state.records_done, state.bytes_done),
+                               message=done.result.message if done else plan.message)
+
+
+def _prove(repo: Repository, chain: tuple[TimelineInfo, ...], ask: Ask) -> list[bytes]:
+    """The history hash at each asked point, which must lie within our offered history."""
+    offered = {t.timeline_id: t for t in chain}
+    if len(ask.points) > len(chain):
+        raise TransferAborted("the receiver asked for more proofs than timelines offered")
+    hashes = []
+    for point in ask.points:
+        tl = offered.get(point.timeline_id)
+        if tl is None or not tl.start_lsn <= point.lsn <= tl.last_record_lsn:
+            raise TransferAborted(
+                f"the receiver asked for a proof outside the offer ({point.timeline_id} "
+                f"at {point.lsn})"
+            )
+        hashes.append(repo.history_hash(point.timeline_id, point.lsn))
+    return hashes
+
+
+def _check_ranges(plan: PlanMsg, chain: tuple[TimelineInfo, ...]) -> list[RangeRequest]:
+    """The planned ranges must be parts of the offered timelines, each asked at most once,
+    in the chain's order (ancestors first)."""
+    order = {t.timeline_id: i for i, t in enumerate(chain)}
+    last = -1
+    for r in plan.ranges:
+        i = order.get(r.timeline_id)
+        if i is None or i <= last:
+            raise TransferAborted(f"the receiver's plan asks for timeline {r.timeline_id} "
+                                  "out of the offer or out of order")
+        last = i
+        tl = chain[i]
+        if not tl.start_lsn <= r.after <= r.upto <= tl.last_record_lsn:
+            raise TransferAborted(f"the receiver's plan asks for ({r.after}, {r.upto}] of "
+                                  f"timeline {r.timeline_id}, outside its history")
+    return list(plan.ranges)
+
+
+async def _read_acks(channel: Channel, state: Progress, timeout: float) -> Done | None:
+    """Read ACKs (progress) until DONE; raises what the receiver raised."""
+    while True:
+        frame = await read_frame(channel, timeout)
+        if frame.type is FrameType.DONE:
+            return frame.message(Done)
+        state.acked_lsn = frame.message(Ack).lsn
+
+
+async def _write(channel: Channel, data: bytes, reader: asyncio.Task[Done | None]) -> None:
+    """Write, unless the receiver already failed or finished: then raise what it said."""
+    if reader.done():
+        reader.result()  # raises the receiver's error
+        raise TransferAborted("the receiver ended the transfer early")
+    try:
+        await channel.write(data)
+    except Exception:
+        if reader.done() and reader.exception() is not None:
+            raise reader.exception() from None  # type: ignore[misc]
+        raise
+
+
+async def _send_range(
+    channel: Channel,
+    repo: Repository,
+    request: RangeRequest,
+    state: Progress,
+    compressor: zstandard.ZstdCompressor | None,
+    reader: asyncio.Task[Done | None],
+    progress: ProgressFn | None,
+) -> None:
+    await _write(channel, encode_frame(FrameType.RANGE, Range(
+        request, state.records_total, state.bytes_total).encode()), reader)
+    records, nbytes = 0, 0
+    batches = cut_frames(repo.iter_records(
+        request.timeline_id, request.after, request.upto, skip=request.resume))
+    while True:
+        chunk = await asyncio.to_thread(_next_frame, batches, compressor)
+        if chunk is None:
+            break
+        wire, count, payload = chunk
+        await _write(channel, wire, reader)
+        records += count
+        nbytes += payload
+        state.records_done += count
+        state.bytes_done += payload
+        if progress is not None:
+            progress(state)
+    digest = await asyncio.to_thread(repo.history_hash, request.timeline_id, request.upto)
+    end = RangeEnd(request.timeline_id, request.upto, records, nbytes, digest)
+    await _write(channel, encode_frame(FrameType.RANGE_END, end.encode()), reader)
+
+
+def _next_frame(
+    batches: Iterator[list[Record]], compressor: zstandard.ZstdCompressor | None
+) -> tuple[bytes, int, int] | None:
+    batch = next(batches, None)
+    if batch is None:
+        return None
+    body = encode_records(batch)
+    return (encode_frame(FrameType.DATA, body, compressor=compressor), len(batch),
+            sum(len(r.payload) for r in batch))
