@@ -16,6 +16,7 @@ from benchmarks import (
     export_bench,
     ingest_bench,
     pageserver_bench,
+    real_push_bench,
     storage_bench,
     transfer_bench,
 )
@@ -33,6 +34,7 @@ def main() -> None:
         "transfer": lambda: transfer_bench.run((32 << 20) if quick else (1 << 30)),
         "ingest": lambda: ingest_bench.run(10 if quick else 60, 2 if quick else 10),
         "export": lambda: export_bench.run(2 if quick else 50),
+        "real_push": lambda: real_push_bench.run(2 if quick else 25),
     }
     load_before = os.getloadavg()[0]
     sections: list[Section] = []

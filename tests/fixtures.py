@@ -63,11 +63,11 @@ class PageserverProc:
         return zenith("-D", str(self.path), *args, **kw)  # type: ignore[arg-type]
 
     def uri(self, user: str | None = None, password: str | None = None, db: str = "zenith",
-            query: str = "") -> str:
+            query: str = "", port: int | None = None) -> str:
         if user is None:
             user, password = self.config.cli_credentials
         auth = quote(user, safe="") + (f":{quote(password, safe='')}" if password else "")
-        return f"postgresql://{auth}@127.0.0.1:{self.port}/{db}{query}"
+        return f"postgresql://{auth}@127.0.0.1:{port or self.port}/{db}{query}"
 
     def add_user(self, name: str, password: str, role: str) -> None:
         self.cli("user", "add", name, "--role", role, "--password-stdin", input=password + "\n",

@@ -40,7 +40,6 @@ from tests.cli.realpg import (
 )
 from tests.fixtures import PageserverProc, make_pageserver
 from tests.pgcluster import PGBIN, PgCluster
-from tests.transfer.test_faults import _check_consistent, _progress
 from zenith.lsn import Lsn
 
 pytestmark = [
@@ -155,6 +154,35 @@ def _repo_bytes(ps: PageserverProc) -> int:
     return total
 
 
+def _timeline(ps: PageserverProc, tid: str) -> dict[str, str | None] | None:
+    return next((r for r in ps.query("timeline_list") if r["timeline_id"] == tid), None)
+
+
+def _consistent(src: PageserverProc, dst: PageserverProc, tid: str) -> Lsn:
+    """The receiver's timeline is at an LSN where its state equals the sender's (as
+    test_faults checks it, but compared only from the LSN an imported timeline is readable
+    from); that LSN (0/0: none yet, or no timeline)."""
+    row = _timeline(dst, tid)
+    at = Lsn.parse(str(row["last_record_lsn"])) if row else Lsn(0)
+    readable = Lsn.parse(str(_timeline(src, tid)["min_readable_lsn"]))  # type: ignore[index]
+    if at >= readable:
+        assert dst.digest(f"{tid}@{at}") == src.digest(f"main@{at}"), at
+    return at
+
+
+def _settle(ps: PageserverProc, quiet: float = 1.0, timeout: float = 60) -> None:
+    """Wait until ``ps`` stops writing (its repository's size holds still for ``quiet``
+    seconds): a receiver whose sender died may still be applying what it had read."""
+    deadline = time.monotonic() + timeout
+    size, since = _repo_bytes(ps), time.monotonic()
+    while time.monotonic() - since < quiet:
+        assert time.monotonic() < deadline, "the pageserver kept writing"
+        time.sleep(0.1)
+        now = _repo_bytes(ps)
+        if now != size:
+            size, since = now, time.monotonic()
+
+
 class _BackgroundPush:
     """``zenith push`` in a process of its own; stderr's progress lines read as they come."""
 
@@ -196,7 +224,7 @@ def test_real_push_killed_mid_import_lsn_resumes(imported: tuple[PageserverProc,
     a.cli("origin", "add", "b", b.uri(), check=True)
     src = a.branch("main")
     tid, last = str(src["timeline_id"]), str(src["last_record_lsn"])
-    final = _progress(a, tid)
+    final = Lsn.parse(last)
     digest = a.digest("main")
 
     # what a full push sends: the baseline the resumed push must stay well under
@@ -213,7 +241,7 @@ def test_real_push_killed_mid_import_lsn_resumes(imported: tuple[PageserverProc,
                                           push.finish())
         assert time.monotonic() < deadline, ("no progress", push.lines)
         across = max(push.fraction(), (_repo_bytes(b) - before) / (full_mib * MiB))
-        if across >= KILL_AT and any(t["timeline_id"] == tid for t in b.query("timeline_list")):
+        if across >= KILL_AT and _timeline(b, tid) is not None:
             break
         time.sleep(0.02)
     (a if killed == "sender" else b).kill()
@@ -225,11 +253,12 @@ def test_real_push_killed_mid_import_lsn_resumes(imported: tuple[PageserverProc,
         assert re.search(r"error: push interrupted: .*server at 127\.0\.0\.1:\d+", err), err
         assert err.splitlines()[-1].startswith("hint: the destination kept"), err
     (a if killed == "sender" else b).start()
+    _settle(b)
 
     # the receiver is consistent: no branch name yet, and its timeline (equal to the
     # sender's up to where it is) has not completed the import LSN: the kill fell inside it
     assert [r for r in b.query("branch_list") if r["name"] == "main"] == []
-    assert _check_consistent(a, b, tid) < import_lsn < final
+    assert _consistent(a, b, tid) < import_lsn < final
     assert a.digest("main") == digest  # the sender lost nothing
 
     resumed = a.cli("push", "main", "b", timeout=600)

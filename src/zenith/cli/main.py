@@ -175,11 +175,16 @@ def status(repo: Repo) -> None:
               help="Rounds; each rewrites every page at growing LSNs.")
 @click.option("--seed", type=click.IntRange(0, 1 << 62), default=0, show_default=True)
 @click.option("--page-size", type=click.IntRange(16, 1 << 20), default=8192, show_default=True)
+@click.option("--one-lsn", is_flag=True,
+              help="Write each round's pages at one LSN, as a base-backup import does.")
 @pass_repo
-def generate(repo: Repo, branch: str, pages: int, rounds: int, seed: int, page_size: int) -> None:
-    """Write deterministic synthetic page history into BRANCH (created if missing)."""
+def generate(repo: Repo, branch: str, pages: int, rounds: int, seed: int, page_size: int,
+             one_lsn: bool) -> None:
+    """Write deterministic synthetic page history into BRANCH (created if missing). A
+    branch received from another pageserver first gets a timeline of its own."""
     answer = repo.query(
         "generate", branch, str(pages), str(rounds), str(seed), str(page_size),
+        *(["one_lsn"] if one_lsn else []),
         on_notice=lambda m: click.echo(f"  {m}", err=True),
         timeout=3600.0,
     ).dicts()[0]

@@ -183,11 +183,13 @@ async def _timeline_list(server: Pageserver, session: Session, args: list[str]) 
         names.setdefault(b.timeline.timeline_id, []).append(b.name)
     rows = [
         [*timeline_row(None, t)[1:], str(t.min_readable_lsn),
-         ",".join(names.get(t.timeline_id, []))]
+         ",".join(names.get(t.timeline_id, [])), "true" if t.received else "false",
+         str(t.pending.lsn) if t.pending else None, str(t.pending.count) if t.pending else "0"]
         for t in server.repo.list_timelines()
     ]
     await session.send_rows(
-        [*BRANCH_COLUMNS[1:], "min_readable_lsn", "branches"], rows, f"SELECT {len(rows)}"
+        [*BRANCH_COLUMNS[1:], "min_readable_lsn", "branches", "received", "pending_lsn",
+         "pending_records"], rows, f"SELECT {len(rows)}"
     )
 
 
@@ -238,10 +240,13 @@ async def _digest(server: Pageserver, session: Session, args: list[str]) -> None
 
 @command(
     "generate",
-    "<branch> <pages> <rounds> [<seed>] [<page-size>]",
+    "<branch> <pages> <rounds> [<seed>] [<page-size>] [one_lsn]",
     "write deterministic synthetic page history (round r rewrites every page)",
 )
 async def _generate(server: Pageserver, session: Session, args: list[str]) -> None:
+    one_lsn = len(args) == 6 and args[5].lower() == "one_lsn"
+    if one_lsn:
+        args = args[:5]
     expect_args(args, 3, 5)
     require(session.user, Role.ADMIN, "generate history")
     pages = _int(args[1], "pages", 1, 1 << 24)
@@ -266,7 +271,7 @@ async def _generate(server: Pageserver, session: Session, args: list[str]) -> No
     total = 0
     for r in range(rounds):
         written = await asyncio.to_thread(
-            generate_round, server, tl.timeline_id, pages, seed, r, page_size
+            generate_round, server, tl.timeline_id, pages, seed, r, page_size, one_lsn
         )
         total += written
         await session.send_notice(f"round {r + 1}/{rounds}: {total} records")
@@ -290,23 +295,30 @@ def synthetic_page(seed: int, round_no: int, blkno: int, lsn: int, page_size: in
 
 
 def generate_round(
-    server: Pageserver, tid: TimelineId, pages: int, seed: int, round_no: int, page_size: int
+    server: Pageserver, tid: TimelineId, pages: int, seed: int, round_no: int, page_size: int,
+    one_lsn: bool = False,
 ) -> int:
-    """Rewrite every page once, at growing LSNs after the timeline's last record."""
+    """Rewrite every page once, at growing LSNs after the timeline's last record (or all
+    at one LSN, as a base-backup import writes a cluster)."""
     repo = server.repo
     base = int(repo.get_timeline(tid).last_record_lsn)
     step = page_size + 64  # as if each page were one WAL record with a full-page image
+
+    def lsn_of(blk: int) -> int:
+        return base + (pages if one_lsn else blk + 1) * step
+
     for first in range(0, pages, _GEN_BATCH):
         batch = [
             Record(
                 rel_block_key(SYNTHETIC_REL, blk),
-                Lsn(base + (blk + 1) * step),
+                Lsn(lsn_of(blk)),
                 RecordKind.IMAGE,
-                synthetic_page(seed, round_no, blk, base + (blk + 1) * step, page_size),
+                synthetic_page(seed, round_no, blk, lsn_of(blk), page_size),
             )
             for blk in range(first, min(pages, first + _GEN_BATCH))
         ]
-        repo.put_records(tid, batch)
+        last = first + _GEN_BATCH >= pages
+        repo.put_records(tid, batch, partial=one_lsn and not last)
     return pages
 
 

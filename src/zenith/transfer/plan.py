@@ -8,9 +8,10 @@ and the receiver's repository, so every case is tested without I/O. DESIGN §6:
   or the histories diverged — refused, with or without ``--force``, since one timeline id
   cannot hold two histories;
 * then cases are decided on timelines, and the branch name is created or moved;
-* a transfer writes only the destination's own chain: timelines it creates, the timeline
-  the destination name points to (when this pageserver is not its writer), and timelines
-  an interrupted transfer created and left unnamed.
+* a transfer writes only the destination's own chain, and never moves another branch:
+  it creates timelines, extends the timeline the destination name points to, or extends
+  an unnamed one (an ancestor kept up to a branch point, or what an interrupted transfer
+  left) — and only timelines this pageserver received, never ones it writes itself.
 """
 
 from __future__ import annotations
@@ -130,8 +131,9 @@ def make_plan(
                 status, message = Status.FAST_FORWARD, "fast-forward onto a descendant timeline"
             else:
                 status, message = _diverged(old, source, dest_name, here, there, force)
-        elif source.timeline_id in _ancestor_ids(repo, old):
-            # The destination descends from the source: it holds all of it and more.
+        elif (_branch_point(repo, old, source.timeline_id) or Lsn(0)) >= \
+                source.last_record_lsn:
+            # The destination descends from the source's end: it holds all of it and more.
             if not pushing:
                 return Plan(Status.UP_TO_DATE, "Already up-to-date (local descends from remote)",
                             old, source)
@@ -164,12 +166,14 @@ def _diverged(old: TimelineInfo, source: TimelineInfo, name: str, here: str, the
     )
 
 
-def _ancestor_ids(repo: Repository, tl: TimelineInfo) -> set[TimelineId]:
-    out: set[TimelineId] = set()
+def _branch_point(repo: Repository, tl: TimelineInfo, ancestor: TimelineId) -> Lsn | None:
+    """Where ``tl``'s line of descent leaves timeline ``ancestor``; None if it does not."""
     while tl.ancestor_id is not None:
-        out.add(tl.ancestor_id)
+        assert tl.ancestor_lsn is not None
+        if tl.ancestor_id == ancestor:
+            return tl.ancestor_lsn
         tl = repo.get_timeline(tl.ancestor_id)
-    return out
+    return None
 
 
 def _sends(
@@ -180,7 +184,6 @@ def _sends(
     named: dict[TimelineId, list[str]] = {}
     for b in repo.list_branches():
         named.setdefault(b.timeline.timeline_id, []).append(b.name)
-    parents = {t.ancestor_id for t in repo.list_timelines() if t.ancestor_id is not None}
     sends: list[Send] = []
     for i, tl in enumerate(chain):
         needed = _needed(chain, i)
@@ -192,12 +195,15 @@ def _sends(
         if held.last_record_lsn >= needed:
             continue
         ours = old is not None and held.timeline_id == old.timeline_id
-        orphan = held.timeline_id not in named and held.timeline_id not in parents
+        # Unnamed (an ancestor kept up to a branch point, or left by an interrupted
+        # transfer): extending it moves no branch, since descendants read it only up to
+        # their branch points.
+        unnamed = held.timeline_id not in named
         if not held.received:
             return (f"rejected: histories diverged: timeline {tl.timeline_id} is written by "
                     "this pageserver; it cannot receive history for it from elsewhere")
-        if not (ours or orphan):
-            names = ", ".join(sorted(named.get(held.timeline_id, []))) or "a descendant"
+        if not (ours or unnamed):
+            names = ", ".join(sorted(named[held.timeline_id]))
             return (f"rejected: timeline {tl.timeline_id} is held here at "
                     f"{held.last_record_lsn} (by {names}) and {dest} needs it up to {needed}; "
                     f"a transfer to {dest} writes only {dest}'s own timelines: transfer "

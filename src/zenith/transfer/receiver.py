@@ -190,17 +190,25 @@ def _apply(repo: Repository, tid: TimelineId, frames: list[bytes], after: Lsn, u
     LSN left pending. Runs in a worker thread."""
     batch: list[Record] = []
     top = last
+    failure: TransferAborted | None = None
     for data in frames:
-        records = decode_records(decode_frame(data).body)
+        try:
+            records = decode_records(decode_frame(data).body)
+        except TransferAborted as exc:
+            failure = exc  # keep the good frames before it
+            break
         first, final = records[0].lsn, records[-1].lsn
         if first < top or first <= after or final > upto:
-            raise TransferAborted(
+            failure = TransferAborted(
                 f"DATA frame records {first}..{final} fall outside the range ({after}, {upto}] "
                 f"or before records already received ({top})"
             )
+            break
         batch.extend(records)
         top = final
     written = repo.put_records(tid, batch, partial=True)
+    if failure is not None:
+        raise failure
     info = repo.get_timeline(tid)
     return (_Applied(len(batch), sum(len(r.payload) for r in batch), top),
             written.last_record_lsn, info.pending)
