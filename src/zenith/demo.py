@@ -2,8 +2,9 @@
 
 Three real pageserver processes on free loopback ports (a laptop, a cloud, a colleague),
 driven by the real ``zenith`` command as a user would: generate history, push it, push
-more, branch and push the branch, pull into a third repository, see a push rejected and
-forced, and compare digests on both sides. Every step and its output is printed; every
+more, branch and push the branch, pull into a third repository, write a received branch
+(it forks a timeline of its own), see a diverged push refused and forced, and compare
+digests on both sides. Every step and its output is printed; every
 process the demo started is stopped, even on failure.
 """
 
@@ -110,11 +111,25 @@ def run(base: Path) -> None:
 
         step("The colleague moves main on the cloud; the laptop's push is rejected")
         colleague.zenith("pull", "main", "cloud")
+        # main came from the cloud: the colleague's history goes on a timeline of its own.
         colleague.zenith("generate", "main", "--pages", "10", "--seed", "45")
+        colleague.zenith("branch", "list")
         colleague.zenith("push", "main", "cloud")
         laptop.zenith("push", "main", "cloud", expect_fail=True)
         laptop.zenith("pull", "main", "cloud")
         same("digest of main, laptop vs cloud", laptop.digest("main"), cloud.digest("main"))
+
+        step("Both write main (each on a timeline of its own): the second push is refused "
+             "as diverged, nothing is grafted; it goes to a branch of its own")
+        laptop.zenith("generate", "main", "--pages", "8", "--seed", "47")
+        colleague.zenith("generate", "main", "--pages", "8", "--seed", "48")
+        colleague.zenith("push", "main", "cloud")
+        laptop.zenith("push", "main", "cloud", expect_fail=True)
+        laptop.zenith("push", "main", "cloud:laptop-main")
+        same("digest of cloud:main vs colleague main", colleague.digest("main"),
+             cloud.digest("main"))
+        same("digest of cloud:laptop-main vs laptop main", laptop.digest("main"),
+             cloud.digest("laptop-main"))
 
         step("Diverged histories: rejected, then --force repoints the name (data kept)")
         laptop.zenith("generate", "scratch", "--pages", "5", "--seed", "46")

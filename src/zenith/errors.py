@@ -90,7 +90,7 @@ class HistoryMismatch(TransferAborted):
 class PeerTimeout(TransferAborted):
     """The other end of a transfer went silent for longer than the configured timeout."""
 
-    sqlstate = "57014"  # query_canceled
+    sqlstate = "57P05"  # idle_session_timeout: the nearest PostgreSQL has
 
 
 class AuthenticationFailed(ZenithError):

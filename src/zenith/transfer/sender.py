@@ -20,7 +20,7 @@ import zstandard
 from zenith.errors import PushRejected, TransferAborted
 from zenith.storage import Record, Repository, TimelineInfo
 from zenith.transfer.channel import DEFAULT_TIMEOUT, Channel, read_frame, read_message, send
-from zenith.transfer.frames import cut_frames, encode_frame, encode_records
+from zenith.transfer.frames import FRAME_TARGET, cut_frames, encode_frame, encode_records
 from zenith.transfer.messages import (
     Ack,
     Ask,
@@ -48,6 +48,7 @@ async def send_branch(
     compress: bool = True,
     progress: ProgressFn | None = None,
     timeout: float = DEFAULT_TIMEOUT,
+    frame_target: int = FRAME_TARGET,
 ) -> TransferResult:
     """Offer the timeline ``chain[0]`` (``chain``: it and its ancestors, nearest first, as
     ``Repository.ancestry`` gives them) and send what the receiver asks for. Raises
@@ -90,7 +91,8 @@ async def send_branch(
     reader = asyncio.create_task(_read_acks(channel, state, timeout))
     try:
         for request in ranges:
-            await _send_range(channel, repo, request, state, compressor, reader, progress)
+            await _send_range(channel, repo, request, state, compressor, reader, progress,
+                              frame_target)
         done = await reader
     finally:
         if not reader.done():
@@ -167,12 +169,13 @@ async def _send_range(
     compressor: zstandard.ZstdCompressor | None,
     reader: asyncio.Task[Done | None],
     progress: ProgressFn | None,
+    frame_target: int,
 ) -> None:
     await _write(channel, encode_frame(FrameType.RANGE, Range(
         request, state.records_total, state.bytes_total).encode()), reader)
     records, nbytes = 0, 0
     batches = cut_frames(repo.iter_records(
-        request.timeline_id, request.after, request.upto, skip=request.resume))
+        request.timeline_id, request.after, request.upto, skip=request.resume), frame_target)
     while True:
         chunk = await asyncio.to_thread(_next_frame, batches, compressor)
         if chunk is None:

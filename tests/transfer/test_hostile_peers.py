@@ -1,0 +1,788 @@
+"""Hostile transfer peers against a LIVE pageserver (DESIGN §6, §12).
+
+A raw peer (``hostile_peer.RawPeer``: our pgwire client's CopyBoth stream, frames made
+by hand) runs ``branch_push`` (the server receives) or ``branch_pull`` (the server sends)
+and lies, floods, bombs or falls silent. Each test checks that (a) the server answers with
+an ErrorResponse, never an internal error or a crash, (b) the receiving repository is
+unchanged (a snapshot of every table and data file), or, where acknowledged data may stay
+durable, that nothing beyond the last ACK is published and no branch name moved, and (c)
+the server keeps serving: queries, and a legitimate push by the CLI.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Coroutine, Iterator
+from dataclasses import dataclass, replace
+from functools import cache
+from typing import Any
+
+import pytest
+import zstandard
+
+from tests.fixtures import PageserverProc, make_pageserver
+from tests.transfer.hostile_peer import (
+    RawPeer,
+    Source,
+    fetch,
+    history_hash,
+    peak_rss_kib,
+    random_hash,
+    raw_frame,
+    relabel,
+    snapshot,
+)
+from zenith.errors import (
+    InvalidArgument,
+    PeerTimeout,
+    InvalidState,
+    TransferAborted,
+    ZenithError,
+)
+from zenith.ids import TimelineId
+from zenith.lsn import Lsn
+from zenith.pageserver.pidfile import running_pid
+from zenith.storage import Record
+from zenith.transfer.frames import FLAG_ZSTD, MAX_FRAME, RECORD_HEADER, encode_frame
+from zenith.transfer.messages import (
+    MAX_JSON,
+    Ask,
+    Done,
+    FrameType,
+    Offer,
+    PlanMsg,
+    Point,
+    Proof,
+    Range,
+    RangeEnd,
+    RangeRequest,
+    Status,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+PUSHER = ("pusher", "push-pw")
+READER = ("reader", "read-pw")
+FAR = Lsn.parse("7FFFFFFF/FFFFFFFE")
+
+
+def run(coro: Coroutine[Any, Any, Any]) -> Any:
+    return asyncio.run(coro)
+
+
+@dataclass
+class World:
+    """A (the source) pushed ``main`` to S with the CLI, then wrote more: S holds main's
+    timeline as a received one, behind A. S also has ``other`` (its own) and ``side``."""
+
+    a: PageserverProc
+    s: PageserverProc
+    source: Source  # A's main: chain and every record
+    l1: Lsn  # S's main
+    rounds: Iterator[int]
+
+    @property
+    def push_uri(self) -> str:
+        return self.s.uri(*PUSHER)
+
+    @property
+    def read_uri(self) -> str:
+        return self.s.uri(*READER)
+
+    @property
+    def main_tid(self) -> TimelineId:
+        return self.source.tip.timeline_id
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    base = tmp_path_factory.mktemp("hostile")
+    a, s = make_pageserver(base / "a"), make_pageserver(base / "s")
+    try:
+        a.start()
+        s.start()
+        a.cli("origin", "add", "s", s.uri(), check=True)
+        a.cli("generate", "main", "--pages", "24", check=True)
+        a.cli("push", "main", "s", check=True)
+        # beyond S: one LSN of 6 records (a frame may end inside it), then 6 LSNs of one
+        a.cli("generate", "main", "--pages", "6", "--seed", "1", "--one-lsn", check=True)
+        a.cli("generate", "main", "--pages", "6", "--seed", "2", check=True)
+        a.cli("generate", "side", "--pages", "2", check=True)
+        a.cli("push", "side", "s", check=True)
+        s.cli("generate", "other", "--pages", "3", check=True)
+        s.add_user(PUSHER[0], PUSHER[1], "push")
+        s.add_user(READER[0], READER[1], "read")
+        source = run(fetch(a.uri(), "main"))
+        l1 = Lsn.parse(str(s.branch("main")["last_record_lsn"]))
+        assert source.tip.last_record_lsn > l1
+        yield World(a, s, source, l1, itertools.count(1))
+    finally:
+        s.stop()
+        a.stop()
+
+
+# -- checks -------------------------------------------------------------------------------
+
+
+def assert_refused(err: BaseException, *fragments: str,
+                   cls: type[ZenithError] = ZenithError) -> None:
+    """An ErrorResponse the server meant: its class, no internal error, the words."""
+    assert isinstance(err, cls), repr(err)
+    assert err.sqlstate != "XX000" and err.message != "internal error", repr(err)
+    for fragment in fragments:
+        assert fragment in err.message, err.message
+
+
+def still_serving(world: World, peer_rows: list[list[str | None]] | None = None) -> None:
+    """Queries answer, the log holds no crash, and a legitimate CLI push goes through."""
+    s, a = world.s, world.a
+    assert str(s.query("status")[0]["server_version"]).startswith("zenith")
+    assert {"main", "other", "side"} <= {b["name"] for b in s.query("branch_list")}
+    if peer_rows is not None:  # the hostile peer's own connection is usable again
+        assert {"main", "other", "side"} <= {r[0] for r in peer_rows}
+    a.cli("generate", "side", "--pages", "1", "--seed", str(next(world.rounds)), check=True)
+    out = a.cli("push", "side", "s", check=True).stdout
+    assert out.startswith("side -> s:side"), out
+    assert s.digest("side") == a.digest("side")
+    log = s.config.log_path.read_text()
+    assert "Traceback" not in log and "internal error" not in log
+
+
+def main_state(world: World) -> tuple[dict[str, str | None], str]:
+    return world.s.branch("main"), world.s.digest("main")
+
+
+def honest(source: Source) -> Callable[[Point], bytes]:
+    return lambda p: source.hash_at(p.timeline_id, p.lsn)
+
+
+def wanted(source: Source, request: RangeRequest) -> list[Record]:
+    """The records a planned range asks for (less what the receiver holds pending)."""
+    records = source.between(request.timeline_id, request.after, request.upto)
+    if request.resume is not None:
+        held = [r for r in records if r.lsn == request.resume.lsn][: request.resume.count]
+        records = [r for r in records if r not in held]
+    return records
+
+
+async def negotiate(peer: RawPeer, offer: Offer, prove: Callable[[Point], bytes]) -> PlanMsg:
+    await peer.send(offer)
+    ask = await peer.expect(Ask)
+    assert isinstance(ask, Ask)
+    await peer.send(Proof(tuple(prove(p) for p in ask.points)))
+    plan = await peer.expect(PlanMsg)
+    assert isinstance(plan, PlanMsg)
+    return plan
+
+
+async def open_range(uri: str, dest: str, source: Source) -> tuple[RawPeer, RangeRequest]:
+    """A push of ``source`` to ``dest`` negotiated honestly, up to its first RANGE."""
+    peer = await RawPeer.open(uri, f"branch_push {dest}")
+    plan = await negotiate(peer, source.offer(), honest(source))
+    assert plan.status in (Status.NEW, Status.FAST_FORWARD), plan
+    request = plan.ranges[0]
+    await peer.send(Range(request))
+    return peer, request
+
+
+async def honest_push(uri: str, dest: str, source: Source, upto: Lsn) -> Done:
+    """A legitimate push by the raw peer (the control: the peer itself is right)."""
+    offer = source.offer(last_record_lsn=upto)
+    async with await RawPeer.open(uri, f"branch_push {dest}") as peer:
+        plan = await negotiate(peer, offer, honest(source))
+        for request in plan.ranges:
+            await peer.send(Range(request))
+            records = wanted(source, request)
+            await peer.send_records(records)
+            await peer.send(RangeEnd(request.timeline_id, request.upto, len(records),
+                                     sum(len(r.payload) for r in records),
+                                     source.hash_at(request.timeline_id, request.upto)))
+        while True:
+            frame = await peer.recv()
+            if frame.type is FrameType.DONE:
+                done = frame.message(Done)
+                break
+        await peer.stream.finish()
+    return done
+
+
+def seeded(world: World, name: str) -> Source:
+    """A fresh received timeline on S, branch ``name``, holding A's main history up to
+    S's main LSN under a new id: a victim of its own for tests that leave durable data."""
+    source = relabel(world.source, TimelineId.generate())
+    done = run(honest_push(world.push_uri, name, source, world.l1))
+    assert done.result.status is Status.NEW and done.result.new_lsn == world.l1
+    return source
+
+
+def published(world: World, tid: TimelineId) -> dict[str, str | None]:
+    rows = [r for r in world.s.query("timeline_list") if r["timeline_id"] == str(tid)]
+    assert len(rows) == 1
+    return rows[0]
+
+
+def lsn_of(row: dict[str, str | None]) -> Lsn:
+    return Lsn.parse(str(row["last_record_lsn"]))
+
+
+# -- the control ----------------------------------------------------------------------------
+
+
+def test_the_raw_peer_pushes_legitimately(world: World) -> None:
+    source = seeded(world, "control")
+    tid = source.tip.timeline_id
+    done = run(honest_push(world.push_uri, "control", source, source.tip.last_record_lsn))
+    assert done.result.status is Status.FAST_FORWARD
+    assert lsn_of(published(world, tid)) == source.tip.last_record_lsn
+    assert world.s.digest("control") == world.a.digest("main")
+    still_serving(world)
+
+
+# -- 1. an offer naming a foreign timeline --------------------------------------------------
+
+
+async def blast_after_refusal(peer: RawPeer, request: RangeRequest,
+                              records: list[Record]) -> BaseException:
+    """Ignore the refusal: announce the range and send the records anyway."""
+    await peer.send(Range(request))
+    await peer.send_records(records)
+    await peer.send(RangeEnd(request.timeline_id, request.upto, len(records), 0, random_hash()))
+    return await peer.failure()
+
+
+@pytest.mark.parametrize("proof", ["wrong", "right"])
+def test_foreign_timeline_under_another_name(world: World, proof: str) -> None:
+    """Offering main's timeline (beyond S's LSN) for a new branch ``evil``: a wrong proof
+    is diverged history; the right one still may not extend the timeline ``main`` names."""
+    before, state = snapshot(world.s.path), main_state(world)
+    source = world.source
+    prove = honest(source) if proof == "right" else (lambda p: random_hash())
+
+    async def attack() -> tuple[PlanMsg, BaseException, list[list[str | None]]]:
+        async with await RawPeer.open(world.push_uri, "branch_push evil") as peer:
+            plan = await negotiate(peer, source.offer(), prove)
+            request = RangeRequest(world.main_tid, world.l1, source.tip.last_record_lsn, False)
+            err = await blast_after_refusal(
+                peer, request, source.between(world.main_tid, world.l1, request.upto))
+            return plan, err, await peer.query("branch_list")
+
+    plan, err, rows = run(attack())
+    assert plan.status is Status.REJECTED and plan.ranges == ()
+    if proof == "wrong":
+        assert "histories diverged" in plan.message and str(world.main_tid) in plan.message
+    else:
+        assert f"(by main) and evil needs it up to {source.tip.last_record_lsn}" in plan.message
+    assert_refused(err, plan.message, cls=InvalidState)
+    assert snapshot(world.s.path) == before
+    assert main_state(world) == state
+    still_serving(world, rows)
+
+
+def test_foreign_timeline_forced_onto_another_branch(world: World) -> None:
+    """``branch_push other force`` with main's timeline: force repoints a diverged name,
+    but never by extending the timeline another branch names."""
+    before, state = snapshot(world.s.path), main_state(world)
+
+    async def attack() -> tuple[PlanMsg, BaseException]:
+        async with await RawPeer.open(world.push_uri, "branch_push other force") as peer:
+            plan = await negotiate(peer, world.source.offer(), honest(world.source))
+            return plan, await peer.failure()
+
+    plan, err = run(attack())
+    assert plan.status is Status.REJECTED and "(by main)" in plan.message
+    assert_refused(err, "(by main)", cls=InvalidState)
+    assert snapshot(world.s.path) == before and main_state(world) == state
+    still_serving(world)
+
+
+def test_timeline_written_by_the_receiver(world: World) -> None:
+    """S writes ``other`` itself: no one may send history for its timeline, however
+    well proven (a reader pulled it, then pushes a made-up continuation)."""
+    mine = run(fetch(world.read_uri, "other"))
+    tid = mine.tip.timeline_id
+    made_up = replace(mine.records[tid][-1], lsn=mine.tip.last_record_lsn + 8192)
+    forged = Source(mine.chain, {tid: [*mine.records[tid], made_up]}, {})
+    offer = forged.offer(last_record_lsn=made_up.lsn)
+    before = snapshot(world.s.path)
+
+    async def attack() -> tuple[PlanMsg, BaseException]:
+        async with await RawPeer.open(world.push_uri, "branch_push other") as peer:
+            plan = await negotiate(peer, offer, honest(forged))
+            return plan, await peer.failure()
+
+    plan, err = run(attack())
+    assert plan.status is Status.REJECTED and "written by this pageserver" in plan.message
+    assert_refused(err, "written by this pageserver", cls=InvalidState)
+    assert snapshot(world.s.path) == before
+    still_serving(world)
+
+
+def test_skipping_the_proof(world: World) -> None:
+    before = snapshot(world.s.path)
+
+    async def attack() -> BaseException:
+        async with await RawPeer.open(world.push_uri, "branch_push main") as peer:
+            await peer.send(world.source.offer())
+            await peer.expect(Ask)
+            request = RangeRequest(world.main_tid, world.l1, world.source.tip.last_record_lsn,
+                                   False)
+            await peer.send(Range(request))  # straight to the data
+            return await peer.failure()
+
+    assert_refused(run(attack()), "expected PROOF, got a RANGE frame", cls=TransferAborted)
+    assert snapshot(world.s.path) == before
+    still_serving(world)
+
+
+# -- 2. empty and out-of-range DATA frames ----------------------------------------------------
+
+
+def _record(lsn: int, key: bytes = bytes(18)) -> Record:
+    from zenith.storage import RecordKind
+
+    return Record(key, Lsn(lsn), RecordKind.IMAGE, b"x" * 64)
+
+
+def _pack(count: int, records: list[Record], tail: bytes = b"") -> bytes:
+    parts = [struct.pack(">I", count)]
+    for r in records:
+        parts += [RECORD_HEADER.pack(r.key, r.lsn, r.kind, len(r.payload)), r.payload]
+    return b"".join(parts) + tail
+
+
+def _data(body: bytes) -> bytes:
+    return raw_frame(FrameType.DATA, body)
+
+
+# Each builds the FIRST data frame of a planned range (after, upto] from the real records.
+BAD_DATA: dict[str, tuple[Callable[[RangeRequest, list[Record]], bytes], str]] = {
+    "empty body": (lambda q, rs: _data(b""), "truncated DATA frame"),
+    "zero records": (lambda q, rs: _data(_pack(0, [])), "a DATA frame without records"),
+    "count beyond the body": (lambda q, rs: _data(_pack(10_000, rs[:1])), "cannot hold"),
+    "far LSN": (lambda q, rs: _data(_pack(1, [_record(FAR)])), "outside the range"),
+    "largest LSN": (lambda q, rs: _data(_pack(1, [_record((1 << 64) - 1)])),
+                    "outside the range"),
+    "just past the range": (lambda q, rs: _data(_pack(1, [_record(q.upto + 1)])),
+                            "outside the range"),
+    "good records, then one far": (lambda q, rs: _data(_pack(2, [rs[0], _record(FAR)])),
+                                   "outside the range"),
+    "at the range's start": (lambda q, rs: _data(_pack(1, [_record(q.after)])),
+                             "outside the range"),
+    "below the range": (lambda q, rs: _data(_pack(1, [_record(1)])), "outside the range"),
+    "LSN zero": (lambda q, rs: _data(_pack(1, [_record(0)])), "invalid record"),
+    "LSNs going back": (lambda q, rs: _data(_pack(2, [rs[-1], rs[0]])), "invalid record"),
+    "unknown kind": (lambda q, rs: _data(_pack(1, [replace(rs[0], kind=7)])),  # type: ignore[arg-type]
+                     "invalid record (kind 7"),
+    "trailing bytes": (lambda q, rs: _data(_pack(1, rs[:1], b"junk")), "trailing bytes"),
+    "truncated payload": (lambda q, rs: _data(_pack(1, rs[:1])[:-10]), "truncated record"),
+    "bad CRC": (lambda q, rs: raw_frame(FrameType.DATA, _pack(1, rs[:1]), crc=1), "CRC32C"),
+    "short header": (lambda q, rs: bytes([FrameType.DATA, 0, 0]), "truncated frame"),
+    "body length lies": (lambda q, rs: raw_frame(FrameType.DATA, _pack(1, rs[:1]),
+                                                 body_len=7), "says 7 bytes"),
+    "unknown flags": (lambda q, rs: raw_frame(FrameType.DATA, _pack(1, rs[:1]), flags=0x80),
+                      "header is invalid"),
+    "unknown frame type": (lambda q, rs: raw_frame(99, b"{}"), "unknown frame type 99"),
+    "a control frame": (lambda q, rs: encode_frame(FrameType.OFFER, b"{}"),
+                        "expected DATA or RANGE_END, got a OFFER frame"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_DATA))
+def test_bad_data_frame(world: World, case: str) -> None:
+    """The first DATA frame of a fast-forward of main is malformed or out of range:
+    refused before anything is stored."""
+    build, fragment = BAD_DATA[case]
+    before, state = snapshot(world.s.path), main_state(world)
+
+    async def attack() -> tuple[BaseException, Lsn | None]:
+        peer, request = await open_range(world.push_uri, "main", world.source)
+        async with peer:
+            assert (request.after, request.upto) == (world.l1, world.source.tip.last_record_lsn)
+            await peer.send_raw(build(request, wanted(world.source, request)))
+            return await peer.failure(), peer.acked
+
+    err, acked = run(attack())
+    assert_refused(err, fragment, cls=TransferAborted)
+    assert acked is None
+    assert snapshot(world.s.path) == before
+    assert main_state(world) == state
+    still_serving(world)
+
+
+# -- 3. decompression bombs ---------------------------------------------------------------
+
+
+BOMB_SIZE = 1 << 30
+
+
+@cache
+def zstd_bomb(declare: bool) -> bytes:
+    """1 GiB of zeros in a few KiB of zstd, its content size declared or not."""
+    compressor = zstandard.ZstdCompressor(write_content_size=declare)
+    obj = compressor.compressobj(size=BOMB_SIZE if declare else -1)
+    chunk = bytes(1 << 20)
+    return b"".join(obj.compress(chunk) for _ in range(BOMB_SIZE >> 20)) + obj.flush()
+
+
+def bomb_frame(ftype: FrameType, declare: bool, raw_len: int = 16 << 10) -> bytes:
+    return raw_frame(ftype, zstd_bomb(declare), raw_len=raw_len, flags=FLAG_ZSTD)
+
+
+BOMBS = {
+    "declared 1 GiB, header 16 KiB": (True, 16 << 10, "declares 1073741824 bytes decompressed"),
+    "undeclared, header 16 KiB": (False, 16 << 10, "does not decompress"),
+    "header beyond the frame bound": (False, MAX_FRAME + 1, "header is invalid"),
+}
+
+
+def server_pid(ps: PageserverProc) -> int:
+    pid = running_pid(ps.config.pid_path)
+    assert pid is not None
+    return pid
+
+
+@pytest.mark.parametrize("bomb", list(BOMBS))
+@pytest.mark.parametrize("where", ["DATA", "OFFER"])
+def test_decompression_bomb_pushed(world: World, bomb: str, where: str) -> None:
+    declare, raw_len, fragment = BOMBS[bomb]
+    frame = bomb_frame(FrameType.DATA if where == "DATA" else FrameType.OFFER, declare, raw_len)
+    before, pid = snapshot(world.s.path), server_pid(world.s)
+    peak = peak_rss_kib(pid)
+
+    async def attack() -> tuple[BaseException, float]:
+        if where == "DATA":
+            peer, _ = await open_range(world.push_uri, "main", world.source)
+        else:
+            peer = await RawPeer.open(world.push_uri, "branch_push main")
+        async with peer:
+            started = time.monotonic()
+            await peer.send_raw(frame)
+            return await peer.failure(), time.monotonic() - started
+
+    err, seconds = run(attack())
+    assert_refused(err, fragment, cls=TransferAborted)
+    assert seconds < 2.0
+    assert peak_rss_kib(pid) - peak < 100 << 10  # nothing near 1 GiB was ever allocated
+    assert snapshot(world.s.path) == before
+    still_serving(world)
+
+
+@pytest.mark.parametrize("bomb", list(BOMBS))
+@pytest.mark.parametrize("where", ["ASK", "PLAN"])
+def test_decompression_bomb_from_a_puller(world: World, bomb: str, where: str) -> None:
+    """A ``read`` user pulls main: the server sends, and reads the puller's ASK and PLAN."""
+    declare, raw_len, fragment = BOMBS[bomb]
+    ftype = FrameType.ASK if where == "ASK" else FrameType.PLAN
+    before, pid = snapshot(world.s.path), server_pid(world.s)
+    peak = peak_rss_kib(pid)
+
+    async def attack() -> tuple[BaseException, float]:
+        async with await RawPeer.open(world.read_uri, "branch_pull main") as peer:
+            offer = await peer.expect(Offer)
+            assert isinstance(offer, Offer) and offer.source.timeline_id == world.main_tid
+            if where == "PLAN":
+                await peer.send(Ask(()))
+                await peer.expect(Proof)
+            started = time.monotonic()
+            await peer.send_raw(bomb_frame(ftype, declare, raw_len))
+            return await peer.failure(), time.monotonic() - started
+
+    err, seconds = run(attack())
+    assert_refused(err, fragment, cls=TransferAborted)
+    assert seconds < 2.0
+    assert peak_rss_kib(pid) - peak < 100 << 10
+    assert snapshot(world.s.path) == before
+    still_serving(world)
+
+
+# -- 4. oversize JSON ------------------------------------------------------------------------
+
+
+def oversize(message_json: dict[str, Any]) -> bytes:
+    import json
+
+    body = json.dumps({**message_json, "padding": "x" * (2 << 20)}).encode()
+    assert len(body) > MAX_JSON
+    return body
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+@pytest.mark.parametrize("where", ["OFFER", "PROOF", "RANGE", "RANGE_END"])
+def test_oversize_json_pushed(world: World, where: str, compressed: bool) -> None:
+    source = world.source
+    before, state = snapshot(world.s.path), main_state(world)
+    compressor = zstandard.ZstdCompressor() if compressed else None
+    request = RangeRequest(world.main_tid, world.l1, source.tip.last_record_lsn, False)
+
+    def frame(ftype: FrameType, message: Any) -> bytes:
+        return encode_frame(ftype, oversize(message.to_json()), compressor=compressor)
+
+    async def attack() -> BaseException:
+        async with await RawPeer.open(world.push_uri, "branch_push main") as peer:
+            if where == "OFFER":
+                await peer.send_raw(frame(FrameType.OFFER, source.offer()))
+                return await peer.failure()
+            await peer.send(source.offer())
+            ask = await peer.expect(Ask)
+            assert isinstance(ask, Ask)
+            proof = Proof(tuple(honest(source)(p) for p in ask.points))
+            if where == "PROOF":
+                await peer.send_raw(frame(FrameType.PROOF, proof))
+                return await peer.failure()
+            await peer.send(proof)
+            await peer.expect(PlanMsg)
+            if where == "RANGE":
+                await peer.send_raw(frame(FrameType.RANGE, Range(request)))
+                return await peer.failure()
+            await peer.send(Range(request))
+            end = RangeEnd(request.timeline_id, request.upto, 0, 0, random_hash())
+            await peer.send_raw(frame(FrameType.RANGE_END, end))
+            return await peer.failure()
+
+    assert_refused(run(attack()), f"{where} message of", f"exceeds {MAX_JSON}",
+                   cls=TransferAborted)
+    assert snapshot(world.s.path) == before and main_state(world) == state
+    still_serving(world)
+
+
+@pytest.mark.parametrize("where", ["ASK", "PLAN"])
+def test_oversize_json_from_a_puller(world: World, where: str) -> None:
+    async def attack() -> BaseException:
+        async with await RawPeer.open(world.read_uri, "branch_pull main") as peer:
+            await peer.expect(Offer)
+            if where == "ASK":
+                await peer.send_raw(encode_frame(FrameType.ASK, oversize(Ask(()).to_json())))
+            else:
+                await peer.send(Ask(()))
+                await peer.expect(Proof)
+                plan = PlanMsg(Status.NEW, "", False, None, ())
+                await peer.send_raw(encode_frame(FrameType.PLAN, oversize(plan.to_json())))
+            return await peer.failure()
+
+    assert_refused(run(attack()), f"{where} message of", cls=TransferAborted)
+    still_serving(world)
+
+
+def test_deeply_nested_json(world: World) -> None:
+    before = snapshot(world.s.path)
+    body = b"[" * 500_000 + b"]" * 500_000  # within MAX_JSON; too deep for any parser
+
+    async def attack() -> BaseException:
+        async with await RawPeer.open(world.push_uri, "branch_push main") as peer:
+            await peer.send_raw(encode_frame(FrameType.OFFER, body))
+            return await peer.failure()
+
+    assert_refused(run(attack()), "OFFER frame holds no valid JSON", cls=TransferAborted)
+    assert snapshot(world.s.path) == before
+    still_serving(world)
+
+
+# -- 5. repeated and overlapping ranges and records -------------------------------------------
+
+
+def test_range_announced_twice(world: World) -> None:
+    before = snapshot(world.s.path)
+
+    async def attack() -> BaseException:
+        peer, request = await open_range(world.push_uri, "main", world.source)
+        async with peer:
+            await peer.send(Range(request))
+            return await peer.failure()
+
+    assert_refused(run(attack()), "expected DATA or RANGE_END, got a RANGE frame",
+                   cls=TransferAborted)
+    assert snapshot(world.s.path) == before
+    still_serving(world)
+
+
+def test_range_other_than_planned(world: World) -> None:
+    before = snapshot(world.s.path)
+
+    async def attack() -> BaseException:
+        async with await RawPeer.open(world.push_uri, "branch_push main") as peer:
+            plan = await negotiate(peer, world.source.offer(), honest(world.source))
+            request = plan.ranges[0]
+            await peer.send(Range(replace(request, after=Lsn(0))))  # resend all history
+            return await peer.failure()
+
+    assert_refused(run(attack()), "announced another range than the plan asked for",
+                   cls=TransferAborted)
+    assert snapshot(world.s.path) == before
+    still_serving(world)
+
+
+def test_duplicate_record_in_one_frame(world: World) -> None:
+    before = snapshot(world.s.path)
+
+    async def attack() -> BaseException:
+        peer, request = await open_range(world.push_uri, "main", world.source)
+        async with peer:
+            first = wanted(world.source, request)[0]
+            await peer.send_records([first, first])
+            return await peer.failure()
+
+    assert_refused(run(attack()), "two records for one key at one LSN", cls=InvalidArgument)
+    assert snapshot(world.s.path) == before
+    still_serving(world)
+
+
+REPEATS = ["the range again", "records already acknowledged", "last record again"]
+
+
+@pytest.mark.parametrize("repeat", REPEATS)
+def test_repeats_after_an_ack(world: World, repeat: str) -> None:
+    """Part of a range arrives and is acknowledged (durable and published up to the ACK,
+    which is allowed), then the sender repeats itself: refused, nothing beyond the ACK."""
+    name = f"repeat-{REPEATS.index(repeat)}"
+    source = seeded(world, name)
+    tid = source.tip.timeline_id
+    branch_before = world.s.branch(name)
+
+    async def attack() -> tuple[BaseException, Lsn | None, Lsn]:
+        peer, request = await open_range(world.push_uri, name, source)
+        async with peer:
+            records = wanted(source, request)
+            # up to the 4th record of the LSN of 6: the ACK publishes the LSN before it
+            split = [r.lsn for r in records].index(records[0].lsn) + 4
+            await peer.send_records(records[:split])
+            ack = await peer.expect_ack()
+            assert ack.pending is not None and ack.pending.count == 4
+            if repeat == "the range again":
+                await peer.send(Range(request))
+            elif repeat == "records already acknowledged":
+                await peer.send_records(records[:split])
+            else:
+                await peer.send_records(records[split - 1:])
+            return await peer.failure(), peer.acked, records[0].lsn
+
+    err, acked, pending_lsn = run(attack())
+    if repeat == "the range again":
+        assert_refused(err, "got a RANGE frame", cls=TransferAborted)
+    elif repeat == "records already acknowledged":
+        assert_refused(err, "before records already received", cls=TransferAborted)
+    else:
+        assert_refused(err, "two records for one key at one LSN", cls=InvalidArgument)
+    row = published(world, tid)
+    assert acked == world.l1 and lsn_of(row) == acked  # nothing beyond the ACK
+    assert row["pending_lsn"] == str(pending_lsn) and row["pending_records"] == "4"
+    assert world.s.branch(name) == branch_before
+    assert world.s.digest(name) == world.a.digest(f"main@{world.l1}")
+    still_serving(world)
+
+
+def test_first_range_replayed_instead_of_the_next(world: World) -> None:
+    """A two-range plan (main's timeline, then a new child): after range 1 is complete
+    and acknowledged, the sender replays it. Refused: the first timeline keeps what was
+    acknowledged, the child is not created, and the branch stays on its timeline."""
+    name = "replay"
+    source = seeded(world, name)
+    tid = source.tip.timeline_id
+    top = source.tip.last_record_lsn
+    child = replace(source.tip, timeline_id=TimelineId.generate(), ancestor_id=tid,
+                    ancestor_lsn=top, min_readable_lsn=top, last_record_lsn=top + 8192)
+    offer = Offer((source.tip, child))
+
+    async def attack() -> tuple[BaseException, Lsn | None]:
+        async with await RawPeer.open(world.push_uri, f"branch_push {name}") as peer:
+            plan = await negotiate(peer, offer, honest(source))
+            assert plan.status is Status.FAST_FORWARD and len(plan.ranges) == 2
+            first = plan.ranges[0]
+            assert plan.ranges[1].create and plan.ranges[1].timeline_id == child.timeline_id
+            await peer.send(Range(first))
+            records = wanted(source, first)
+            await peer.send_records(records)
+            await peer.send(RangeEnd(tid, first.upto, len(records),
+                                     sum(len(r.payload) for r in records),
+                                     source.hash_at(tid, first.upto)))
+            await peer.expect_ack()
+            assert (await peer.expect_ack()).lsn == first.upto  # the range's end
+            await peer.send(Range(first))
+            return await peer.failure(), peer.acked
+
+    err, acked = run(attack())
+    assert_refused(err, "announced another range", cls=TransferAborted)
+    assert acked == top and lsn_of(published(world, tid)) == top
+    assert world.s.branch(name)["timeline_id"] == str(tid)
+    assert str(child.timeline_id) not in {r["timeline_id"] for r in world.s.query("timeline_list")}
+    assert world.s.digest(name) == world.a.digest("main")
+    still_serving(world)
+
+
+# -- 7. senders lying about their history -----------------------------------------------------
+
+
+def test_lie_below_the_receivers_lsn(world: World) -> None:
+    """Same timeline id as S's main, other records below S's LSN: the liar proves its own
+    history honestly, and that is what gives it away."""
+    source = world.source
+    records = list(source.records[world.main_tid])
+    records[3] = replace(records[3], payload=bytes(len(records[3].payload)))
+    liar = Source(source.chain, {world.main_tid: records}, {})
+    before, state = snapshot(world.s.path), main_state(world)
+
+    async def attack() -> tuple[PlanMsg, BaseException]:
+        async with await RawPeer.open(world.push_uri, "branch_push main") as peer:
+            plan = await negotiate(peer, liar.offer(), honest(liar))
+            return plan, await peer.failure()
+
+    plan, err = run(attack())
+    assert plan.status is Status.REJECTED
+    assert f"timeline {world.main_tid} holds different records" in plan.message
+    assert_refused(err, "histories diverged", cls=InvalidState)
+    assert snapshot(world.s.path) == before and main_state(world) == state
+    still_serving(world)
+
+
+ENDS = ["wrong hash", "tampered records", "wrong count", "wrong upto"]
+
+
+@pytest.mark.parametrize("lie", ENDS)
+def test_range_end_that_does_not_match(world: World, lie: str) -> None:
+    """A new branch from a new timeline; the records arrive and are acknowledged, then the
+    RANGE_END does not match them: the branch is not created, the timeline holds only
+    what was acknowledged (and the LSN the ACK left pending)."""
+    name = f"liar-{ENDS.index(lie)}"
+    source = relabel(world.source, TimelineId.generate())
+    tid, top = source.tip.timeline_id, source.tip.last_record_lsn
+
+    async def attack() -> tuple[BaseException, Lsn | None]:
+        peer, request = await open_range(world.push_uri, name, source)
+        async with peer:
+            assert request.create and (request.after, request.upto) == (0, top)
+            records = wanted(source, request)
+            sent = records
+            if lie == "tampered records":
+                sent = [*records[:5], replace(records[5], payload=b"\x00" * 8192), *records[6:]]
+            await peer.send_records(sent)
+            await peer.expect_ack()
+            end = RangeEnd(tid, top, len(sent), sum(len(r.payload) for r in sent),
+                           history_hash(records, top))
+            if lie == "wrong hash":
+                end = replace(end, hash=random_hash())
+            elif lie == "wrong count":
+                end = replace(end, records=end.records - 1)
+            elif lie == "wrong upto":
+                end = replace(end, upto=Lsn(top - 1))
+            await peer.send(end)
+            return await peer.failure(), peer.acked
+
+    err, acked = run(attack())
+    if lie in ("wrong hash", "tampered records"):
+        assert_refused(err, "do not have the history hash the sender announced",
+                       cls=TransferAborted)
+    else:
+        assert_refused(err, "the range's end does not match what arrived", cls=TransferAborted)
+    last = source.records[tid][-1].lsn
+    assert acked is not None and acked < last
+    row = published(world, tid)
+    assert lsn_of(row) == acked and row["branches"] == ""  # held, never named
+    assert row["pending_lsn"] == str(last)  # the greatest LSN stays unpublished
+    assert name not in {b["name"] for b in world.s.query("branch_list")}
+    if lie != "tampered records":
+        assert world.s.digest(f"{tid}@{acked}") == world.a.digest(f"main@{acked}")
+    still_serving(world)

@@ -1,0 +1,182 @@
+"""Negotiation as a pure function of the offer, the proofs and the receiver's repository
+(DESIGN §6): every case, the identity rules and the write rules, without I/O."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from zenith.ids import TimelineId
+from zenith.lsn import Lsn
+from zenith.storage import Record, RecordKind, SqliteRepository, TimelineInfo, open_repository
+from zenith.transfer.messages import Point, Status
+from zenith.transfer.plan import make_plan, points_to_prove
+
+
+def key(n: int) -> bytes:
+    return n.to_bytes(18, "big")
+
+
+def fill(repo: SqliteRepository, tid: TimelineId, lsns: range) -> TimelineInfo:
+    repo.put_records(tid, [Record(key(n), Lsn(n), RecordKind.IMAGE, b"v%d" % n) for n in lsns])
+    return repo.get_timeline(tid)
+
+
+@pytest.fixture
+def src(tmp_path: Path) -> SqliteRepository:
+    r = open_repository(tmp_path / "src.db", durable=False)
+    yield r
+    r.close()
+
+
+@pytest.fixture
+def dst(tmp_path: Path) -> SqliteRepository:
+    r = open_repository(tmp_path / "dst.db", durable=False)
+    yield r
+    r.close()
+
+
+def copy(src: SqliteRepository, dst: SqliteRepository, tl: TimelineInfo, upto: Lsn,
+         name: str | None = None) -> None:
+    """Receive ``tl`` up to ``upto`` as a transfer would."""
+    try:
+        dst.get_timeline(tl.timeline_id)
+    except Exception:
+        dst.create_timeline(tl.timeline_id, (tl.ancestor_id, tl.ancestor_lsn)
+                            if tl.ancestor_id and tl.ancestor_lsn is not None else None,
+                            received=True)
+    have = dst.get_timeline(tl.timeline_id).last_record_lsn
+    dst.put_records(tl.timeline_id, list(src.iter_records(tl.timeline_id, have, upto)), upto)
+    if name:
+        dst.set_branch(name, tl.timeline_id)
+
+
+def plan(src: SqliteRepository, dst: SqliteRepository, name: str, tid: TimelineId, *,
+         pushing: bool = True, force: bool = False, lie: bool = False):  # type: ignore[no-untyped-def]
+    chain = tuple(reversed(src.ancestry(tid)))
+    points = points_to_prove(dst, chain)
+    mismatched = {}
+    for p in points:
+        theirs = bytes(32) if lie else src.history_hash(p.timeline_id, p.lsn)
+        if theirs != dst.history_hash(p.timeline_id, p.lsn):
+            mismatched[p.timeline_id] = p.lsn
+    return points, make_plan(dst, name, chain, mismatched, pushing=pushing, force=force)
+
+
+def test_new_then_incremental_then_up_to_date(src: SqliteRepository,
+                                              dst: SqliteRepository) -> None:
+    main = src.create_branch("main").timeline.timeline_id
+    tl = fill(src, main, range(1, 11))
+    points, p = plan(src, dst, "main", main)
+    assert points == [] and p.status is Status.NEW
+    assert [(s.request.after, s.request.upto, s.request.create) for s in p.sends] == \
+        [(Lsn(0), Lsn(10), True)]
+    copy(src, dst, tl, Lsn(10), "main")
+    tl = fill(src, main, range(11, 15))
+    points, p = plan(src, dst, "main", main)
+    assert points == [Point(main, Lsn(10))]  # proven where both hold it
+    assert p.status is Status.FAST_FORWARD
+    assert [(s.request.after, s.request.upto, s.request.create) for s in p.sends] == \
+        [(Lsn(10), Lsn(14), False)]
+    copy(src, dst, tl, Lsn(14))
+    _, p = plan(src, dst, "main", main)
+    assert p.status is Status.UP_TO_DATE and p.sends == []
+
+
+def test_a_lying_proof_is_diverged_even_with_force(src: SqliteRepository,
+                                                   dst: SqliteRepository) -> None:
+    main = src.create_branch("main").timeline.timeline_id
+    tl = fill(src, main, range(1, 11))
+    copy(src, dst, tl, Lsn(10), "main")
+    fill(src, main, range(11, 15))
+    for force in (False, True):
+        _, p = plan(src, dst, "main", main, force=force, lie=True)
+        assert p.status is Status.REJECTED and "histories diverged" in p.message
+        assert "one timeline id cannot hold two histories" in p.message
+    # Even under another destination name: the timeline itself is the same id.
+    _, p = plan(src, dst, "evil", main, lie=True)
+    assert p.status is Status.REJECTED
+
+
+def test_same_id_other_history_is_caught(src: SqliteRepository,
+                                         dst: SqliteRepository) -> None:
+    """Scenario 2's root cause: a timeline id holding two histories. The receiver has
+    records the sender does not; the proof at the receiver's LSN differs."""
+    tid = TimelineId.generate()
+    src.create_timeline(tid)
+    src.set_branch("main", tid)
+    fill(src, tid, range(1, 21))
+    dst.create_timeline(tid, received=True)
+    dst.set_branch("main", tid)
+    dst.put_records(tid, [Record(key(n), Lsn(n), RecordKind.IMAGE, b"other") for n in
+                          range(1, 6)], Lsn(5))
+    _, p = plan(src, dst, "cmain", tid)
+    assert p.status is Status.REJECTED and "histories diverged" in p.message
+
+
+def test_never_moves_another_branch(src: SqliteRepository, dst: SqliteRepository) -> None:
+    main = src.create_branch("main").timeline.timeline_id
+    tl = fill(src, main, range(1, 11))
+    copy(src, dst, tl, Lsn(10), "main")
+    fill(src, main, range(11, 15))
+    _, p = plan(src, dst, "evil", main)
+    assert p.status is Status.REJECTED and "writes only evil's own timelines" in p.message
+    assert "by main" in p.message
+
+
+def test_never_receives_a_timeline_it_writes(src: SqliteRepository,
+                                             dst: SqliteRepository) -> None:
+    tid = TimelineId.generate()
+    for repo in (src, dst):
+        repo.create_timeline(tid, received=repo is src)
+        repo.set_branch("main", tid)
+    fill(src, tid, range(1, 11))
+    fill(dst, tid, range(1, 6))  # the same records: the proof passes
+    _, p = plan(src, dst, "main", tid)
+    assert p.status is Status.REJECTED and "written by this pageserver" in p.message
+
+
+def test_unnamed_ancestor_is_extended_and_pending_resumes(
+    src: SqliteRepository, dst: SqliteRepository
+) -> None:
+    main = src.create_branch("main").timeline.timeline_id
+    fill(src, main, range(1, 11))
+    dev = src.create_branch("dev", "main").timeline.timeline_id
+    tl = fill(src, dev, range(11, 16))
+    _, p = plan(src, dst, "dev", dev)
+    assert [(s.timeline.timeline_id, s.request.upto) for s in p.sends] == \
+        [(main, Lsn(10)), (dev, Lsn(15))]
+    copy(src, dst, src.get_timeline(main), Lsn(10))
+    copy(src, dst, tl, Lsn(15), "dev")
+    fill(src, main, range(16, 20))
+    _, p = plan(src, dst, "main", main)  # main's timeline is unnamed there: extend it
+    assert p.status is Status.NEW
+    assert [(s.request.after, s.request.upto) for s in p.sends] == [(Lsn(10), Lsn(19))]
+    # An interrupted transfer left part of one LSN: the plan resumes after it.
+    dst.put_records(main, list(src.iter_records(main, Lsn(10), Lsn(16))), partial=True)
+    _, p = plan(src, dst, "main", main)
+    (send,) = p.sends
+    assert send.request.after == Lsn(10)
+    assert send.request.resume is not None and send.request.resume.lsn == Lsn(16)
+    assert send.request.resume.count == 1
+
+
+def test_diverged_descendant_and_fast_forward_cases(src: SqliteRepository,
+                                                    dst: SqliteRepository) -> None:
+    main = src.create_branch("main").timeline.timeline_id
+    tl = fill(src, main, range(1, 11))
+    copy(src, dst, tl, Lsn(10), "main")
+    # Destination forks (new history of its own), source goes on: diverged both ways.
+    fork = dst.branch_for_writing("main").timeline_id
+    fill(dst, fork, range(11, 13))
+    fill(src, main, range(11, 15))
+    _, p = plan(src, dst, "main", main)
+    assert p.status is Status.REJECTED and "histories diverged" in p.message
+    _, p = plan(src, dst, "main", main, pushing=False)
+    assert p.status is Status.REJECTED
+    _, p = plan(src, dst, "main", main, force=True)
+    assert p.status is Status.FORCED
+    # Pulling a source the destination descends from, at its end: up to date.
+    _, p = plan(src, dst, "x", main, pushing=False)
+    assert p.status is Status.NEW
