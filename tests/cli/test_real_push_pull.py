@@ -271,7 +271,6 @@ def test_real_push_killed_mid_import_lsn_resumes(imported: tuple[PageserverProc,
     assert resumed.returncode == 0, resumed.stderr
     assert resumed.stdout.startswith("* [new branch] main -> b:main "), resumed.stdout
     records, mib = sent(resumed.stdout)
-    print("\nDEBUG", killed, across, pending, full_records, resumed.stdout, err[-300:])
     assert records == full_records - pending and mib < full_mib, (resumed.stdout, dry, row)
     assert b.digest("main") == a.digest("main") == digest
     assert b.branch("main")["last_record_lsn"] == last

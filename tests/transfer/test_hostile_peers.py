@@ -138,16 +138,23 @@ def assert_refused(err: BaseException, *fragments: str,
         assert fragment in err.message, err.message
 
 
-def still_serving(world: World, peer_rows: list[list[str | None]] | None = None) -> None:
+def still_serving(world: World, peer_rows: list[list[str | None]] | None = None, *,
+                  cli: bool = True) -> None:
     """Queries answer, the log holds no crash, and a legitimate CLI push goes through."""
     s, a = world.s, world.a
     assert str(s.query("status")[0]["server_version"]).startswith("zenith")
     assert {"main", "other", "side"} <= {b["name"] for b in s.query("branch_list")}
     if peer_rows is not None:  # the hostile peer's own connection is usable again
         assert {"main", "other", "side"} <= {r[0] for r in peer_rows}
-    a.cli("generate", "side", "--pages", "1", "--seed", str(next(world.rounds)), check=True)
-    out = a.cli("push", "side", "s", check=True).stdout
-    assert out.startswith("side -> s:side"), out
+    seed = next(world.rounds)
+    if cli:
+        a.cli("generate", "side", "--pages", "1", "--seed", str(seed), check=True)
+        out = a.cli("push", "side", "s", check=True).stdout
+        assert out.startswith("side -> s:side"), out
+    else:  # the same commands, without starting a CLI process
+        a.query(f"generate side 1 1 {seed}")
+        row = a.query(f"perform_push side {world.s.uri()} side")[0]
+        assert row["status"] == "fast-forward" and row["records"] == "1", row
     assert s.digest("side") == a.digest("side")
     log = s.config.log_path.read_text()
     assert "Traceback" not in log and "internal error" not in log

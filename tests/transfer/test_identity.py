@@ -129,3 +129,29 @@ def test_history_on_top_of_a_received_branch_fast_forwards_its_writer(
     # A now writes main on a timeline of its own again.
     a.cli("generate", "main", "--pages", "2", "--seed", "9", check=True)
     assert a.branch("main")["ancestor_timeline_id"] == b_main["timeline_id"]
+
+
+def test_remote_errors_keep_their_sqlstate_across_the_hop(
+    trio: tuple[PageserverProc, PageserverProc, PageserverProc],
+) -> None:
+    """What the remote pageserver refuses reaches the local pageserver's client with the
+    remote's SQLSTATE and message (psycopg as the client of the local pageserver)."""
+    import psycopg
+
+    from zenith.pageserver.quoting import command_text
+
+    a, b, c = trio
+    c.cli("generate", "main", "--pages", "2", "--seed", "1", check=True)
+    a.cli("generate", "main", "--pages", "2", "--seed", "2", check=True)
+    a.cli("push", "main", "cloud", check=True)
+    b.add_user("reader", "s3cret-reader", "read")
+    cases = [
+        (b.uri(), "55000", "histories diverged"),  # the remote's plan: rejected
+        (b.uri("reader", "s3cret-reader"), "42501", "push"),  # the remote's rights
+    ]
+    for uri, sqlstate, words in cases:
+        with psycopg.connect(c.uri(), autocommit=True) as conn:
+            with pytest.raises(psycopg.Error) as info:
+                conn.execute(command_text("perform_push", "main", uri, "main"))
+        assert info.value.sqlstate == sqlstate, info.value
+        assert words in str(info.value)
