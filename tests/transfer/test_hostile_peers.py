@@ -287,7 +287,7 @@ def test_foreign_timeline_under_another_name(world: World, proof: str) -> None:
     assert_refused(err, plan.message, cls=InvalidState)
     assert snapshot(world.s.path) == before
     assert main_state(world) == state
-    still_serving(world, rows)
+    still_serving(world, rows, cli=False)
 
 
 def test_foreign_timeline_forced_onto_another_branch(world: World) -> None:
@@ -418,7 +418,7 @@ def test_bad_data_frame(world: World, case: str) -> None:
     assert acked is None
     assert snapshot(world.s.path) == before
     assert main_state(world) == state
-    still_serving(world)
+    still_serving(world, cli=False)
 
 
 # -- 3. decompression bombs ---------------------------------------------------------------
@@ -476,7 +476,7 @@ def test_decompression_bomb_pushed(world: World, bomb: str, where: str) -> None:
     assert seconds < 2.0
     assert peak_rss_kib(pid) - peak < 100 << 10  # nothing near 1 GiB was ever allocated
     assert snapshot(world.s.path) == before
-    still_serving(world)
+    still_serving(world, cli=False)
 
 
 @pytest.mark.parametrize("bomb", list(BOMBS))
@@ -504,7 +504,7 @@ def test_decompression_bomb_from_a_puller(world: World, bomb: str, where: str) -
     assert seconds < 2.0
     assert peak_rss_kib(pid) - peak < 100 << 10
     assert snapshot(world.s.path) == before
-    still_serving(world)
+    still_serving(world, cli=False)
 
 
 # -- 4. oversize JSON ------------------------------------------------------------------------
@@ -554,7 +554,7 @@ def test_oversize_json_pushed(world: World, where: str, compressed: bool) -> Non
     assert_refused(run(attack()), f"{where} message of", f"exceeds {MAX_JSON}",
                    cls=TransferAborted)
     assert snapshot(world.s.path) == before and main_state(world) == state
-    still_serving(world)
+    still_serving(world, cli=False)
 
 
 @pytest.mark.parametrize("where", ["ASK", "PLAN"])
@@ -572,7 +572,7 @@ def test_oversize_json_from_a_puller(world: World, where: str) -> None:
             return await peer.failure()
 
     assert_refused(run(attack()), f"{where} message of", cls=TransferAborted)
-    still_serving(world)
+    still_serving(world, cli=False)
 
 
 def test_deeply_nested_json(world: World) -> None:
@@ -638,48 +638,55 @@ def test_duplicate_record_in_one_frame(world: World) -> None:
     still_serving(world)
 
 
-REPEATS = ["the range again", "records already acknowledged", "last record again"]
+# (records sent first, then what is sent again, the refusal): the records of the range
+# are 6 at one LSN, then 6 LSNs of one record each
+REPEATS: dict[str, tuple[int, Callable[[list[Record]], list[Record]] | None, str,
+                         type[ZenithError]]] = {
+    "the range again": (4, None, "got a RANGE frame", TransferAborted),
+    "records already acknowledged": (8, lambda rs: rs[:8], "before records already received",
+                                     TransferAborted),
+    "last record again": (4, lambda rs: rs[3:], "two records for one key at one LSN",
+                          InvalidArgument),
+}
 
 
-@pytest.mark.parametrize("repeat", REPEATS)
+@pytest.mark.parametrize("repeat", list(REPEATS))
 def test_repeats_after_an_ack(world: World, repeat: str) -> None:
     """Part of a range arrives and is acknowledged (durable and published up to the ACK,
     which is allowed), then the sender repeats itself: refused, nothing beyond the ACK."""
-    name = f"repeat-{REPEATS.index(repeat)}"
+    first, again, fragment, cls = REPEATS[repeat]
+    name = f"repeat-{list(REPEATS).index(repeat)}"
     source = seeded(world, name)
     tid = source.tip.timeline_id
     branch_before = world.s.branch(name)
+    records = source.between(tid, world.l1, source.tip.last_record_lsn)
+    assert len({r.lsn for r in records[:6]}) == 1 and len({r.lsn for r in records[5:]}) == 7
+    # the ACK publishes every LSN before the last one sent, which stays pending
+    published_lsn = max([world.l1, *(r.lsn for r in records[:first - 1])])
+    pending = records[first - 1].lsn
+    pending_count = sum(r.lsn == pending for r in records[:first])
 
-    async def attack() -> tuple[BaseException, Lsn | None, Lsn]:
+    async def attack() -> tuple[BaseException, Lsn | None]:
         peer, request = await open_range(world.push_uri, name, source)
         async with peer:
-            records = wanted(source, request)
-            # up to the 4th record of the LSN of 6: the ACK publishes the LSN before it
-            split = [r.lsn for r in records].index(records[0].lsn) + 4
-            await peer.send_records(records[:split])
+            assert wanted(source, request) == records
+            await peer.send_records(records[:first])
             ack = await peer.expect_ack()
-            assert ack.pending is not None and ack.pending.count == 4
-            if repeat == "the range again":
+            assert ack.pending is not None and ack.pending.count == pending_count
+            if again is None:
                 await peer.send(Range(request))
-            elif repeat == "records already acknowledged":
-                await peer.send_records(records[:split])
             else:
-                await peer.send_records(records[split - 1:])
-            return await peer.failure(), peer.acked, records[0].lsn
+                await peer.send_records(again(records))
+            return await peer.failure(), peer.acked
 
-    err, acked, pending_lsn = run(attack())
-    if repeat == "the range again":
-        assert_refused(err, "got a RANGE frame", cls=TransferAborted)
-    elif repeat == "records already acknowledged":
-        assert_refused(err, "before records already received", cls=TransferAborted)
-    else:
-        assert_refused(err, "two records for one key at one LSN", cls=InvalidArgument)
+    err, acked = run(attack())
+    assert_refused(err, fragment, cls=cls)
     row = published(world, tid)
-    assert acked == world.l1 and lsn_of(row) == acked  # nothing beyond the ACK
-    assert row["pending_lsn"] == str(pending_lsn) and row["pending_records"] == "4"
-    assert world.s.branch(name) == branch_before
-    assert world.s.digest(name) == world.a.digest(f"main@{world.l1}")
-    still_serving(world)
+    assert acked == published_lsn and lsn_of(row) == acked  # nothing beyond the ACK
+    assert row["pending_lsn"] == str(pending) and row["pending_records"] == str(pending_count)
+    assert world.s.branch(name) == {**branch_before, "last_record_lsn": str(acked)}
+    assert world.s.digest(name) == world.a.digest(f"main@{acked}")
+    still_serving(world, cli=False)
 
 
 def test_first_range_replayed_instead_of_the_next(world: World) -> None:
@@ -792,4 +799,4 @@ def test_range_end_that_does_not_match(world: World, lie: str) -> None:
     assert name not in {b["name"] for b in world.s.query("branch_list")}
     if lie != "tampered records":
         assert world.s.digest(f"{tid}@{acked}") == world.a.digest(f"main@{acked}")
-    still_serving(world)
+    still_serving(world, cli=False)

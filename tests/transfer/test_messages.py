@@ -16,6 +16,7 @@ from zenith.lsn import Lsn
 from zenith.storage import Cursor, Record, RecordKind, TimelineInfo
 from zenith.transfer.frames import (
     HEADER,
+    MAX_CONTROL,
     MAX_FRAME,
     cut_frames,
     decode_frame,
@@ -140,6 +141,10 @@ def test_frame_header_checks() -> None:
     lying = HEADER.pack(FrameType.DATA, 0, 0, 0, MAX_FRAME + 1, 0)
     with pytest.raises(TransferAborted, match="invalid"):
         decode_frame(lying)
+    # A control frame is bounded far lower, before its CRC is computed.
+    big = encode_frame(FrameType.OFFER, b" " * (MAX_CONTROL + 1))
+    with pytest.raises(TransferAborted, match="OFFER frame of .* exceeds"):
+        decode_frame(big[:HEADER.size + 10] + bytes(len(big) - HEADER.size - 10))
 
 
 def test_zstd_bomb_is_refused_before_allocation() -> None:

@@ -31,14 +31,16 @@ import zstandard
 from zenith.errors import TransferAborted
 from zenith.lsn import Lsn
 from zenith.storage import KEY_SIZE, Record, RecordKind
-from zenith.storage.api import MAX_PAYLOAD
-from zenith.transfer.messages import FrameType, M, Message, decode
+from zenith.pgwire.messages import DEFAULT_MAX_MESSAGE_SIZE
+from zenith.transfer.messages import MAX_JSON, FrameType, M, Message, decode
 
 HEADER: Final = struct.Struct(">BBHIII")
 RECORD_HEADER: Final = struct.Struct(f">{KEY_SIZE}sQBI")
 DATA_HEADER: Final = struct.Struct(">I")
-#: Bound on a frame's body, sent and decompressed: one record of the largest payload fits.
-MAX_FRAME: Final = MAX_PAYLOAD + (1 << 20)
+#: Bound on a frame's body, sent and decompressed: what one CopyData message can carry.
+MAX_FRAME: Final = DEFAULT_MAX_MESSAGE_SIZE - 1024
+#: Control frames carry one JSON message: bounded before their CRC is even computed.
+MAX_CONTROL: Final = MAX_JSON + 1024
 FRAME_TARGET: Final = 1024 * 1024  # cut DATA frames at about this many payload bytes
 FLAG_ZSTD: Final = 0x01
 _KINDS: Final = {k.value: k for k in RecordKind}
@@ -89,6 +91,9 @@ def decode_frame(data: bytes | bytearray | memoryview) -> Frame:
         )
     if raw_len > MAX_FRAME or flags & ~FLAG_ZSTD:
         raise TransferAborted(f"{kind.name} frame header is invalid")
+    if kind is not FrameType.DATA and max(raw_len, body_len) > MAX_CONTROL:
+        raise TransferAborted(f"{kind.name} frame of {max(raw_len, body_len)} bytes exceeds "
+                              f"{MAX_CONTROL}")
     wire = bytes(memoryview(data)[HEADER.size :])
     if google_crc32c.value(wire) != crc:
         raise TransferAborted(f"{kind.name} frame failed its CRC32C check")
