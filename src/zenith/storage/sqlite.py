@@ -463,7 +463,9 @@ class SqliteRepository:
                     group.total = (group.total + pending.total) % (1 << 256)
             lsns = sorted(opened)
             still_open: OpenLsn | None = None
-            if partial and lsns:
+            if lsns and (partial or (last_record_lsn is not None
+                                     and lsns[-1] > last_record_lsn)):
+                # Partial, or publishing below the pending LSN: that LSN stays open.
                 still_open = opened.pop(lsns.pop())
                 if still_open.lsn == top:
                     pending_key = top_key

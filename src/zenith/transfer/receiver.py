@@ -50,9 +50,10 @@ from zenith.transfer.messages import (
 )
 from zenith.transfer.plan import Plan, Send, make_plan, points_to_prove
 
-#: Read-ahead while the previous group commits, and the most one transaction takes.
-READ_AHEAD_BYTES = 32 * 1024 * 1024
-GROUP_BYTES = 16 * 1024 * 1024
+#: Read-ahead while the previous group commits, and the most one transaction takes, in
+#: decompressed bytes: the receiver's memory is bounded by about their sum.
+READ_AHEAD_BYTES = 16 * 1024 * 1024
+GROUP_BYTES = 8 * 1024 * 1024
 
 
 async def receive_branch(
@@ -123,20 +124,21 @@ async def _negotiate(
 
 
 class _ReadAhead:
-    """Frames read ahead of the committing thread, bounded by bytes (one frame always
-    fits): DATA frames raw (checked in the worker), then the RANGE_END, or the error."""
+    """Frames read ahead of the committing thread, bounded by their DECOMPRESSED size (one
+    frame always fits; zstd shrinks pages tenfold, so wire bytes would bound nothing): DATA
+    frames raw (checked in the worker), then the RANGE_END, or the error."""
 
     def __init__(self) -> None:
-        self.items: list[bytes | Frame | BaseException] = []
+        self.items: list[tuple[bytes | Frame | BaseException, int]] = []
         self.size = 0
         self.changed = asyncio.Event()
 
-    async def put(self, item: bytes | Frame | BaseException) -> None:
+    async def put(self, item: bytes | Frame | BaseException, size: int = 0) -> None:
         while self.size >= READ_AHEAD_BYTES:
             self.changed.clear()
             await self.changed.wait()
-        self.items.append(item)
-        self.size += len(item) if isinstance(item, bytes) else 0
+        self.items.append((item, size))
+        self.size += size
         self.changed.set()
 
     async def take_group(self) -> list[bytes | Frame | BaseException]:
@@ -147,12 +149,12 @@ class _ReadAhead:
         group: list[bytes | Frame | BaseException] = []
         size = 0
         while self.items and size < GROUP_BYTES:
-            item = self.items.pop(0)
+            item, n = self.items.pop(0)
             group.append(item)
+            size += n
+            self.size -= n
             if not isinstance(item, bytes):
                 break
-            size += len(item)
-            self.size -= len(item)
         self.changed.set()
         return group
 
@@ -164,7 +166,8 @@ async def _pump(channel: Channel, ahead: _ReadAhead, timeout: float) -> None:
         while True:
             data = await read_raw(channel, timeout)
             if len(data) >= HEADER.size and data[0] == FrameType.DATA:
-                await ahead.put(data)
+                raw_len = HEADER.unpack_from(data)[4]  # checked (bounded) in the worker
+                await ahead.put(data, max(raw_len, len(data)))
                 continue
             frame = decode_frame(data)
             if frame.type is not FrameType.RANGE_END:
