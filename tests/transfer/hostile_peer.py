@@ -248,3 +248,19 @@ def relabel(source: Source, tid: TimelineId) -> Source:
     old = source.tip.timeline_id
     return Source((dataclasses.replace(source.tip, timeline_id=tid),),
                   {tid: source.records[old]}, {tid: source.hashes[old]})
+
+
+def server_holds(server_port: int, client_port: int) -> bool:
+    """Whether the server still holds its end of our connection: an ESTABLISHED socket
+    owned by a process (a socket closed with unsent data lingers orphaned, inode 0)."""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, remote, state, inode = fields[1], fields[2], fields[3], fields[9]
+        if int(local.split(":")[1], 16) == server_port and \
+                int(remote.split(":")[1], 16) == client_port:
+            return state == "01" and inode != "0"
+    return False
+
+
+def local_port(peer: RawPeer) -> int:
+    return int(peer.conn._stream.writer.get_extra_info("sockname")[1])

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import struct
 import subprocess
 import sys
@@ -31,24 +32,32 @@ from tests.transfer.hostile_peer import (
     Source,
     fetch,
     history_hash,
+    local_port,
     peak_rss_kib,
     random_hash,
     raw_frame,
     relabel,
+    server_holds,
     snapshot,
 )
 from zenith.errors import (
     InvalidArgument,
-    PeerTimeout,
     InvalidState,
+    PeerTimeout,
     TransferAborted,
     ZenithError,
 )
 from zenith.ids import TimelineId
 from zenith.lsn import Lsn
 from zenith.pageserver.pidfile import running_pid
-from zenith.storage import Record
-from zenith.transfer.frames import FLAG_ZSTD, MAX_FRAME, RECORD_HEADER, encode_frame
+from zenith.storage import Record, RecordKind
+from zenith.transfer.frames import (
+    FLAG_ZSTD,
+    MAX_CONTROL,
+    MAX_FRAME,
+    RECORD_HEADER,
+    encode_frame,
+)
 from zenith.transfer.messages import (
     MAX_JSON,
     Ask,
@@ -283,7 +292,7 @@ def test_foreign_timeline_under_another_name(world: World, proof: str) -> None:
     if proof == "wrong":
         assert "histories diverged" in plan.message and str(world.main_tid) in plan.message
     else:
-        assert f"(by main) and evil needs it up to {source.tip.last_record_lsn}" in plan.message
+        assert "is already named main" in plan.message
     assert_refused(err, plan.message, cls=InvalidState)
     assert snapshot(world.s.path) == before
     assert main_state(world) == state
@@ -301,8 +310,8 @@ def test_foreign_timeline_forced_onto_another_branch(world: World) -> None:
             return plan, await peer.failure()
 
     plan, err = run(attack())
-    assert plan.status is Status.REJECTED and "(by main)" in plan.message
-    assert_refused(err, "(by main)", cls=InvalidState)
+    assert plan.status is Status.REJECTED and "is already named main" in plan.message
+    assert_refused(err, "is already named main", cls=InvalidState)
     assert snapshot(world.s.path) == before and main_state(world) == state
     still_serving(world)
 
@@ -350,8 +359,6 @@ def test_skipping_the_proof(world: World) -> None:
 
 
 def _record(lsn: int, key: bytes = bytes(18)) -> Record:
-    from zenith.storage import RecordKind
-
     return Record(key, Lsn(lsn), RecordKind.IMAGE, b"x" * 64)
 
 
@@ -510,68 +517,94 @@ def test_decompression_bomb_from_a_puller(world: World, bomb: str, where: str) -
 # -- 4. oversize JSON ------------------------------------------------------------------------
 
 
-def oversize(message_json: dict[str, Any]) -> bytes:
-    import json
+# An oversize control frame is refused by the frame codec (before its CRC or any
+# decompression); one within the frame bound but over MAX_JSON by the message decoder.
+OVERSIZE = {
+    "2 MiB": (2 << 20, False, "frame of"),
+    "2 MiB of zstd": (2 << 20, True, "frame of"),
+    "MAX_JSON + 1": (MAX_JSON + 1, False, "message of"),
+}
 
-    body = json.dumps({**message_json, "padding": "x" * (2 << 20)}).encode()
-    assert len(body) > MAX_JSON
+
+def oversize(message_json: dict[str, Any], size: int) -> bytes:
+    """The message's JSON padded with an extra string field to exactly ``size`` bytes."""
+    base = json.dumps({**message_json, "padding": ""}).encode()
+    body = base[:-2] + b"x" * (size - len(base)) + base[-2:]
+    assert len(body) == size and json.loads(body)["padding"]
     return body
 
 
-@pytest.mark.parametrize("compressed", [False, True])
+def oversize_frame(ftype: FrameType, message: Any, size_case: str) -> tuple[bytes, str]:
+    size, compressed, what = OVERSIZE[size_case]
+    assert size > MAX_CONTROL if what == "frame of" else MAX_JSON < size <= MAX_CONTROL
+    frame = encode_frame(ftype, oversize(message.to_json(), size),
+                         compressor=zstandard.ZstdCompressor() if compressed else None)
+    assert (frame[1] == FLAG_ZSTD) == compressed
+    limit = MAX_CONTROL if what == "frame of" else MAX_JSON
+    return frame, f"{ftype.name} {what} {size} bytes exceeds {limit}"
+
+
+@pytest.mark.parametrize("size", list(OVERSIZE))
 @pytest.mark.parametrize("where", ["OFFER", "PROOF", "RANGE", "RANGE_END"])
-def test_oversize_json_pushed(world: World, where: str, compressed: bool) -> None:
+def test_oversize_json_pushed(world: World, where: str, size: str) -> None:
     source = world.source
     before, state = snapshot(world.s.path), main_state(world)
-    compressor = zstandard.ZstdCompressor() if compressed else None
-    request = RangeRequest(world.main_tid, world.l1, source.tip.last_record_lsn, False)
-
-    def frame(ftype: FrameType, message: Any) -> bytes:
-        return encode_frame(ftype, oversize(message.to_json()), compressor=compressor)
+    expected = ""
 
     async def attack() -> BaseException:
+        nonlocal expected
+
+        async def bad(ftype: FrameType, message: Any) -> BaseException:
+            nonlocal expected
+            frame, expected = oversize_frame(ftype, message, size)
+            await peer.send_raw(frame)
+            return await peer.failure()
+
         async with await RawPeer.open(world.push_uri, "branch_push main") as peer:
             if where == "OFFER":
-                await peer.send_raw(frame(FrameType.OFFER, source.offer()))
-                return await peer.failure()
+                return await bad(FrameType.OFFER, source.offer())
             await peer.send(source.offer())
             ask = await peer.expect(Ask)
             assert isinstance(ask, Ask)
             proof = Proof(tuple(honest(source)(p) for p in ask.points))
             if where == "PROOF":
-                await peer.send_raw(frame(FrameType.PROOF, proof))
-                return await peer.failure()
+                return await bad(FrameType.PROOF, proof)
             await peer.send(proof)
-            await peer.expect(PlanMsg)
+            plan = await peer.expect(PlanMsg)
+            assert isinstance(plan, PlanMsg) and plan.status is Status.FAST_FORWARD
+            request = plan.ranges[0]
             if where == "RANGE":
-                await peer.send_raw(frame(FrameType.RANGE, Range(request)))
-                return await peer.failure()
+                return await bad(FrameType.RANGE, Range(request))
             await peer.send(Range(request))
             end = RangeEnd(request.timeline_id, request.upto, 0, 0, random_hash())
-            await peer.send_raw(frame(FrameType.RANGE_END, end))
-            return await peer.failure()
+            return await bad(FrameType.RANGE_END, end)
 
-    assert_refused(run(attack()), f"{where} message of", f"exceeds {MAX_JSON}",
-                   cls=TransferAborted)
+    assert_refused(run(attack()), expected, cls=TransferAborted)
     assert snapshot(world.s.path) == before and main_state(world) == state
     still_serving(world, cli=False)
 
 
+@pytest.mark.parametrize("size", ["2 MiB of zstd", "MAX_JSON + 1"])
 @pytest.mark.parametrize("where", ["ASK", "PLAN"])
-def test_oversize_json_from_a_puller(world: World, where: str) -> None:
+def test_oversize_json_from_a_puller(world: World, where: str, size: str) -> None:
+    """A ``read`` user pulling main sends an oversize ASK or PLAN."""
+    expected = ""
+
     async def attack() -> BaseException:
+        nonlocal expected
         async with await RawPeer.open(world.read_uri, "branch_pull main") as peer:
             await peer.expect(Offer)
             if where == "ASK":
-                await peer.send_raw(encode_frame(FrameType.ASK, oversize(Ask(()).to_json())))
+                frame, expected = oversize_frame(FrameType.ASK, Ask(()), size)
             else:
                 await peer.send(Ask(()))
                 await peer.expect(Proof)
                 plan = PlanMsg(Status.NEW, "", False, None, ())
-                await peer.send_raw(encode_frame(FrameType.PLAN, oversize(plan.to_json())))
+                frame, expected = oversize_frame(FrameType.PLAN, plan, size)
+            await peer.send_raw(frame)
             return await peer.failure()
 
-    assert_refused(run(attack()), f"{where} message of", cls=TransferAborted)
+    assert_refused(run(attack()), expected, cls=TransferAborted)
     still_serving(world, cli=False)
 
 
@@ -662,8 +695,8 @@ def test_repeats_after_an_ack(world: World, repeat: str) -> None:
     records = source.between(tid, world.l1, source.tip.last_record_lsn)
     assert len({r.lsn for r in records[:6]}) == 1 and len({r.lsn for r in records[5:]}) == 7
     # the ACK publishes every LSN before the last one sent, which stays pending
-    published_lsn = max([world.l1, *(r.lsn for r in records[:first - 1])])
     pending = records[first - 1].lsn
+    published_lsn = max([world.l1, *(r.lsn for r in records[:first] if r.lsn < pending)])
     pending_count = sum(r.lsn == pending for r in records[:first])
 
     async def attack() -> tuple[BaseException, Lsn | None]:
@@ -800,3 +833,149 @@ def test_range_end_that_does_not_match(world: World, lie: str) -> None:
     if lie != "tampered records":
         assert world.s.digest(f"{tid}@{acked}") == world.a.digest(f"main@{acked}")
     still_serving(world, cli=False)
+
+
+# -- 1b. main's timeline, reached through a second name --------------------------------------
+
+
+def test_second_name_on_a_named_timeline_is_refused(pageserver_factory) -> None:  # type: ignore[no-untyped-def]
+    """A pusher tries to name main's timeline ``evil`` too (nothing to write: the plan
+    would be NEW with no records). Two names of one timeline would move together, so a
+    later fast-forward of ``evil`` would move main: the second name itself is refused."""
+    a, s = pageserver_factory(name="a"), pageserver_factory(name="s")
+    s.add_user(*PUSHER, "push")
+    a.cli("origin", "add", "s", s.uri(), check=True)
+    a.cli("generate", "main", "--pages", "10", check=True)
+    a.cli("push", "main", "s", check=True)
+    a.cli("generate", "main", "--pages", "5", "--seed", "1", check=True)
+    source = run(fetch(a.uri(), "main"))
+    l1 = Lsn.parse(str(s.branch("main")["last_record_lsn"]))
+    uri = s.uri(*PUSHER)
+    main_before, digest_before = s.branch("main"), s.digest("main")
+    before = snapshot(s.path)
+    for upto in (l1, source.tip.last_record_lsn):  # the alias alone, and with new records
+        async def attack(upto: Lsn = upto) -> BaseException:
+            async with await RawPeer.open(uri, "branch_push evil") as peer:
+                plan = await negotiate(peer, source.offer(last_record_lsn=upto),
+                                       honest(source))
+                assert plan.status is Status.REJECTED, plan
+                return await peer.failure()
+
+        outcome = run(attack())
+        assert_refused(outcome, "is already named main", cls=InvalidState)
+        assert s.branch("main") == main_before and s.digest("main") == digest_before
+        assert snapshot(s.path) == before
+    # Through the CLI too: a second name for main's timeline is refused with advice.
+    res = a.cli("push", "main", "s:backup")
+    assert res.returncode == 1 and "is already named main" in res.stderr, res.stderr
+    a.cli("push", "main", "s", check=True)  # the push to main itself is fine
+    assert s.digest("main") == a.digest("main")
+
+
+# -- 6. silent peers ------------------------------------------------------------------------
+
+
+TIMEOUT = 2
+
+
+def timed_pageserver(factory: Callable[..., PageserverProc], name: str) -> PageserverProc:
+    """A pageserver that drops a peer silent for TIMEOUT seconds."""
+    ps = factory(name=name, start=False)
+    config = ps.path / "config.toml"
+    config.write_text(f"transfer_timeout = {TIMEOUT}\n" + config.read_text())
+    ps.start()
+    assert ps.config.transfer_timeout == TIMEOUT
+    return ps
+
+
+async def cli(ps: PageserverProc, *args: str) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "zenith.cli", "-D", str(ps.path), *args,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def test_silent_pushers(pageserver_factory) -> None:  # type: ignore[no-untyped-def]
+    """Two pushers fall silent: one after its OFFER (holding main's locks, S waiting for
+    its PROOF), one in the middle of a range of ``dev``. During the silence a push to
+    another branch completes at once; a push to main waits; both silent ones are dropped
+    after TIMEOUT; then the waiting push proceeds and ``dev`` resumes."""
+    a = pageserver_factory(name="a")
+    s = timed_pageserver(pageserver_factory, "s")
+    s.add_user(*PUSHER, "push")
+    a.cli("origin", "add", "s", s.uri(), check=True)
+    for branch in ("main", "side", "dev"):
+        a.cli("generate", branch, "--pages", "12", check=True)
+    main, dev = run(fetch(a.uri(), "main")), run(fetch(a.uri(), "dev"))
+    uri = s.uri(*PUSHER)
+
+    async def scenario() -> dict[str, Any]:
+        quiet = await RawPeer.open(uri, "branch_push main")
+        await quiet.send(main.offer())
+        await quiet.expect(Ask)  # S waits for our PROOF from now on, holding main's locks
+        t0 = time.monotonic()
+        mid, request = await open_range(uri, "dev", dev)
+        await mid.send_records(wanted(dev, request)[:5])  # 4 published, 1 pending
+        await mid.expect_ack()
+        t_mid = time.monotonic()
+        same = await cli(a, "push", "main", "s")
+        other = await cli(a, "push", "side", "s")
+        other_out = await other.communicate()
+        t_other = time.monotonic() - t0
+        quiet_err = await quiet.failure(within=TIMEOUT + 10)
+        t_quiet = time.monotonic() - t0
+        mid_err = await mid.failure(within=TIMEOUT + 10)
+        t_mid_dropped = time.monotonic() - t_mid
+        same_out = await same.communicate()
+        t_same = time.monotonic() - t0
+        await quiet.close()
+        await mid.close()
+        return {"other": (other.returncode, *other_out, t_other),
+                "same": (same.returncode, *same_out, t_same),
+                "quiet": (quiet_err, t_quiet), "mid": (mid_err, t_mid_dropped, mid.acked)}
+
+    r = run(scenario())
+    code, out, err, t_other = r["other"]
+    assert code == 0 and out.startswith(b"* [new branch] side -> s:side"), err
+    assert t_other < TIMEOUT  # while both silent peers were still held
+    quiet_err, t_quiet = r["quiet"]
+    assert_refused(quiet_err, f"the peer sent nothing for {TIMEOUT} s", cls=PeerTimeout)
+    assert TIMEOUT - 0.5 < t_quiet < TIMEOUT + 3
+    mid_err, t_mid, acked = r["mid"]
+    assert_refused(mid_err, f"the peer sent nothing for {TIMEOUT} s", cls=PeerTimeout)
+    assert TIMEOUT - 0.5 < t_mid < TIMEOUT + 3
+    code, out, err, t_same = r["same"]
+    assert code == 0 and out.startswith(b"* [new branch] main -> s:main"), err
+    assert t_same > TIMEOUT - 0.5  # it waited for the silent one's locks
+    assert s.digest("main") == a.digest("main")
+    # dev kept what was acknowledged, unnamed; the CLI resumes after it
+    row = [t for t in s.query("timeline_list") if t["timeline_id"] == str(dev.tip.timeline_id)]
+    assert row and lsn_of(row[0]) == acked and row[0]["branches"] == ""
+    out = a.cli("push", "dev", "s", check=True).stdout
+    assert out.startswith("* [new branch] dev -> s:dev") and ", 7 records" in out, out
+    assert s.digest("dev") == a.digest("dev")
+    log = s.config.log_path.read_text()
+    assert "Traceback" not in log and "internal error" not in log
+
+
+def test_puller_that_stops_reading(pageserver_factory) -> None:  # type: ignore[no-untyped-def]
+    """A ``read`` user plans a pull of a branch larger than the socket buffers, then neither
+    reads nor writes. The server (sending) must drop it after TIMEOUT, not block on
+    the full socket for ever."""
+    s = timed_pageserver(pageserver_factory, "s")
+    s.add_user(*READER, "read")
+    s.cli("generate", "big", "--pages", "3000", "--page-size", "8192", check=True)
+
+    async def scenario() -> bool:
+        async with await RawPeer.open(s.uri(*READER), "branch_pull big") as peer:
+            offer = await peer.expect(Offer)
+            assert isinstance(offer, Offer)
+            await peer.send(Ask(()))
+            await peer.expect(Proof)
+            tl = offer.source
+            await peer.send(PlanMsg(Status.NEW, "", False, None, (
+                RangeRequest(tl.timeline_id, Lsn(0), tl.last_record_lsn, True),)))
+            await asyncio.sleep(2 * TIMEOUT + 1)  # silent, and reading nothing
+            return server_holds(s.port, local_port(peer))
+
+    assert not run(scenario()), "the server still holds the silent puller's connection"
+    assert str(s.query("status")[0]["server_version"]).startswith("zenith")

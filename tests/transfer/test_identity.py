@@ -28,7 +28,7 @@ def trio(pageserver_factory) -> tuple[PageserverProc, PageserverProc, Pageserver
 def test_writing_a_received_branch_forks_it(
     trio: tuple[PageserverProc, PageserverProc, PageserverProc],
 ) -> None:
-    a, b, c = trio
+    a, _b, c = trio
     received = c.branch("main")
     assert received["timeline_id"] == a.branch("main")["timeline_id"]
     c.cli("generate", "main", "--pages", "5", "--seed", "7", check=True)
@@ -68,11 +68,16 @@ def test_two_writers_never_graft_on_push(
     at = f"{b_main['timeline_id']}@{c_main['ancestor_lsn']}"
     assert b.digest(at) == c.digest(at)
 
-    # C pushing to B's main is a diverged push: refused, nothing changed; forced, the name
-    # moves and A's timeline is kept.
+    # C pushing to B's main is a diverged push: refused, nothing changed. Forced, it would
+    # give C's timeline a second name on B (cmain): refused too, since two names of one
+    # timeline would move together. Without cmain, the name moves; A's timeline is kept.
     res = c.cli("push", "main", "cloud")
     assert res.returncode == 1 and "histories diverged" in res.stderr, res.stderr
     assert b.branch("main") == b_main
+    res = c.cli("push", "main", "cloud", "--force")
+    assert res.returncode == 1 and "already named cmain" in res.stderr, res.stderr
+    assert b.branch("main") == b_main
+    b.cli("branch", "delete", "cmain", check=True)
     forced = c.cli("push", "main", "cloud", "--force", check=True).stdout
     assert forced.startswith("+ main -> cloud:main") and "(forced update)" in forced
     assert b.branch("main")["timeline_id"] == c_main["timeline_id"]
@@ -102,6 +107,9 @@ def test_two_writers_never_graft_on_pull(
     assert c.branch("main") == c_main and c.digest("main") == c_digest
     assert b.query("branch_list") == b_branches  # pulls never change the remote
 
+    res = c.cli("pull", "main", "cloud", "--force")  # would be a second name (bmain)
+    assert res.returncode == 1 and "already named bmain" in res.stderr, res.stderr
+    c.cli("branch", "delete", "bmain", check=True)  # A's timeline is kept: C's descends
     forced = c.cli("pull", "main", "cloud", "--force", check=True).stdout
     assert "(forced update)" in forced
     assert c.digest("main") == a.digest("main")
@@ -114,7 +122,7 @@ def test_history_on_top_of_a_received_branch_fast_forwards_its_writer(
 ) -> None:
     """B adds history on top of A's main (on a timeline of B's own) and pushes it back:
     A's main fast-forwards onto B's timeline, and A's own timeline is not extended."""
-    a, b, c = trio
+    a, b, _c = trio
     a_main = a.branch("main")
     b.cli("origin", "add", "a", a.uri(), check=True)
     b.cli("generate", "main", "--pages", "3", "--seed", "8", check=True)  # forks on B
@@ -150,8 +158,8 @@ def test_remote_errors_keep_their_sqlstate_across_the_hop(
         (b.uri("reader", "s3cret-reader"), "42501", "push"),  # the remote's rights
     ]
     for uri, sqlstate, words in cases:
-        with psycopg.connect(c.uri(), autocommit=True) as conn:
-            with pytest.raises(psycopg.Error) as info:
-                conn.execute(command_text("perform_push", "main", uri, "main"))
+        with psycopg.connect(c.uri(), autocommit=True) as conn, \
+                pytest.raises(psycopg.Error) as info:
+            conn.execute(command_text("perform_push", "main", uri, "main"))
         assert info.value.sqlstate == sqlstate, info.value
         assert words in str(info.value)

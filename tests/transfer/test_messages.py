@@ -143,7 +143,7 @@ def test_frame_header_checks() -> None:
         decode_frame(lying)
     # A control frame is bounded far lower, before its CRC is computed.
     big = encode_frame(FrameType.OFFER, b" " * (MAX_CONTROL + 1))
-    with pytest.raises(TransferAborted, match="OFFER frame of .* exceeds"):
+    with pytest.raises(TransferAborted, match=r"OFFER frame of .* exceeds"):
         decode_frame(big[:HEADER.size + 10] + bytes(len(big) - HEADER.size - 10))
 
 

@@ -120,9 +120,20 @@ def test_never_moves_another_branch(src: SqliteRepository, dst: SqliteRepository
     tl = fill(src, main, range(1, 11))
     copy(src, dst, tl, Lsn(10), "main")
     fill(src, main, range(11, 15))
+    # A second name for main's timeline would move with main: refused.
     _, p = plan(src, dst, "evil", main)
-    assert p.status is Status.REJECTED and "writes only evil's own timelines" in p.message
-    assert "by main" in p.message
+    assert p.status is Status.REJECTED and "is already named main" in p.message
+    # A branch of main's timeline beyond where the receiver's main is: sending it would
+    # extend the timeline main names, i.e. move main.
+    dev = src.create_branch("dev", "main").timeline.timeline_id
+    fill(src, dev, range(15, 17))
+    _, p = plan(src, dst, "dev", dev)
+    assert p.status is Status.REJECTED and "writes only dev's own timelines" in p.message
+    assert "(by main)" in p.message and "transfer main first" in p.message
+    # Once main itself is transferred, dev needs nothing of it.
+    copy(src, dst, src.get_timeline(main), Lsn(14))
+    _, p = plan(src, dst, "dev", dev)
+    assert p.status is Status.NEW and [s.timeline.timeline_id for s in p.sends] == [dev]
 
 
 def test_never_receives_a_timeline_it_writes(src: SqliteRepository,

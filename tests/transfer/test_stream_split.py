@@ -30,6 +30,9 @@ class End:
     async def read(self) -> bytes | None:
         return await self.inbox.queue.get()
 
+    def abort(self, reason: str) -> None:
+        self.outbox.queue.put_nowait(None)
+
     async def write(self, data: bytes) -> None:
         self.writes += 1
         if self.cut_after and self.writes > self.cut_after:
@@ -61,7 +64,8 @@ def make_source(path: Path, spec: list[int]) -> SqliteRepository:
     return repo
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=20, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     spec=st.lists(st.integers(1, 40), min_size=1, max_size=5).map(lambda s: [300, *s]),
     target=st.integers(200, 20_000),

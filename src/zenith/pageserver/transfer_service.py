@@ -17,12 +17,13 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Final
 
-from zenith.errors import ConnectionFailed, PushRejected, ZenithError
+from zenith.errors import ConnectionFailed, PeerTimeout, PushRejected, ZenithError
 from zenith.pageserver.page_service import command, expect_args
 from zenith.pageserver.quoting import command_text
 from zenith.pageserver.users import Role, require
 from zenith.pgwire.client import ClientCopyStream, Connection, connect, mask_uri, parse_uri
 from zenith.pgwire.server import Session
+from zenith.pgwire.session import CopyStream
 from zenith.storage import validate_branch_name
 from zenith.transfer import Progress, TransferArgs, TransferResult, receive_branch, send_branch
 from zenith.transfer.messages import parse_flags
@@ -175,11 +176,10 @@ async def _branch_push(server: Pageserver, session: Session, args: list[str]) ->
     force, dry_run = parse_flags(args[1:])
     _refuse_followed(server, name)
     copy = await session.copy_both()
+    timeout = server.config.transfer_timeout
     await receive_branch(copy, server.repo, name, pushing=True, force=force, dry_run=dry_run,
-                         timeout=server.config.transfer_timeout, locks=server.transfer_locks)
-    while await copy.read() is not None:
-        pass
-    await copy.done()
+                         timeout=timeout, locks=server.transfer_locks)
+    await _end_copy(copy, timeout, ours_first=False)
 
 
 @command("branch_pull", "<branch>", "(between pageservers) send a branch over CopyBoth")
@@ -189,7 +189,26 @@ async def _branch_pull(server: Pageserver, session: Session, args: list[str]) ->
     timeline = server.repo.resolve(args[0])
     chain = server.repo.ancestry(timeline.timeline_id)
     copy = await session.copy_both()
-    await send_branch(copy, server.repo, chain, timeout=server.config.transfer_timeout)
-    await copy.done()
-    while await copy.read() is not None:
-        pass
+    timeout = server.config.transfer_timeout
+    await send_branch(copy, server.repo, chain, timeout=timeout)
+    await _end_copy(copy, timeout, ours_first=True)
+
+
+async def _end_copy(copy: CopyStream, timeout: float, *, ours_first: bool) -> None:
+    """End the CopyBoth exchange (CopyDone both ways); a peer that takes no part in it for
+    ``timeout`` seconds is dropped."""
+
+    async def drain_peer() -> None:
+        while await copy.read() is not None:
+            pass
+
+    try:
+        async with asyncio.timeout(timeout):
+            if ours_first:
+                await copy.done()
+            await drain_peer()
+            if not ours_first:
+                await copy.done()
+    except TimeoutError:
+        copy.abort(f"the peer did not end the transfer within {timeout:g} s")
+        raise PeerTimeout(f"the peer did not end the transfer within {timeout:g} s") from None

@@ -436,6 +436,10 @@ class ClientCopyStream:
         self._stream.write_copy_data(data)
         await self._stream.drain()
 
+    def abort(self, reason: str) -> None:
+        """Drop the connection (a server that stopped reading cannot be told why)."""
+        self._stream.abort(reason)
+
     async def done(self) -> None:
         """Send CopyDone: no more data from us. Idempotent."""
         if self.kind is CopyKind.OUT:

@@ -122,6 +122,10 @@ class CopyStream:
         self._stream.write_copy_data(data)
         await self._stream.drain()
 
+    def abort(self, reason: str) -> None:
+        """Drop the connection (a peer that stopped reading cannot be sent an error)."""
+        self._stream.abort(reason)
+
     async def done(self) -> None:
         """Send CopyDone: this side will send no more data. Idempotent."""
         if self.kind is CopyKind.IN:

@@ -49,6 +49,14 @@ class MessageStream:
         self.broken = error
         return error
 
+    def abort(self, reason: str) -> None:
+        """Drop the connection now, without sending what is queued (a peer that stopped
+        reading would never take it): the stream is broken from here on."""
+        self.broken = ConnectionFailed(reason)
+        self._out.clear()
+        with contextlib.suppress(Exception):
+            self.writer.transport.abort()
+
     async def recv(self) -> Message:
         """The next message; :class:`ConnectionFailed` on EOF, :class:`ProtocolViolation`
         on malformed input (both leave ``broken`` set)."""

@@ -22,6 +22,9 @@ class Channel(Protocol):
 
     async def write(self, data: bytes) -> None: ...
 
+    def abort(self, reason: str) -> None:
+        """Drop the connection at once (the peer stopped reading)."""
+
 
 async def read_raw(channel: Channel, timeout: float) -> bytes:
     """The next CopyData payload; the peer's silence beyond ``timeout`` seconds or its end
@@ -47,8 +50,22 @@ async def read_frame(channel: Channel, timeout: float) -> Frame:
     return decode_frame(await read_raw(channel, timeout))
 
 
-async def send(channel: Channel, message: Message) -> None:
-    await channel.write(encode_message(message))
+async def write_raw(channel: Channel, data: bytes, timeout: float) -> None:
+    """Write one frame; a peer that reads nothing for ``timeout`` seconds (its socket
+    buffer stays full) is dropped: the connection is aborted, since it would never take
+    an error message either."""
+    try:
+        await asyncio.wait_for(channel.write(data), timeout)
+    except TimeoutError:
+        reason = f"the peer read nothing for {timeout:g} s; transfer dropped"
+        channel.abort(reason)
+        raise PeerTimeout(
+            reason, hint="everything acknowledged is kept; run the command again to continue"
+        ) from None
+
+
+async def send(channel: Channel, message: Message, timeout: float) -> None:
+    await write_raw(channel, encode_message(message), timeout)
 
 
 class TransferLocks:

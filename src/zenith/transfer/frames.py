@@ -30,8 +30,8 @@ import zstandard
 
 from zenith.errors import TransferAborted
 from zenith.lsn import Lsn
-from zenith.storage import KEY_SIZE, Record, RecordKind
 from zenith.pgwire.messages import DEFAULT_MAX_MESSAGE_SIZE
+from zenith.storage import KEY_SIZE, Record, RecordKind
 from zenith.transfer.messages import MAX_JSON, FrameType, M, Message, decode
 
 HEADER: Final = struct.Struct(">BBHIII")

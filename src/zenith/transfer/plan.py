@@ -99,14 +99,14 @@ def make_plan(
                 (tl.ancestor_id, tl.ancestor_lsn):
             return reject(
                 f"rejected: histories diverged: timeline {tl.timeline_id} has another ancestry "
-                f"{here} than {there}; it cannot be received (no --force: one timeline id "
+                f"on the {here} side than on the {there} side; it cannot be received (no --force: one timeline id "
                 "cannot hold two histories)"
             )
         if tl.timeline_id in mismatched:
             return reject(
                 f"rejected: histories diverged: timeline {tl.timeline_id} holds different "
-                f"records {here} than {there} up to {mismatched[tl.timeline_id]}; it cannot be "
-                "received (no --force: one timeline id cannot hold two histories)"
+                f"records on the {here} side than on the {there} side up to "
+                f"{mismatched[tl.timeline_id]}; it cannot be received (no --force: one timeline id cannot hold two histories)"
             )
 
     if old is None:
@@ -148,10 +148,27 @@ def make_plan(
         if status is Status.REJECTED:
             return reject(message)
 
-    sends = _sends(repo, chain, old, dest_name)
+    named = _names(repo)
+    others = sorted(set(named.get(source.timeline_id, [])) - {dest_name})
+    if others:
+        # A second name for one timeline would move with the first: not git's refs.
+        return reject(
+            f"rejected: timeline {source.timeline_id} is already named {', '.join(others)} "
+            f"on the {here} side; {dest_name} cannot name it too (two names of one timeline move "
+            f"together). Transfer {others[0]} instead, or branch from it there "
+            f"(zenith branch create {dest_name} --from {others[0]})"
+        )
+    sends = _sends(repo, chain, old, dest_name, named)
     if isinstance(sends, str):
         return reject(sends)
     return Plan(status, message, old, source, sends)
+
+
+def _names(repo: Repository) -> dict[TimelineId, list[str]]:
+    named: dict[TimelineId, list[str]] = {}
+    for b in repo.list_branches():
+        named.setdefault(b.timeline.timeline_id, []).append(b.name)
+    return named
 
 
 def _diverged(old: TimelineInfo, source: TimelineInfo, name: str, here: str, there: str,
@@ -177,13 +194,11 @@ def _branch_point(repo: Repository, tl: TimelineInfo, ancestor: TimelineId) -> L
 
 
 def _sends(
-    repo: Repository, chain: tuple[TimelineInfo, ...], old: TimelineInfo | None, dest: str
+    repo: Repository, chain: tuple[TimelineInfo, ...], old: TimelineInfo | None, dest: str,
+    named: dict[TimelineId, list[str]],
 ) -> list[Send] | str:
     """For each timeline of the chain, root first, the records the receiver lacks up to
     where the chain needs it; or why it may not write them."""
-    named: dict[TimelineId, list[str]] = {}
-    for b in repo.list_branches():
-        named.setdefault(b.timeline.timeline_id, []).append(b.name)
     sends: list[Send] = []
     for i, tl in enumerate(chain):
         needed = _needed(chain, i)
@@ -194,7 +209,8 @@ def _sends(
             continue
         if held.last_record_lsn >= needed:
             continue
-        ours = old is not None and held.timeline_id == old.timeline_id
+        ours = old is not None and held.timeline_id == old.timeline_id \
+            and named.get(held.timeline_id) == [dest]
         # Unnamed (an ancestor kept up to a branch point, or left by an interrupted
         # transfer): extending it moves no branch, since descendants read it only up to
         # their branch points.

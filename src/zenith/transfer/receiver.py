@@ -78,7 +78,7 @@ async def receive_branch(
     async with (locks or TransferLocks()).hold(keys, wait=timeout):
         plan = await _negotiate(channel, repo, dest_name, offer, pushing, force, timeout)
         await send(channel, plan.to_message(
-            dry_run, "zstd" if "zstd" in offer.compression else None))
+            dry_run, "zstd" if "zstd" in offer.compression else None), timeout)
 
         def result(records: int, nbytes: int) -> TransferResult:
             old, source = plan.old, plan.source
@@ -100,7 +100,7 @@ async def receive_branch(
             await _receive_range(channel, repo, item, state, progress, timeout)
         await asyncio.to_thread(repo.set_branch, dest_name, plan.source.timeline_id)
         outcome = result(state.records_done, state.bytes_done)
-        await send(channel, Done(outcome))
+        await send(channel, Done(outcome), timeout)
         return outcome
 
 
@@ -110,7 +110,7 @@ async def _negotiate(
 ) -> Plan:
     """Ask for proofs where our history overlaps the offer, compare them, plan."""
     points = await asyncio.to_thread(points_to_prove, repo, offer.chain)
-    await send(channel, Ask(tuple(points)))
+    await send(channel, Ask(tuple(points)), timeout)
     proof = await read_message(channel, Proof, timeout)
     if len(proof.hashes) != len(points):
         raise TransferAborted(f"asked for {len(points)} proofs, got {len(proof.hashes)}")
@@ -253,7 +253,7 @@ async def _receive_range(
                 state.records_done += applied.records
                 state.bytes_done += applied.payload
                 state.acked_lsn = published
-                await send(channel, Ack(request.timeline_id, published, pending))
+                await send(channel, Ack(request.timeline_id, published, pending), timeout)
                 if progress is not None:
                     progress(state)
             tail = group[-1]
@@ -277,4 +277,4 @@ async def _receive_range(
     await asyncio.to_thread(
         repo.put_records, request.timeline_id, [], request.upto, expect_hash=end.hash)
     state.acked_lsn = request.upto
-    await send(channel, Ack(request.timeline_id, request.upto))
+    await send(channel, Ack(request.timeline_id, request.upto), timeout)

@@ -19,7 +19,14 @@ import zstandard
 
 from zenith.errors import PushRejected, TransferAborted
 from zenith.storage import Record, Repository, TimelineInfo
-from zenith.transfer.channel import DEFAULT_TIMEOUT, Channel, read_frame, read_message, send
+from zenith.transfer.channel import (
+    DEFAULT_TIMEOUT,
+    Channel,
+    read_frame,
+    read_message,
+    send,
+    write_raw,
+)
 from zenith.transfer.frames import FRAME_TARGET, cut_frames, encode_frame, encode_records
 from zenith.transfer.messages import (
     Ack,
@@ -56,10 +63,11 @@ async def send_branch(
     started = time.monotonic()
     offered = tuple(reversed(chain))
     source = offered[-1]
-    await send(channel, Offer(offered, ("zstd",) if compress else ()))
+    await send(channel, Offer(offered, ("zstd",) if compress else ()), timeout)
     # The receiver may first wait for another transfer of the same timelines to finish.
     ask = await read_message(channel, Ask, 2 * timeout)
-    await send(channel, Proof(tuple(await asyncio.to_thread(_prove, repo, offered, ask))))
+    proof = Proof(tuple(await asyncio.to_thread(_prove, repo, offered, ask)))
+    await send(channel, proof, timeout)
     plan = await read_message(channel, PlanMsg, timeout)
     ranges = _check_ranges(plan, offered)
 
@@ -84,7 +92,7 @@ async def send_branch(
     if plan.status is Status.UP_TO_DATE:
         return result(0, 0)
     if plan.dry_run:
-        await send(channel, Summary(state.records_total, state.bytes_total))
+        await send(channel, Summary(state.records_total, state.bytes_total), timeout)
         return result(state.records_total, state.bytes_total)
 
     compressor = zstandard.ZstdCompressor(level=1) if plan.compression == "zstd" else None
@@ -92,7 +100,7 @@ async def send_branch(
     try:
         for request in ranges:
             await _send_range(channel, repo, request, state, compressor, reader, progress,
-                              frame_target)
+                              frame_target, timeout)
         done = await reader
     finally:
         if not reader.done():
@@ -148,13 +156,14 @@ async def _read_acks(channel: Channel, state: Progress, timeout: float) -> Done 
         state.acked_lsn = frame.message(Ack).lsn
 
 
-async def _write(channel: Channel, data: bytes, reader: asyncio.Task[Done | None]) -> None:
+async def _write(channel: Channel, data: bytes, reader: asyncio.Task[Done | None],
+                 timeout: float) -> None:
     """Write, unless the receiver already failed or finished: then raise what it said."""
     if reader.done():
         reader.result()  # raises the receiver's error
         raise TransferAborted("the receiver ended the transfer early")
     try:
-        await channel.write(data)
+        await write_raw(channel, data, timeout)
     except Exception:
         if reader.done() and reader.exception() is not None:
             raise reader.exception() from None  # type: ignore[misc]
@@ -170,9 +179,10 @@ async def _send_range(
     reader: asyncio.Task[Done | None],
     progress: ProgressFn | None,
     frame_target: int,
+    timeout: float,
 ) -> None:
     await _write(channel, encode_frame(FrameType.RANGE, Range(
-        request, state.records_total, state.bytes_total).encode()), reader)
+        request, state.records_total, state.bytes_total).encode()), reader, timeout)
     records, nbytes = 0, 0
     batches = cut_frames(repo.iter_records(
         request.timeline_id, request.after, request.upto, skip=request.resume), frame_target)
@@ -181,7 +191,7 @@ async def _send_range(
         if chunk is None:
             break
         wire, count, payload = chunk
-        await _write(channel, wire, reader)
+        await _write(channel, wire, reader, timeout)
         records += count
         nbytes += payload
         state.records_done += count
@@ -190,7 +200,7 @@ async def _send_range(
             progress(state)
     digest = await asyncio.to_thread(repo.history_hash, request.timeline_id, request.upto)
     end = RangeEnd(request.timeline_id, request.upto, records, nbytes, digest)
-    await _write(channel, encode_frame(FrameType.RANGE_END, end.encode()), reader)
+    await _write(channel, encode_frame(FrameType.RANGE_END, end.encode()), reader, timeout)
 
 
 def _next_frame(
