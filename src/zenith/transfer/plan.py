@@ -99,14 +99,15 @@ def make_plan(
                 (tl.ancestor_id, tl.ancestor_lsn):
             return reject(
                 f"rejected: histories diverged: timeline {tl.timeline_id} has another ancestry "
-                f"on the {here} side than on the {there} side; it cannot be received (no --force: one timeline id "
-                "cannot hold two histories)"
+                f"on the {here} side than on the {there} side; it cannot be received "
+                "(no --force: one timeline id cannot hold two histories)"
             )
         if tl.timeline_id in mismatched:
             return reject(
                 f"rejected: histories diverged: timeline {tl.timeline_id} holds different "
                 f"records on the {here} side than on the {there} side up to "
-                f"{mismatched[tl.timeline_id]}; it cannot be received (no --force: one timeline id cannot hold two histories)"
+                f"{mismatched[tl.timeline_id]}; it cannot be received (no --force: one "
+                "timeline id cannot hold two histories)"
             )
 
     if old is None:
