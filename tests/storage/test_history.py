@@ -105,6 +105,11 @@ def test_iterate_skipping_what_the_receiver_holds(repo: SqliteRepository) -> Non
     assert rest == recs[5:]
     assert list(repo.iter_records(tid, Lsn(100), Lsn(300), skip=Cursor(Lsn(200), 0, b""))) \
         == recs[1:]
+    # The cursor names the key of the last record held: another key is another history.
+    assert list(repo.iter_records(tid, Lsn(100), Lsn(300),
+                                  skip=Cursor(Lsn(200), 4, recs[4].key))) == recs[5:]
+    with pytest.raises(HistoryMismatch):
+        list(repo.iter_records(tid, Lsn(100), Lsn(300), skip=Cursor(Lsn(200), 4, recs[3].key)))
 
 
 def test_expected_hash_refuses_the_batch(tmp_path: Path) -> None:

@@ -307,18 +307,15 @@ def generate_round(
     def lsn_of(blk: int) -> int:
         return base + (pages if one_lsn else blk + 1) * step
 
+    def page(blk: int) -> Record:
+        return Record(rel_block_key(SYNTHETIC_REL, blk), Lsn(lsn_of(blk)), RecordKind.IMAGE,
+                      synthetic_page(seed, round_no, blk, lsn_of(blk), page_size))
+
+    if one_lsn:  # one streamed batch: the LSN is published whole or not at all
+        repo.put_records(tid, (page(blk) for blk in range(pages)))
+        return pages
     for first in range(0, pages, _GEN_BATCH):
-        batch = [
-            Record(
-                rel_block_key(SYNTHETIC_REL, blk),
-                Lsn(lsn_of(blk)),
-                RecordKind.IMAGE,
-                synthetic_page(seed, round_no, blk, lsn_of(blk), page_size),
-            )
-            for blk in range(first, min(pages, first + _GEN_BATCH))
-        ]
-        last = first + _GEN_BATCH >= pages
-        repo.put_records(tid, batch, partial=one_lsn and not last)
+        repo.put_records(tid, [page(blk) for blk in range(first, min(pages, first + _GEN_BATCH))])
     return pages
 
 

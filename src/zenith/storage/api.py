@@ -160,6 +160,13 @@ class Repository(Protocol):
 
     def set_branch(self, name: str, timeline_id: TimelineId) -> BranchInfo: ...
 
+    def move_branch(
+        self, name: str, timeline_id: TimelineId, expected: TimelineId | None
+    ) -> BranchInfo:
+        """Point ``name`` at ``timeline_id`` only if it still points at ``expected`` (None:
+        only if it does not exist), in one transaction; otherwise :class:`ObjectInUse`."""
+        ...
+
     def get_branch(self, name: str) -> BranchInfo: ...
 
     def list_branches(self) -> list[BranchInfo]: ...
@@ -188,13 +195,15 @@ class Repository(Protocol):
         *,
         partial: bool = False,
         expect_hash: bytes | None = None,
+        digests: Iterable[int] | None = None,
     ) -> WriteResult:
         """Append records above ``last_record_lsn`` (or, continuing a pending LSN, after
         its stored records) and publish the new ``last_record_lsn`` in one transaction.
         ``partial``: the batch's greatest LSN may go on in a later batch, so it is stored
         but not published (it becomes the pending cursor). ``expect_hash``: refuse the
         batch (nothing written) unless the history hash at the new ``last_record_lsn``
-        equals it."""
+        equals it. ``digests``: each record's digest (``history.record_digest``), if the
+        caller computed them already."""
         ...
 
     def history_hash(self, timeline_id: TimelineId, lsn: Lsn) -> bytes:
@@ -214,7 +223,8 @@ class Repository(Protocol):
     ) -> Iterator[Record]:
         """Records of the timeline itself with lsn in ``(after, upto]`` in stored order;
         ``skip`` leaves out the first ``skip.count`` records of LSN ``skip.lsn`` (what a
-        receiver already holds) without reading their payloads."""
+        receiver already holds) without reading their payloads; the last of them must have
+        key ``skip.key`` (if not empty), or HistoryMismatch."""
         ...
 
     def count_records(self, timeline_id: TimelineId, after: Lsn, upto: Lsn) -> tuple[int, int]:

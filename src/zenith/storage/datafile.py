@@ -36,7 +36,7 @@ from itertools import starmap
 from pathlib import Path
 from typing import Any, Final
 
-from zenith.errors import ZenithError
+from zenith.errors import HistoryMismatch, ZenithError
 from zenith.lsn import Lsn
 from zenith.storage.api import Record, RecordKind, _RecordSlots
 
@@ -240,11 +240,12 @@ def read_directory(f: DataFile, start: int) -> list[Entry]:
 
 def walk(
     f: DataFile, start: int, end: int, after: int, upto: int,
-    *, skip: tuple[int, int] | None = None,
+    *, skip: tuple[int, int, bytes] | None = None,
 ) -> Iterator[Record]:
     """Records with lsn in ``(after, upto]`` from the frames between ``start`` (a frame
     boundary) and ``end`` (the committed length when the caller took its snapshot), in LSN
-    order; ``skip=(lsn, n)`` leaves out the first ``n`` records of that LSN unread.
+    order; ``skip=(lsn, n, key)`` leaves out the first ``n`` records of that LSN unread,
+    the last of which must have ``key`` (when given).
 
     This is the hot path of push and pull: the file is mapped :data:`WINDOW` bytes at a
     time and each payload is sliced out of the mapping; records are built without
@@ -288,7 +289,7 @@ class _Window:
 
 def _records(
     w: _Window, f: DataFile, start: int, end: int, after: int, upto: int,
-    skip: tuple[int, int] | None,
+    skip: tuple[int, int, bytes] | None,
 ) -> Iterator[Record]:
     unpack_header, iter_entries = HEADER.unpack_from, ENTRY.iter_unpack
     make, record, new_lsn, lsn_type, kinds = _RecordSlots, Record, int.__new__, Lsn, _KINDS
@@ -318,14 +319,19 @@ def _records(
         if entries[0][1] <= after or entries[-1][1] > upto:
             entries = [e for e in entries if after < e[1] <= upto]
         if skip is not None and skip[1] > 0:
-            skip_lsn, left = skip
+            skip_lsn, left, last_key = skip
             kept = []
             for e in entries:
                 if e[1] == skip_lsn and left > 0:
                     left -= 1
+                    if left == 0 and last_key and e[0] != last_key:
+                        raise HistoryMismatch(
+                            f"the records held at {Lsn(skip_lsn)} are not this timeline's: "
+                            "its record there has another key"
+                        )
                 else:
                     kept.append(e)
-            entries, skip = kept, (skip_lsn, left)
+            entries, skip = kept, (skip_lsn, left, last_key)
         for key, lsn, kind, offset, length in entries:
             stop = offset + length
             if offset < base or stop > top:

@@ -126,19 +126,29 @@ class SqliteRepository:
         return files
 
     def _hash_all(self, conn: sqlite3.Connection) -> None:
-        """Compute every timeline's history hash from its records (schema 2 had none)."""
+        """Compute every timeline's history hash from its records (schema 2 had none), with
+        a history row at each batch's end (schema 2 batches never split an LSN), so a hash
+        at any LSN stays a lookup and a fold over at most one batch."""
         for row in conn.execute(f"SELECT {_TL_COLUMNS} FROM timelines").fetchall():
             folder = Folder()
-            first = conn.execute(
-                "SELECT start FROM batches WHERE tl = ? ORDER BY last_lsn, start LIMIT 1",
-                (row[0],),
-            ).fetchone()
-            if first is not None:
-                for rec in walk(self._file(row), first[0], row[6], 0, row[4]):
+            starts = [r[0] for r in conn.execute(
+                "SELECT start, last_lsn FROM batches WHERE tl = ? ORDER BY last_lsn, start",
+                (row[0],))]
+            ends = conn.execute(
+                "SELECT last_lsn FROM batches WHERE tl = ? ORDER BY last_lsn, start", (row[0],)
+            ).fetchall()
+            f = self._file(row) if starts else None
+            for i, start in enumerate(starts):
+                assert f is not None
+                stop = starts[i + 1] if i + 1 < len(starts) else row[6]
+                for rec in walk(f, start, stop, 0, row[4]):
                     folder.add(rec.key, rec.lsn, rec.kind, rec.payload)
+                conn.execute("INSERT OR REPLACE INTO history VALUES (?, ?, ?)",
+                             (row[0], min(ends[i][0], row[4]), folder.close()))
             digest = folder.close()
             conn.execute("UPDATE timelines SET hash = ? WHERE id = ?", (digest, row[0]))
-            conn.execute("INSERT INTO history VALUES (?, ?, ?)", (row[0], row[4], digest))
+            conn.execute("INSERT OR REPLACE INTO history VALUES (?, ?, ?)",
+                         (row[0], row[4], digest))
 
     # connections -------------------------------------------------------------------------
 
@@ -289,6 +299,28 @@ class SqliteRepository:
         validate_branch_name(name)
         return self._point(name, timeline_id, create_only=False)
 
+    def move_branch(
+        self, name: str, timeline_id: TimelineId, expected: TimelineId | None
+    ) -> BranchInfo:
+        validate_branch_name(name)
+        with self._transaction() as conn:
+            row = self._row_by_tid(conn, timeline_id)
+            current = conn.execute(
+                "SELECT t.timeline_id FROM branches b JOIN timelines t ON t.id = b.timeline"
+                " WHERE b.name = ?", (name,)).fetchone()
+            if (current[0] if current else None) != (bytes(expected) if expected else None):
+                raise ObjectInUse(
+                    f'branch "{name}" changed while it was being updated (it now points at '
+                    f"{TimelineId(current[0]) if current else 'nothing'})",
+                    hint="run the command again",
+                )
+            conn.execute(
+                "INSERT INTO branches (name, timeline) VALUES (?, ?)"
+                " ON CONFLICT (name) DO UPDATE SET timeline = excluded.timeline",
+                (name, row[0]),
+            )
+            return BranchInfo(name, self._info(conn, row))
+
     def _point(self, name: str, timeline_id: TimelineId, *, create_only: bool) -> BranchInfo:
         with self._transaction() as conn:
             row = self._row_by_tid(conn, timeline_id)
@@ -394,12 +426,15 @@ class SqliteRepository:
         *,
         partial: bool = False,
         expect_hash: bytes | None = None,
+        digests: Iterable[int] | None = None,
     ) -> WriteResult:
         """Append records above ``last_record_lsn`` (or, continuing the pending LSN, after its
         stored records) and publish the new ``last_record_lsn``, its history hash and the
         pending cursor in the same transaction. ``partial``: the batch's greatest LSN may go
-        on in a later batch, so it is stored and not published. All or nothing: a refused
-        or failed batch leaves neither index rows nor bytes in the data file."""
+        on in a later batch, so it is stored and not published. ``digests``: each record's
+        ``history.record_digest``, when the caller computed them already (in parallel).
+        All or nothing: a refused or failed batch leaves neither index rows nor bytes in
+        the data file."""
         if last_record_lsn is not None:
             _check_lsn(last_record_lsn)
             if partial:
@@ -423,6 +458,7 @@ class SqliteRepository:
             writer: FrameWriter | None = None
             top, top_key = -1, b""
             opened: dict[int, OpenLsn] = {}
+            given = iter(digests) if digests is not None else None
             for rec in records:
                 rec.validate()
                 lsn = rec.lsn
@@ -445,7 +481,8 @@ class SqliteRepository:
                 group = opened.get(lsn)
                 if group is None:
                     group = opened[lsn] = OpenLsn(lsn)
-                group.add(record_digest(rec.key, lsn, rec.kind, rec.payload))
+                group.add(next(given) if given is not None
+                          else record_digest(rec.key, lsn, rec.kind, rec.payload))
                 if lsn >= top:
                     top, top_key = int(lsn), rec.key
             count = 0
@@ -675,7 +712,8 @@ class SqliteRepository:
         end, start = snap
         if start is None or lo >= hi:
             return iter(())
-        skipping = (int(skip.lsn), skip.count) if skip is not None and skip.count else None
+        skipping = (int(skip.lsn), skip.count, skip.key) \
+            if skip is not None and skip.count else None
         return walk(self._file(row), start, end, lo, hi, skip=skipping)
 
     def count_records(self, timeline_id: TimelineId, after: Lsn, upto: Lsn) -> tuple[int, int]:

@@ -16,14 +16,16 @@ silence by ``timeout``; checks, decompression and storage run in worker threads.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import time
 from dataclasses import dataclass
 
-from zenith.errors import PushRejected, TransferAborted
+from zenith.errors import ObjectInUse, PushRejected, TransferAborted
 from zenith.ids import TimelineId
 from zenith.lsn import Lsn
 from zenith.storage import Cursor, Record, Repository
+from zenith.storage.history import record_digest
 from zenith.transfer.channel import (
     DEFAULT_TIMEOUT,
     Channel,
@@ -39,6 +41,7 @@ from zenith.transfer.messages import (
     Done,
     FrameType,
     Offer,
+    Point,
     Progress,
     ProgressFn,
     Proof,
@@ -51,9 +54,10 @@ from zenith.transfer.messages import (
 from zenith.transfer.plan import Plan, Send, make_plan, points_to_prove
 
 #: Read-ahead while the previous group commits, and the most one transaction takes, in
-#: decompressed bytes: the receiver's memory is bounded by about their sum.
-READ_AHEAD_BYTES = 16 * 1024 * 1024
-GROUP_BYTES = 8 * 1024 * 1024
+#: decompressed bytes (a single frame larger than either still passes, alone): the
+#: receiver's memory is bounded by about their sum.
+READ_AHEAD_BYTES = 24 * 1024 * 1024
+GROUP_BYTES = 16 * 1024 * 1024
 
 
 async def receive_branch(
@@ -74,9 +78,18 @@ async def receive_branch(
     beyond what was acknowledged."""
     started = time.monotonic()
     offer = await read_message(channel, Offer, timeout)
-    keys = [f"branch:{dest_name}", *(f"timeline:{t.timeline_id}" for t in offer.chain)]
-    async with (locks or TransferLocks()).hold(keys, wait=timeout):
-        plan = await _negotiate(channel, repo, dest_name, offer, pushing, force, timeout)
+    # Negotiate without locks (a peer that goes silent meanwhile holds nothing), then lock
+    # what the plan writes — the destination name and the timelines it sends — and check
+    # under the locks that nothing changed meanwhile.
+    points, mismatched = await _prove(channel, repo, offer, timeout)
+    plan = await asyncio.to_thread(
+        make_plan, repo, dest_name, offer.chain, mismatched, pushing=pushing, force=force)
+    keys = [f"branch:{dest_name}", *(f"timeline:{s.request.timeline_id}" for s in plan.sends)]
+    writes = plan.status not in (Status.REJECTED, Status.UP_TO_DATE) and not dry_run
+    async with (locks or TransferLocks()).hold(keys if writes else [], wait=timeout):
+        if writes:
+            plan = await _recheck(repo, dest_name, offer, points, mismatched, plan, pushing,
+                                  force)
         await send(channel, plan.to_message(
             dry_run, "zstd" if "zstd" in offer.compression else None), timeout)
 
@@ -98,17 +111,20 @@ async def receive_branch(
         state = Progress()
         for item in plan.sends:
             await _receive_range(channel, repo, item, state, progress, timeout)
-        await asyncio.to_thread(repo.set_branch, dest_name, plan.source.timeline_id)
+        # Only if the name still points where the plan found it (a local write may have
+        # forked it meanwhile): never undo someone else's move.
+        await asyncio.to_thread(repo.move_branch, dest_name, plan.source.timeline_id,
+                                plan.old.timeline_id if plan.old else None)
         outcome = result(state.records_done, state.bytes_done)
         await send(channel, Done(outcome), timeout)
         return outcome
 
 
-async def _negotiate(
-    channel: Channel, repo: Repository, dest_name: str, offer: Offer, pushing: bool,
-    force: bool, timeout: float,
-) -> Plan:
-    """Ask for proofs where our history overlaps the offer, compare them, plan."""
+async def _prove(
+    channel: Channel, repo: Repository, offer: Offer, timeout: float
+) -> tuple[list[Point], dict[TimelineId, Lsn]]:
+    """Ask for proofs where our history overlaps the offer; the points asked and the
+    timelines whose proof differs from our own hash."""
     points = await asyncio.to_thread(points_to_prove, repo, offer.chain)
     await send(channel, Ask(tuple(points)), timeout)
     proof = await read_message(channel, Proof, timeout)
@@ -119,55 +135,89 @@ async def _negotiate(
     mismatched = {p.timeline_id: p.lsn
                   for p, mine, theirs in zip(points, ours, proof.hashes, strict=True)
                   if mine != theirs}
-    return await asyncio.to_thread(
+    return points, mismatched
+
+
+async def _recheck(
+    repo: Repository, dest_name: str, offer: Offer, points: list[Point],
+    mismatched: dict[TimelineId, Lsn], plan: Plan, pushing: bool, force: bool,
+) -> Plan:
+    """Under the locks, plan again; if what we asked the peer to prove changed meanwhile
+    (another transfer, a local write), the peer must start over."""
+    now = await asyncio.to_thread(points_to_prove, repo, offer.chain)
+    again = await asyncio.to_thread(
         make_plan, repo, dest_name, offer.chain, mismatched, pushing=pushing, force=force)
+    # The same proof points: the proofs still hold, and the new plan (say, "diverged" now
+    # that another push created the branch) is sound — if it writes only what we locked.
+    locked = {s.request.timeline_id for s in plan.sends}
+    if now != points or not {s.request.timeline_id for s in again.sends} <= locked:
+        raise ObjectInUse(
+            f'branch "{dest_name}" or its timelines changed while this transfer negotiated',
+            hint="run the command again",
+        )
+    return again
+
+
+#: A DATA frame being checked, decoded and hashed in the decoding thread.
+_Decoded = concurrent.futures.Future[tuple[list[Record], list[int]]]
+_Item = _Decoded | Frame | BaseException
+
+
+def _decode_data(data: bytes) -> tuple[list[Record], list[int]]:
+    """Check and decode one DATA frame, and compute its records' history digests (in the
+    decoding thread, beside the thread that stores the previous group)."""
+    records = decode_records(decode_frame(data).body)
+    return records, [record_digest(r.key, r.lsn, r.kind, r.payload) for r in records]
 
 
 class _ReadAhead:
-    """Frames read ahead of the committing thread, bounded by their DECOMPRESSED size (one
+    """Frames read ahead of the storing thread, bounded by their DECOMPRESSED size (one
     frame always fits; zstd shrinks pages tenfold, so wire bytes would bound nothing): DATA
-    frames raw (checked in the worker), then the RANGE_END, or the error."""
+    frames as they are being decoded, then the RANGE_END, or the error."""
 
     def __init__(self) -> None:
-        self.items: list[tuple[bytes | Frame | BaseException, int]] = []
+        self.items: list[tuple[_Item, int]] = []
         self.size = 0
         self.changed = asyncio.Event()
 
-    async def put(self, item: bytes | Frame | BaseException, size: int = 0) -> None:
-        while self.size >= READ_AHEAD_BYTES:
+    async def put(self, item: _Item, size: int = 0) -> None:
+        while self.size and self.size + size > READ_AHEAD_BYTES:
             self.changed.clear()
             await self.changed.wait()
         self.items.append((item, size))
         self.size += size
         self.changed.set()
 
-    async def take_group(self) -> list[bytes | Frame | BaseException]:
+    async def take_group(self) -> list[_Item]:
         """Wait for something, then take what is there (up to GROUP_BYTES of DATA)."""
         while not self.items:
             self.changed.clear()
             await self.changed.wait()
-        group: list[bytes | Frame | BaseException] = []
+        group: list[_Item] = []
         size = 0
-        while self.items and size < GROUP_BYTES:
+        while self.items and (not group or size + self.items[0][1] <= GROUP_BYTES):
             item, n = self.items.pop(0)
             group.append(item)
             size += n
             self.size -= n
-            if not isinstance(item, bytes):
+            if not isinstance(item, concurrent.futures.Future):
                 break
         self.changed.set()
         return group
 
 
-async def _pump(channel: Channel, ahead: _ReadAhead, timeout: float) -> None:
-    """Read one range's frames up to its RANGE_END; a failure is queued after the good
-    frames before it. Only the frame type is looked at here."""
+async def _pump(channel: Channel, ahead: _ReadAhead, decoder: concurrent.futures.Executor,
+                timeout: float) -> None:
+    """Read one range's frames up to its RANGE_END, handing each DATA frame to the
+    decoding thread; a failure is queued after the good frames before it. Only the frame
+    type is looked at here."""
     try:
         while True:
             data = await read_raw(channel, timeout)
             if len(data) >= HEADER.size and data[0] == FrameType.DATA:
-                raw_len = HEADER.unpack_from(data)[4]  # checked (bounded) in the worker
-                await ahead.put(data, max(raw_len, len(data)))
+                raw_len = HEADER.unpack_from(data)[4]  # checked (bounded) when decoded
+                size = max(raw_len, len(data))
+                await ahead.put(decoder.submit(_decode_data, data), size)
                 continue
             frame = decode_frame(data)
             if frame.type is not FrameType.RANGE_END:
@@ -187,16 +237,17 @@ class _Applied:
     last_lsn: Lsn  # greatest record LSN so far
 
 
-def _apply(repo: Repository, tid: TimelineId, frames: list[bytes], after: Lsn, upto: Lsn,
+def _apply(repo: Repository, tid: TimelineId, frames: list[_Decoded], after: Lsn, upto: Lsn,
            last: Lsn) -> tuple[_Applied, Lsn, Cursor | None]:
-    """Check and decode DATA frames and store their records in one transaction, the last
+    """Check the decoded DATA frames' records and store them in one transaction, the last
     LSN left pending. Runs in a worker thread."""
     batch: list[Record] = []
+    digests: list[int] = []
     top = last
     failure: TransferAborted | None = None
-    for data in frames:
+    for decoded in frames:
         try:
-            records = decode_records(decode_frame(data).body)
+            records, hashes = decoded.result()
         except TransferAborted as exc:
             failure = exc  # keep the good frames before it
             break
@@ -208,8 +259,9 @@ def _apply(repo: Repository, tid: TimelineId, frames: list[bytes], after: Lsn, u
             )
             break
         batch.extend(records)
+        digests.extend(hashes)
         top = final
-    written = repo.put_records(tid, batch, partial=True)
+    written = repo.put_records(tid, batch, partial=True, digests=digests)
     if failure is not None:
         raise failure
     info = repo.get_timeline(tid)
@@ -237,11 +289,12 @@ async def _receive_range(
     end: RangeEnd | None = None
     last = request.resume.lsn if request.resume else request.after
     ahead = _ReadAhead()
-    pump = asyncio.create_task(_pump(channel, ahead, timeout))
+    decoder = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="zenith-decode")
+    pump = asyncio.create_task(_pump(channel, ahead, decoder, timeout))
     try:
         while True:
             group = await ahead.take_group()
-            data = [g for g in group if isinstance(g, bytes)]
+            data = [g for g in group if isinstance(g, concurrent.futures.Future)]
             if data:
                 # One transaction for every frame that arrived while the last one
                 # committed: the commit rate follows fsync's latency, not the frame rate.
@@ -266,6 +319,7 @@ async def _receive_range(
         pump.cancel()
         with contextlib.suppress(BaseException):
             await pump
+        decoder.shutdown(wait=False, cancel_futures=True)
     assert end is not None
     if (end.timeline_id, end.upto) != (request.timeline_id, request.upto) \
             or (end.records, end.nbytes) != (records, nbytes):

@@ -14,6 +14,8 @@ import contextlib
 import dataclasses
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Final
 
 import zstandard
 
@@ -22,12 +24,18 @@ from zenith.storage import Record, Repository, TimelineInfo
 from zenith.transfer.channel import (
     DEFAULT_TIMEOUT,
     Channel,
-    read_frame,
     read_message,
+    read_raw,
     send,
     write_raw,
 )
-from zenith.transfer.frames import FRAME_TARGET, cut_frames, encode_frame, encode_records
+from zenith.transfer.frames import (
+    FRAME_TARGET,
+    cut_frames,
+    decode_frame,
+    encode_frame,
+    encode_records,
+)
 from zenith.transfer.messages import (
     Ack,
     Ask,
@@ -45,6 +53,9 @@ from zenith.transfer.messages import (
     Summary,
     TransferResult,
 )
+
+#: An ACK or DONE is small; anything larger from the receiver is refused unread.
+MAX_ACK: Final = 16 * 1024
 
 
 async def send_branch(
@@ -64,11 +75,11 @@ async def send_branch(
     offered = tuple(reversed(chain))
     source = offered[-1]
     await send(channel, Offer(offered, ("zstd",) if compress else ()), timeout)
-    # The receiver may first wait for another transfer of the same timelines to finish.
-    ask = await read_message(channel, Ask, 2 * timeout)
+    ask = await read_message(channel, Ask, timeout)
     proof = Proof(tuple(await asyncio.to_thread(_prove, repo, offered, ask)))
     await send(channel, proof, timeout)
-    plan = await read_message(channel, PlanMsg, timeout)
+    # The receiver may first wait for another transfer of the same branch to finish.
+    plan = await read_message(channel, PlanMsg, 2 * timeout)
     ranges = _check_ranges(plan, offered)
 
     state = Progress()
@@ -96,11 +107,12 @@ async def send_branch(
         return result(state.records_total, state.bytes_total)
 
     compressor = zstandard.ZstdCompressor(level=1) if plan.compression == "zstd" else None
-    reader = asyncio.create_task(_read_acks(channel, state, timeout))
+    sent = _Sent(ranges=len(ranges))
+    reader = asyncio.create_task(_read_acks(channel, state, sent, timeout))
     try:
         for request in ranges:
-            await _send_range(channel, repo, request, state, compressor, reader, progress,
-                              frame_target, timeout)
+            await _send_range(channel, repo, request, state, sent, compressor, reader,
+                              progress, frame_target, timeout)
         done = await reader
     finally:
         if not reader.done():
@@ -147,13 +159,30 @@ def _check_ranges(plan: PlanMsg, chain: tuple[TimelineInfo, ...]) -> list[RangeR
     return list(plan.ranges)
 
 
-async def _read_acks(channel: Channel, state: Progress, timeout: float) -> Done | None:
+@dataclass
+class _Sent:
+    """What went out, to bound what may come back: at most one ACK per DATA frame and
+    one per range end (a receiver flooding ACKs would otherwise keep our loop busy)."""
+
+    frames: int = 0
+    ranges: int = 0
+    acks: int = 0
+
+
+async def _read_acks(channel: Channel, state: Progress, sent: _Sent,
+                     timeout: float) -> Done | None:
     """Read ACKs (progress) until DONE; raises what the receiver raised."""
     while True:
-        frame = await read_frame(channel, timeout)
+        data = await read_raw(channel, timeout)
+        if len(data) > MAX_ACK:
+            raise TransferAborted(f"the receiver sent a message of {len(data)} bytes")
+        frame = decode_frame(data)
         if frame.type is FrameType.DONE:
             return frame.message(Done)
         state.acked_lsn = frame.message(Ack).lsn
+        sent.acks += 1
+        if sent.acks > sent.frames + sent.ranges:
+            raise TransferAborted("the receiver acknowledged more than was sent")
 
 
 async def _write(channel: Channel, data: bytes, reader: asyncio.Task[Done | None],
@@ -175,6 +204,7 @@ async def _send_range(
     repo: Repository,
     request: RangeRequest,
     state: Progress,
+    sent: _Sent,
     compressor: zstandard.ZstdCompressor | None,
     reader: asyncio.Task[Done | None],
     progress: ProgressFn | None,
@@ -191,6 +221,7 @@ async def _send_range(
         if chunk is None:
             break
         wire, count, payload = chunk
+        sent.frames += 1
         await _write(channel, wire, reader, timeout)
         records += count
         nbytes += payload
