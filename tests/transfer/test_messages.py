@@ -215,3 +215,17 @@ def test_command_arguments() -> None:
         TransferArgs.parse_perform(["a", "b", "c", "merge"])
     with pytest.raises(InvalidArgument):
         TransferArgs.parse_perform(["a"])
+
+
+def test_adaptive_compression_backs_off_on_incompressible_frames() -> None:
+    import os
+
+    from zenith.transfer.frames import FLAG_ZSTD, AdaptiveCompressor
+
+    c = AdaptiveCompressor(backoff=3)
+    noise, zeros = os.urandom(1 << 16), bytes(1 << 16)
+    flags = [c.frame(FrameType.DATA, body)[1] & FLAG_ZSTD
+             for body in (zeros, noise, zeros, zeros, zeros, zeros)]
+    assert flags == [FLAG_ZSTD, 0, 0, 0, 0, FLAG_ZSTD]  # three frames untried, then again
+    for body in (zeros, noise):
+        assert decode_frame(c.frame(FrameType.DATA, body)).body == body

@@ -72,6 +72,26 @@ def encode_frame(
     return HEADER.pack(ftype, flags, 0, len(wire), len(body), crc) + wire
 
 
+class AdaptiveCompressor:
+    """zstd for DATA frames while it pays. Compressing incompressible pages (random or
+    already-compressed data) costs the sender a core for nothing, so after a frame that did
+    not shrink by a tenth the next ``backoff`` frames go uncompressed, then it tries again."""
+
+    def __init__(self, level: int = 1, backoff: int = 16) -> None:
+        self.compressor = zstandard.ZstdCompressor(level=level)
+        self.backoff = backoff
+        self.skip = 0
+
+    def frame(self, ftype: FrameType, body: bytes) -> bytes:
+        if self.skip:
+            self.skip -= 1
+            return encode_frame(ftype, body)
+        wire = encode_frame(ftype, body, compressor=self.compressor)
+        if not wire[1] & FLAG_ZSTD:
+            self.skip = self.backoff
+        return wire
+
+
 def encode_message(message: Message) -> bytes:
     return encode_frame(message.TYPE, message.encode())
 

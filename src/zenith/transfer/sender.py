@@ -17,8 +17,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Final
 
-import zstandard
-
 from zenith.errors import PushRejected, TransferAborted
 from zenith.storage import Record, Repository, TimelineInfo
 from zenith.transfer.channel import (
@@ -31,6 +29,7 @@ from zenith.transfer.channel import (
 )
 from zenith.transfer.frames import (
     FRAME_TARGET,
+    AdaptiveCompressor,
     cut_frames,
     decode_frame,
     encode_frame,
@@ -106,7 +105,7 @@ async def send_branch(
         await send(channel, Summary(state.records_total, state.bytes_total), timeout)
         return result(state.records_total, state.bytes_total)
 
-    compressor = zstandard.ZstdCompressor(level=1) if plan.compression == "zstd" else None
+    compressor = AdaptiveCompressor() if plan.compression == "zstd" else None
     sent = _Sent(ranges=len(ranges))
     reader = asyncio.create_task(_read_acks(channel, state, sent, timeout))
     try:
@@ -205,7 +204,7 @@ async def _send_range(
     request: RangeRequest,
     state: Progress,
     sent: _Sent,
-    compressor: zstandard.ZstdCompressor | None,
+    compressor: AdaptiveCompressor | None,
     reader: asyncio.Task[Done | None],
     progress: ProgressFn | None,
     frame_target: int,
@@ -235,11 +234,13 @@ async def _send_range(
 
 
 def _next_frame(
-    batches: Iterator[list[Record]], compressor: zstandard.ZstdCompressor | None
+    batches: Iterator[list[Record]], compressor: AdaptiveCompressor | None
 ) -> tuple[bytes, int, int] | None:
     batch = next(batches, None)
     if batch is None:
         return None
     body = encode_records(batch)
-    return (encode_frame(FrameType.DATA, body, compressor=compressor), len(batch),
+    wire = compressor.frame(FrameType.DATA, body) if compressor is not None \
+        else encode_frame(FrameType.DATA, body)
+    return (wire, len(batch),
             sum(len(r.payload) for r in batch))
