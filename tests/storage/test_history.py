@@ -205,3 +205,42 @@ def test_schema_2_is_migrated_with_hashes(tmp_path: Path) -> None:
         assert repo.branch_for_writing("main").timeline_id != tid
     finally:
         repo.close()
+
+
+def test_a_large_batch_is_split_into_frames(tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch larger than a frame (a base-backup import: one LSN) goes into several
+    data-file frames in one transaction: bounded directories for writer and readers."""
+    import zenith.storage.sqlite as engine
+
+    monkeypatch.setattr(engine, "FRAME_RECORDS", 10)
+    path = tmp_path / "z.db"
+    repo = open_repository(path)
+    try:
+        tid = repo.create_timeline().timeline_id
+        recs = history([25, 3, 12])
+        repo.put_records(tid, iter(recs), Lsn(300))
+        with sqlite3.connect(path) as conn:
+            frames = conn.execute("SELECT first_lsn, last_lsn, records FROM batches"
+                                  " ORDER BY start").fetchall()
+        assert frames == [(100, 100, 10), (100, 100, 10), (100, 300, 10), (300, 300, 10)]
+        assert list(repo.iter_records(tid, Lsn(0), Lsn(300))) == recs
+        assert list(repo.iter_records(tid, Lsn(0), Lsn(300),
+                                      skip=Cursor(Lsn(100), 17, recs[16].key))) == recs[17:]
+        whole = open_repository(tmp_path / "w.db")
+        w = whole.create_timeline().timeline_id
+        monkeypatch.setattr(engine, "FRAME_RECORDS", 1000)
+        whole.put_records(w, recs, Lsn(300))
+        assert whole.history_hash(w, Lsn(300)) == repo.history_hash(tid, Lsn(300))
+        assert repo.count_records(tid, Lsn(0), Lsn(300)) == whole.count_records(w, Lsn(0),
+                                                                               Lsn(300))
+        whole.close()
+        # Out of LSN order across a frame boundary: refused, nothing kept.
+        monkeypatch.setattr(engine, "FRAME_RECORDS", 10)
+        before = snapshot(path)
+        late = history([0, 0, 0, 12])
+        with pytest.raises(InvalidArgument, match="must come in LSN order"):
+            repo.put_records(tid, [*late[:11], Record(key(999_999), Lsn(350), IMG, b"x")])
+        assert snapshot(path) == before
+    finally:
+        repo.close()

@@ -206,6 +206,15 @@ class FrameWriter:
         self._pending_bytes = 0
 
     @property
+    def in_order(self) -> bool:
+        """Every record so far came in LSN order (the frame may end here and another start)."""
+        return self._in_order
+
+    @property
+    def last_lsn(self) -> int:
+        return self._last_lsn
+
+    @property
     def payload_bytes(self) -> int:
         return self.pos - self.start - HEADER.size
 

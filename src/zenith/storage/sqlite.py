@@ -79,6 +79,8 @@ _TL_COLUMNS: Final = (
     " received, hash, pending_lsn, pending_count, pending_key, pending_sum"
 )
 _DIGEST_LEN: Final = struct.Struct(">I")
+#: Records in one data-file frame: a larger batch given in LSN order is split.
+FRAME_RECORDS: Final = 65536
 _IMAGE: Final = int(RecordKind.IMAGE)
 _DELTA: Final = int(RecordKind.DELTA)
 
@@ -456,6 +458,8 @@ class SqliteRepository:
             # can lie between the published LSN and it: they arrived in LSN order).
             limit = last_record_lsn
             writer: FrameWriter | None = None
+            count = 0
+            split_at = -1  # greatest LSN of the frames this batch already finished
             top, top_key = -1, b""
             opened: dict[int, OpenLsn] = {}
             given = iter(digests) if digests is not None else None
@@ -477,6 +481,19 @@ class SqliteRepository:
                     )
                 if writer is None:
                     writer = self._start_frame(row, txn)
+                elif len(writer.entries) >= FRAME_RECORDS and writer.in_order \
+                        and lsn >= writer.last_lsn:
+                    # A large batch (a base-backup import) goes into several frames, so
+                    # that neither this writer nor a reader ever holds one huge directory.
+                    data_end = self._finish_frame(conn, internal, writer)
+                    count += len(writer.entries)
+                    split_at = writer.last_lsn
+                    writer = FrameWriter(writer.f, data_end)
+                elif lsn < split_at:
+                    raise InvalidArgument(
+                        f"record at {lsn} is below {Lsn(split_at)}: a batch of more than "
+                        f"{FRAME_RECORDS} records must come in LSN order"
+                    )
                 writer.add(rec.key, int(lsn), int(rec.kind), rec.payload)
                 group = opened.get(lsn)
                 if group is None:
@@ -485,10 +502,9 @@ class SqliteRepository:
                           else record_digest(rec.key, lsn, rec.kind, rec.payload))
                 if lsn >= top:
                     top, top_key = int(lsn), rec.key
-            count = 0
             if writer is not None:
                 data_end = self._finish_frame(conn, internal, writer)
-                count = len(writer.entries)
+                count += len(writer.entries)
             # The pending LSN's earlier records join this batch's ones.
             pending_key = row[11]
             if pending is not None:
