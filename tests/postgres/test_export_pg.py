@@ -103,7 +103,9 @@ class Follower:
         while self.ingest.last_lsn < target:
             assert not task.done(), task
             await asyncio.sleep(0.05)
-        await asyncio.to_thread(self.ingest.flush)
+        # On the loop, like ``run``'s own flushes: WalIngest is not thread-safe, and a flush
+        # in a worker thread raced with ``run`` adding records (publishing past them).
+        self.ingest.flush()
 
 
 class Exported(PgCluster):
