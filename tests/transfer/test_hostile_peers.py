@@ -979,3 +979,62 @@ def test_puller_that_stops_reading(pageserver_factory) -> None:  # type: ignore[
 
     assert not run(scenario()), "the server still holds the silent puller's connection"
     assert str(s.query("status")[0]["server_version"]).startswith("zenith")
+
+
+# -- a squatted timeline id, and the way out ---------------------------------------------------
+
+
+def test_squatted_timeline_id_is_refused_and_can_be_removed(pageserver_factory) -> None:  # type: ignore[no-untyped-def]
+    """A push user who knows a timeline id before the receiver holds it can store forged,
+    self-consistent records under it (a push user may write any history to a branch). The
+    real history is then refused as diverged — never grafted — and the admin removes the
+    squatter: the branch (and with it the timeline), or an unnamed leftover with
+    `zenith timeline delete`; then the real push goes through."""
+    a, s = pageserver_factory(name="a"), pageserver_factory(name="s")
+    s.add_user(*PUSHER, "push")
+    a.cli("origin", "add", "s", s.uri(), check=True)
+    a.cli("generate", "main", "--pages", "12", check=True)
+    real = run(fetch(a.uri(), "main"))
+    tid = real.tip.timeline_id
+    forged_records = [replace(r, payload=b"forged" + r.payload[6:]) for r in real.records[tid]]
+    forged = Source(real.chain, {tid: forged_records}, {})
+    uri = s.uri(*PUSHER)
+
+    # 1. Squatted under a name: refused as diverged, recovered by deleting that branch.
+    run(honest_push(uri, "evil", forged, real.tip.last_record_lsn))
+    res = a.cli("push", "main", "s")
+    assert res.returncode == 1 and "histories diverged" in res.stderr, res.stderr
+    assert "main" not in {r["name"] for r in s.query("branch_list")}
+    s.cli("branch", "delete", "evil", check=True)
+    a.cli("push", "main", "s", check=True)
+    assert s.digest("main") == a.digest("main")
+
+    # 2. Squatted by an interrupted transfer (unnamed, part of one LSN pending): the same.
+    a.cli("generate", "side", "--pages", "30", "--one-lsn", check=True)
+    real = run(fetch(a.uri(), "side"))
+    tid = real.tip.timeline_id
+    forged_records = [replace(r, payload=b"forged" + r.payload[6:]) for r in real.records[tid]]
+
+    async def interrupted() -> None:
+        forged = Source(real.chain, {tid: forged_records}, {})
+        peer, request = await open_range(uri, "evil2", forged)
+        async with peer:
+            await peer.send_records(forged_records[:10])
+            await peer.expect_ack()
+
+    run(interrupted())
+    row = next(r for r in s.query("timeline_list") if r["timeline_id"] == str(tid))
+    assert row["branches"] == "" and row["pending_records"] == "10", row
+    # The real push resumes after the 10 held records (same keys), and its range end's
+    # hash then refuses the mix: the LSN is never published.
+    res = a.cli("push", "side", "s")
+    assert res.returncode == 1 and "history hash" in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr
+    listed = s.cli("timeline", "list", check=True).stdout
+    assert f"{tid}  (unnamed)  from -  at 0/0  (received, 30 records of" in listed, listed
+    s.cli("timeline", "delete", str(tid), check=True)
+    a.cli("push", "side", "s", check=True)
+    assert s.digest("side") == a.digest("side")
+    # A named timeline cannot be deleted this way.
+    res = s.cli("timeline", "delete", str(tid))
+    assert res.returncode == 1 and "branch name or descendants" in res.stderr

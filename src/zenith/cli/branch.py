@@ -1,4 +1,5 @@
-"""``zenith branch``: list branches as a tree, create and delete them."""
+"""``zenith branch``: list branches as a tree, create and delete them; ``zenith timeline``:
+every timeline, named or not, and deleting unnamed ones."""
 
 from __future__ import annotations
 
@@ -94,3 +95,33 @@ def delete(repo: Repo, name: str) -> None:
     """Remove branch NAME (history other branches descend from is kept)."""
     repo.query("branch_delete", name)
     click.echo(f"deleted branch {name}")
+
+
+@click.group()
+def timeline() -> None:
+    """List timelines (named or not) and delete unnamed ones."""
+
+
+@timeline.command("list")
+@pass_repo
+def timeline_list(repo: Repo) -> None:
+    """Every timeline: id, ancestor@LSN, last record LSN, names, received, pending records."""
+    for t in repo.query("timeline_list").dicts():
+        ancestor = f"{t['ancestor_timeline_id']}@{t['ancestor_lsn']}" \
+            if t["ancestor_timeline_id"] else "-"
+        names = t["branches"] or "(unnamed)"
+        origin = "received" if t["received"] == "true" else "written here"
+        pending = f", {t['pending_records']} records of {t['pending_lsn']} pending" \
+            if t["pending_lsn"] else ""
+        click.echo(f"{t['timeline_id']}  {names}  from {ancestor}  at {t['last_record_lsn']}"
+                   f"  ({origin}{pending})")
+
+
+@timeline.command("delete")
+@click.argument("timeline_id")
+@pass_repo
+def timeline_delete(repo: Repo, timeline_id: str) -> None:
+    """Delete unnamed timeline TIMELINE_ID (no branch names it, none descends from it) and
+    its records: what a refused or interrupted transfer left, to receive it anew."""
+    repo.query("timeline_delete", timeline_id)
+    click.echo(f"deleted timeline {timeline_id}")

@@ -17,7 +17,7 @@ from pathlib import Path
 import click
 
 from zenith import __version__
-from zenith.cli.branch import branch
+from zenith.cli.branch import branch, timeline
 from zenith.cli.context import Repo, ZenithGroup, pass_repo
 from zenith.cli.export import export
 from zenith.cli.remote import origin, pull, push
@@ -204,6 +204,7 @@ def digest(repo: Repo, target: str) -> None:
 
 
 main.add_command(branch)
+main.add_command(timeline)
 main.add_command(user)
 main.add_command(origin)
 main.add_command(push)

@@ -210,6 +210,17 @@ async def _branch_delete(server: Pageserver, session: Session, args: list[str]) 
     await session.send_command_complete("BRANCH_DELETE")
 
 
+@command("timeline_delete", "<timeline_id>",
+         "delete an unnamed timeline without descendants, with its records")
+async def _timeline_delete(server: Pageserver, session: Session, args: list[str]) -> None:
+    expect_args(args, 1, 1)
+    require(session.user, Role.ADMIN, "delete timelines")
+    if not TimelineId.looks_like(args[0]):
+        raise SyntaxError_(f"expected a timeline id (32 hex digits), got {args[0]!r}")
+    await asyncio.to_thread(server.repo.delete_timeline, TimelineId.parse(args[0]))
+    await session.send_command_complete("TIMELINE_DELETE")
+
+
 @command("get_page", "<branch-or-timeline> <lsn> <key-hex>", "a key's value at an LSN")
 async def _get_page(server: Pageserver, session: Session, args: list[str]) -> None:
     expect_args(args, 3, 3)

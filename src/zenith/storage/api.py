@@ -173,6 +173,10 @@ class Repository(Protocol):
 
     def delete_branch(self, name: str) -> None: ...
 
+    def delete_timeline(self, timeline_id: TimelineId) -> None:
+        """Drop a timeline with no branch names and no descendants, with its records."""
+        ...
+
     def resolve(self, name_or_id: str) -> TimelineInfo: ...
 
     def ancestry(self, timeline_id: TimelineId) -> list[TimelineInfo]:
