@@ -1017,7 +1017,7 @@ def test_squatted_timeline_id_is_refused_and_can_be_removed(pageserver_factory) 
 
     async def interrupted() -> None:
         forged = Source(real.chain, {tid: forged_records}, {})
-        peer, request = await open_range(uri, "evil2", forged)
+        peer, _ = await open_range(uri, "evil2", forged)
         async with peer:
             await peer.send_records(forged_records[:10])
             await peer.expect_ack()
