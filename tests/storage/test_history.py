@@ -211,7 +211,7 @@ def test_a_large_batch_is_split_into_frames(tmp_path: Path,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """A batch larger than a frame (a base-backup import: one LSN) goes into several
     data-file frames in one transaction: bounded directories for writer and readers."""
-    import zenith.storage.sqlite as engine
+    import zenith.storage.writes as engine
 
     monkeypatch.setattr(engine, "FRAME_RECORDS", 10)
     path = tmp_path / "z.db"

@@ -40,8 +40,6 @@ from typing import Final
 
 from zenith.errors import (
     AlreadyExists,
-    HistoryImmutable,
-    HistoryMismatch,
     InvalidArgument,
     LsnOutOfRange,
     ObjectInUse,
@@ -50,7 +48,7 @@ from zenith.errors import (
 )
 from zenith.ids import TimelineId
 from zenith.lsn import Lsn
-from zenith.storage import redo, schema
+from zenith.storage import redo, schema, writes
 from zenith.storage.api import (
     KEY_SIZE,
     MAX_STORED_LSN,
@@ -66,32 +64,19 @@ from zenith.storage.datafile import (
     CorruptDataFile,
     DataFile,
     DataFiles,
-    FrameWriter,
     file_name,
     read_directory,
     walk,
 )
-from zenith.storage.history import EMPTY, Folder, OpenLsn, record_digest
 from zenith.storage.schema import Transaction
+from zenith.storage.writes import TL_COLUMNS, Row, check_lsn
 
-_TL_COLUMNS: Final = (
-    "id, timeline_id, ancestor, ancestor_lsn, last_record_lsn, min_readable_lsn, data_end,"
-    " received, hash, pending_lsn, pending_count, pending_key, pending_sum"
-)
 _DIGEST_LEN: Final = struct.Struct(">I")
-#: Records in one data-file frame: a larger batch given in LSN order is split.
-FRAME_RECORDS: Final = 65536
 _IMAGE: Final = int(RecordKind.IMAGE)
 _DELTA: Final = int(RecordKind.DELTA)
 
-#: ``(id, timeline_id, ancestor, ancestor_lsn, last_record_lsn, min_readable_lsn, data_end,
-#: received, hash, pending_lsn, pending_count, pending_key, pending_sum)``
-_Row = tuple[
-    int, bytes, int | None, int | None, int, int, int,
-    int, bytes, int | None, int, bytes | None, bytes | None,
-]
 #: Where a payload is: the timeline's row, offset, length.
-_Loc = tuple[_Row, int, int]
+_Loc = tuple[Row, int, int]
 
 
 class SqliteRepository:
@@ -113,7 +98,7 @@ class SqliteRepository:
                 migrated = schema.prepare(conn, self.path)
                 self._files = self._recover(conn)
                 if migrated:
-                    self._hash_all(conn)
+                    writes.hash_all(self, conn)
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
@@ -126,31 +111,6 @@ class SqliteRepository:
         rows = conn.execute("SELECT id, timeline_id, data_end FROM timelines")
         files.recover({file_name(tid, internal): end for internal, tid, end in rows})
         return files
-
-    def _hash_all(self, conn: sqlite3.Connection) -> None:
-        """Compute every timeline's history hash from its records (schema 2 had none), with
-        a history row at each batch's end (schema 2 batches never split an LSN), so a hash
-        at any LSN stays a lookup and a fold over at most one batch."""
-        for row in conn.execute(f"SELECT {_TL_COLUMNS} FROM timelines").fetchall():
-            folder = Folder()
-            starts = [r[0] for r in conn.execute(
-                "SELECT start, last_lsn FROM batches WHERE tl = ? ORDER BY last_lsn, start",
-                (row[0],))]
-            ends = conn.execute(
-                "SELECT last_lsn FROM batches WHERE tl = ? ORDER BY last_lsn, start", (row[0],)
-            ).fetchall()
-            f = self._file(row) if starts else None
-            for i, start in enumerate(starts):
-                assert f is not None
-                stop = starts[i + 1] if i + 1 < len(starts) else row[6]
-                for rec in walk(f, start, stop, 0, row[4]):
-                    folder.add(rec.key, rec.lsn, rec.kind, rec.payload)
-                conn.execute("INSERT OR REPLACE INTO history VALUES (?, ?, ?)",
-                             (row[0], min(ends[i][0], row[4]), folder.close()))
-            digest = folder.close()
-            conn.execute("UPDATE timelines SET hash = ? WHERE id = ?", (digest, row[0]))
-            conn.execute("INSERT OR REPLACE INTO history VALUES (?, ?, ?)",
-                         (row[0], row[4], digest))
 
     # connections -------------------------------------------------------------------------
 
@@ -182,19 +142,19 @@ class SqliteRepository:
 
     # timelines -----------------------------------------------------------------------------
 
-    def _row_by_tid(self, conn: sqlite3.Connection, timeline_id: TimelineId) -> _Row:
+    def _row_by_tid(self, conn: sqlite3.Connection, timeline_id: TimelineId) -> Row:
         row = conn.execute(
-            f"SELECT {_TL_COLUMNS} FROM timelines WHERE timeline_id = ?", (bytes(timeline_id),)
+            f"SELECT {TL_COLUMNS} FROM timelines WHERE timeline_id = ?", (bytes(timeline_id),)
         ).fetchone()
         if row is None:
             raise UnknownTimeline(f'timeline "{timeline_id}" does not exist')
         return row  # type: ignore[no-any-return]
 
-    def _row_by_id(self, conn: sqlite3.Connection, internal: int) -> _Row:
-        row = conn.execute(f"SELECT {_TL_COLUMNS} FROM timelines WHERE id = ?", (internal,))
+    def _row_by_id(self, conn: sqlite3.Connection, internal: int) -> Row:
+        row = conn.execute(f"SELECT {TL_COLUMNS} FROM timelines WHERE id = ?", (internal,))
         return row.fetchone()  # type: ignore[no-any-return]
 
-    def _info(self, conn: sqlite3.Connection, row: _Row) -> TimelineInfo:
+    def _info(self, conn: sqlite3.Connection, row: Row) -> TimelineInfo:
         ancestor_tid = None
         if row[2] is not None:
             ancestor_tid = TimelineId(self._row_by_id(conn, row[2])[1])
@@ -228,10 +188,10 @@ class SqliteRepository:
             start = Lsn(0)
             if ancestor is not None:
                 parent = self._row_by_tid(conn, ancestor[0])
-                start = _check_lsn(ancestor[1])
+                start = check_lsn(ancestor[1])
                 self._check_readable(parent, start, what="branch point")
                 ancestor_id = parent[0]
-            readable = start if min_readable_lsn is None else _check_lsn(min_readable_lsn)
+            readable = start if min_readable_lsn is None else check_lsn(min_readable_lsn)
             if readable < start:
                 raise InvalidArgument(
                     f"min readable LSN {readable} is before the timeline's start {start}"
@@ -250,18 +210,18 @@ class SqliteRepository:
 
     def list_timelines(self) -> list[TimelineInfo]:
         conn = self._conn()
-        rows = conn.execute(f"SELECT {_TL_COLUMNS} FROM timelines ORDER BY id").fetchall()
+        rows = conn.execute(f"SELECT {TL_COLUMNS} FROM timelines ORDER BY id").fetchall()
         return [self._info(conn, row) for row in rows]
 
     def set_min_readable_lsn(self, timeline_id: TimelineId, lsn: Lsn) -> None:
         with self._transaction() as conn:
             row = self._row_by_tid(conn, timeline_id)
             start = Lsn(row[3] or 0)
-            if _check_lsn(lsn) < start:
+            if check_lsn(lsn) < start:
                 raise InvalidArgument(f"min readable LSN {lsn} is before the start {start}")
             conn.execute("UPDATE timelines SET min_readable_lsn = ? WHERE id = ?", (lsn, row[0]))
 
-    def _check_readable(self, row: _Row, lsn: Lsn, *, what: str = "LSN") -> None:
+    def _check_readable(self, row: Row, lsn: Lsn, *, what: str = "LSN") -> None:
         tid = TimelineId(row[1])
         if lsn > row[4]:
             raise LsnOutOfRange(
@@ -340,9 +300,9 @@ class SqliteRepository:
         conn = self._conn()
         return BranchInfo(name, self._info(conn, self._row_by_name(conn, name)))
 
-    def _row_by_name(self, conn: sqlite3.Connection, name: str) -> _Row:
+    def _row_by_name(self, conn: sqlite3.Connection, name: str) -> Row:
         row = conn.execute(
-            f"SELECT {_TL_COLUMNS} FROM timelines WHERE id ="
+            f"SELECT {TL_COLUMNS} FROM timelines WHERE id ="
             " (SELECT timeline FROM branches WHERE name = ?)",
             (name,),
         ).fetchone()
@@ -353,7 +313,7 @@ class SqliteRepository:
     def list_branches(self) -> list[BranchInfo]:
         conn = self._conn()
         rows = conn.execute(
-            f"SELECT b.name, {', '.join('t.' + c.strip() for c in _TL_COLUMNS.split(','))}"
+            f"SELECT b.name, {', '.join('t.' + c.strip() for c in TL_COLUMNS.split(','))}"
             " FROM branches b JOIN timelines t ON t.id = b.timeline ORDER BY b.name"
         ).fetchall()
         return [BranchInfo(r[0], self._info(conn, r[1:])) for r in rows]
@@ -372,7 +332,7 @@ class SqliteRepository:
     def _drop_unreferenced(self, timeline_id: TimelineId) -> None:
         dropped: list[str] = []
         with self._transaction() as conn:
-            row: _Row | None = self._row_by_tid(conn, timeline_id)
+            row: Row | None = self._row_by_tid(conn, timeline_id)
             while row is not None:
                 if self._in_use(conn, row[0]):
                     break
@@ -402,7 +362,7 @@ class SqliteRepository:
         )
 
     @staticmethod
-    def _drop(conn: sqlite3.Connection, row: _Row) -> str:
+    def _drop(conn: sqlite3.Connection, row: Row) -> str:
         """Delete a timeline's rows; return its data file's name, to remove after commit."""
         for table, column in (
             ("records", "tl"), ("batches", "tl"), ("history", "tl"), ("timelines", "id")
@@ -430,152 +390,13 @@ class SqliteRepository:
         expect_hash: bytes | None = None,
         digests: Iterable[int] | None = None,
     ) -> WriteResult:
-        """Append records above ``last_record_lsn`` (or, continuing the pending LSN, after its
-        stored records) and publish the new ``last_record_lsn``, its history hash and the
-        pending cursor in the same transaction. ``partial``: the batch's greatest LSN may go
-        on in a later batch, so it is stored and not published. ``digests``: each record's
-        ``history.record_digest``, when the caller computed them already (in parallel).
-        All or nothing: a refused or failed batch leaves neither index rows nor bytes in
-        the data file."""
-        if last_record_lsn is not None:
-            _check_lsn(last_record_lsn)
-            if partial:
-                raise InvalidArgument("a partial batch publishes only the LSNs it completes")
-        txn = self._transaction()
-        with txn as conn:
-            row = self._row_by_tid(conn, timeline_id)
-            internal, current, data_end = row[0], Lsn(row[4]), row[6]
-            pending = (
-                OpenLsn(row[9], row[10], int.from_bytes(row[12] or b"", "big"))
-                if row[9] is not None else None
-            )
-            floor = pending.lsn - 1 if pending is not None else int(current)
-            if last_record_lsn is not None and last_record_lsn < current:
-                raise HistoryImmutable(
-                    f"last record LSN {last_record_lsn} is behind the timeline's {current}"
-                )
-            # Publishing below a pending LSN is fine: its records stay pending (no record
-            # can lie between the published LSN and it: they arrived in LSN order).
-            limit = last_record_lsn
-            writer: FrameWriter | None = None
-            count = 0
-            split_at = -1  # greatest LSN of the frames this batch already finished
-            top, top_key = -1, b""
-            opened: dict[int, OpenLsn] = {}
-            given = iter(digests) if digests is not None else None
-            for rec in records:
-                rec.validate()
-                lsn = rec.lsn
-                if lsn <= floor:
-                    raise HistoryImmutable(
-                        f"record at {lsn} is at or below the timeline's last record "
-                        f"LSN {current}: recorded history never changes"
-                    )
-                if limit is not None and lsn > limit:
-                    raise InvalidArgument(
-                        f"record at {lsn} is beyond the batch's last record LSN {limit}"
-                    )
-                if rec.kind is RecordKind.DELTA and not redo.is_known(rec.payload):
-                    raise InvalidArgument(
-                        f"delta record at {lsn} has unknown redo type {rec.payload[0]}"
-                    )
-                if writer is None:
-                    writer = self._start_frame(row, txn)
-                elif len(writer.entries) >= FRAME_RECORDS and writer.in_order \
-                        and lsn >= writer.last_lsn:
-                    # A large batch (a base-backup import) goes into several frames, so
-                    # that neither this writer nor a reader ever holds one huge directory.
-                    data_end = self._finish_frame(conn, internal, writer)
-                    count += len(writer.entries)
-                    split_at = writer.last_lsn
-                    writer = FrameWriter(writer.f, data_end)
-                elif lsn < split_at:
-                    raise InvalidArgument(
-                        f"record at {lsn} is below {Lsn(split_at)}: a batch of more than "
-                        f"{FRAME_RECORDS} records must come in LSN order"
-                    )
-                writer.add(rec.key, int(lsn), int(rec.kind), rec.payload)
-                group = opened.get(lsn)
-                if group is None:
-                    group = opened[lsn] = OpenLsn(lsn)
-                group.add(next(given) if given is not None
-                          else record_digest(rec.key, lsn, rec.kind, rec.payload))
-                if lsn >= top:
-                    top, top_key = int(lsn), rec.key
-            if writer is not None:
-                data_end = self._finish_frame(conn, internal, writer)
-                count += len(writer.entries)
-            # The pending LSN's earlier records join this batch's ones.
-            pending_key = row[11]
-            if pending is not None:
-                group = opened.get(pending.lsn)
-                if group is None:
-                    opened[pending.lsn] = pending
-                else:
-                    group.count += pending.count
-                    group.total = (group.total + pending.total) % (1 << 256)
-            lsns = sorted(opened)
-            still_open: OpenLsn | None = None
-            if lsns and (partial or (last_record_lsn is not None
-                                     and lsns[-1] > last_record_lsn)):
-                # Partial, or publishing below the pending LSN: that LSN stays open.
-                still_open = opened.pop(lsns.pop())
-                if still_open.lsn == top:
-                    pending_key = top_key
-            digest = row[8]
-            for complete in lsns:
-                digest = opened[complete].close(digest)
-            new_last: int = max([int(current), *lsns])
-            if last_record_lsn is not None:
-                new_last = max(new_last, int(last_record_lsn))
-            if expect_hash is not None and digest != expect_hash:
-                raise HistoryMismatch(
-                    f"the records up to {Lsn(new_last)} do not have the history hash the "
-                    "sender announced for them; nothing of this batch was kept"
-                )
-            conn.execute(
-                "UPDATE timelines SET last_record_lsn = ?, data_end = ?, hash = ?,"
-                " pending_lsn = ?, pending_count = ?, pending_key = ?, pending_sum = ?"
-                " WHERE id = ?",
-                (
-                    new_last, data_end, digest,
-                    still_open.lsn if still_open else None,
-                    still_open.count if still_open else 0,
-                    pending_key if still_open else None,
-                    still_open.total.to_bytes(32, "big") if still_open else None,
-                    internal,
-                ),
-            )
-            if digest != row[8]:
-                conn.execute(
-                    "INSERT OR REPLACE INTO history (tl, lsn, hash) VALUES (?, ?, ?)",
-                    (internal, new_last, digest),
-                )
-            return WriteResult(records=count, last_record_lsn=Lsn(new_last))
+        """See :meth:`Repository.put_records` and :func:`writes.put_records`."""
+        return writes.put_records(self, timeline_id, records, last_record_lsn,
+                                  partial=partial, expect_hash=expect_hash, digests=digests)
 
     def history_hash(self, timeline_id: TimelineId, lsn: Lsn) -> bytes:
-        """The chained hash of the timeline's own records up to ``lsn`` (``history.py``):
-        the nearest commit point at or below it, then the records after it folded in."""
-        conn = self._conn()
-        row = self._row_by_tid(conn, timeline_id)
-        lsn = _check_lsn(lsn)
-        start = Lsn(row[3] or 0)
-        if not start <= lsn <= row[4]:
-            raise LsnOutOfRange(
-                f"LSN {lsn} is outside timeline {timeline_id}'s history ({start}, "
-                f"{Lsn(row[4])}]"
-            )
-        found = conn.execute(
-            "SELECT lsn, hash FROM history WHERE tl = ? AND lsn <= ? ORDER BY lsn DESC LIMIT 1",
-            (row[0], lsn),
-        ).fetchone()
-        base, digest = (found[0], found[1]) if found is not None else (int(start), EMPTY)
-        if base == lsn:
-            return bytes(digest)
-        folder = Folder(bytes(digest))
-        for rec in self.iter_records(timeline_id, Lsn(base), lsn):
-            folder.add(rec.key, rec.lsn, rec.kind, rec.payload)
-        return folder.close()
+        """See :meth:`Repository.history_hash` and :func:`writes.history_hash`."""
+        return writes.history_hash(self, timeline_id, lsn)
 
     def branch_for_writing(self, name: str) -> TimelineInfo:
         """The branch's timeline if this repository writes it; for a received timeline a new
@@ -594,50 +415,6 @@ class SqliteRepository:
             child = self._row_by_tid(conn, tid)
             conn.execute("UPDATE branches SET timeline = ? WHERE name = ?", (child[0], name))
             return self._info(conn, child)
-
-    def _start_frame(self, row: _Row, txn: Transaction) -> FrameWriter:
-        """Open (or create) the timeline's data file for a new frame at ``data_end``, first
-        cutting off what a crashed or refused batch left; on abort, cut it off again."""
-        name, data_end = file_name(row[1], row[0]), row[6]
-        f, created = self._files.open(name, create=True)
-        size = f.size()
-        if size < data_end:
-            raise CorruptDataFile(
-                f"data file {name} has {size} bytes, fewer than the {data_end} committed"
-            )
-        if size > data_end:
-            os.ftruncate(f.fd, data_end)
-
-        def undo() -> None:
-            if created:
-                self._files.remove(name)
-            else:
-                os.ftruncate(f.fd, data_end)
-
-        txn.on_abort.append(undo)
-        return FrameWriter(f, data_end)
-
-    def _finish_frame(self, conn: sqlite3.Connection, internal: int, w: FrameWriter) -> int:
-        """Write the frame's directory, index its records, make it durable; the new end."""
-        end = w.finish()
-        try:
-            # ``internal`` is an int from the database: safe to inline, and it keeps each
-            # row tuple the directory entry itself.
-            conn.executemany(
-                f"INSERT INTO records (tl, key, lsn, kind, off, len)"
-                f" VALUES ({internal:d}, ?, ?, ?, ?, ?)",
-                w.entries,
-            )
-        except sqlite3.IntegrityError as exc:
-            raise InvalidArgument(f"two records for one key at one LSN: {exc}") from exc
-        conn.execute(
-            "INSERT INTO batches (tl, last_lsn, first_lsn, start, records, bytes)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
-            (internal, w.entries[-1][1], w.entries[0][1], w.start, len(w.entries), w.payload_bytes),
-        )
-        if self._durable:
-            w.sync()
-        return end
 
     def get_value(self, timeline_id: TimelineId, key: bytes, lsn: Lsn) -> bytes | None:
         """The value of ``key`` at ``lsn``: the newest image at or below it plus the deltas
@@ -660,10 +437,10 @@ class SqliteRepository:
         return self._get_value(conn, row, key, lsn)
 
     def _get_value(
-        self, conn: sqlite3.Connection, first: _Row, key: bytes, lsn: Lsn
+        self, conn: sqlite3.Connection, first: Row, key: bytes, lsn: Lsn
     ) -> bytes | None:
-        self._check_readable(first, _check_lsn(lsn))
-        row: _Row | None = first
+        self._check_readable(first, check_lsn(lsn))
+        row: Row | None = first
         deltas: list[_Loc] = []
         base: _Loc | None = None
         bound = int(lsn)
@@ -693,7 +470,7 @@ class SqliteRepository:
         row, offset, length = loc
         return self._file(row).pread(offset, length) if length else b""
 
-    def _file(self, row: _Row) -> DataFile:
+    def _file(self, row: Row) -> DataFile:
         """The timeline's open data file. A file missing because the timeline was deleted
         since ``row`` was read is :class:`UnknownTimeline`; otherwise it is corruption."""
         name = file_name(row[1], row[0])
@@ -788,10 +565,10 @@ class SqliteRepository:
             _check_key(hi)
         conn = self._conn()
         first = self._row_by_tid(conn, timeline_id)
-        self._check_readable(first, _check_lsn(lsn))
-        row: _Row | None = first
+        self._check_readable(first, check_lsn(lsn))
+        row: Row | None = first
         # (row, bound) from the root ancestor down to this timeline.
-        chain: list[tuple[_Row, int]] = []
+        chain: list[tuple[Row, int]] = []
         bound = int(lsn)
         while row is not None:
             chain.append((row, bound))
@@ -801,7 +578,7 @@ class SqliteRepository:
         return self._materialize(chain, lo or bytes(KEY_SIZE), hi)
 
     def _materialize(
-        self, chain: list[tuple[_Row, int]], lo: bytes, hi: bytes | None
+        self, chain: list[tuple[Row, int]], lo: bytes, hi: bytes | None
     ) -> Iterator[tuple[bytes, bytes]]:
         with closing(self._open()) as conn:
             conn.execute("BEGIN")
@@ -854,12 +631,6 @@ class SqliteRepository:
 
     def _transaction(self) -> Transaction:
         return Transaction(self._conn(), self._write_lock)
-
-
-def _check_lsn(lsn: Lsn | int) -> Lsn:
-    if isinstance(lsn, bool) or not isinstance(lsn, int) or not 0 <= lsn <= MAX_STORED_LSN:
-        raise InvalidArgument(f"LSN {lsn!r} is out of range")
-    return Lsn(lsn)
 
 
 def _clamp(lsn: int) -> int:
