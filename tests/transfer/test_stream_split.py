@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 
 from zenith.lsn import Lsn
 from zenith.storage import Record, RecordKind, SqliteRepository, open_repository
-from zenith.transfer import receive_branch, send_branch
+from zenith.transfer.receiver import receive_branch
+from zenith.transfer.sender import send_branch
 
 
 class Pipe:

@@ -31,6 +31,7 @@ import tomlkit.exceptions
 
 from zenith.errors import AlreadyExists, InvalidArgument, NotFound
 from zenith.pgwire.conninfo import mask_uri, parse_uri
+from zenith.transfer.messages import DEFAULT_TIMEOUT
 
 DEFAULT_LISTEN: Final = "127.0.0.1:64000"
 AUTH_METHODS: Final = ("scram-sha-256", "md5", "trust")
@@ -40,7 +41,6 @@ USERS_FILE: Final = "users.json"
 PID_FILE: Final = "pageserver.pid"
 LOG_FILE: Final = "pageserver.log"
 ADMIN_USER: Final = "admin"
-DEFAULT_TRANSFER_TIMEOUT: Final = 60.0
 
 _HOST_PORT: Final = re.compile(
     r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9.\-]+)):(?P<port>\d{1,5})"
@@ -185,7 +185,7 @@ class RepoConfig:
     @property
     def transfer_timeout(self) -> float:
         """Seconds a push or pull waits for a silent peer before dropping it (DESIGN §12)."""
-        value = self._get("transfer_timeout", DEFAULT_TRANSFER_TIMEOUT)
+        value = self._get("transfer_timeout", DEFAULT_TIMEOUT)
         if isinstance(value, bool) or not isinstance(value, int | float) or \
                 not 0 < value <= 86400:
             raise InvalidArgument(

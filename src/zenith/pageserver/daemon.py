@@ -24,7 +24,7 @@ from zenith.pageserver.pidfile import PidFile
 from zenith.pageserver.users import UserStore
 from zenith.pgwire.server import ServerConfig, Session, close_server, start_server
 from zenith.storage import SqliteRepository, open_repository
-from zenith.transfer import TransferLocks
+from zenith.transfer.channel import TransferLocks
 
 log = logging.getLogger("zenith.pageserver")
 _COMMAND_MODULES = (export_service, transfer_service, wal_service)

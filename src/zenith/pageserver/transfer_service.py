@@ -25,8 +25,9 @@ from zenith.pgwire.client import ClientCopyStream, Connection, connect, mask_uri
 from zenith.pgwire.server import Session
 from zenith.pgwire.session import CopyStream
 from zenith.storage import validate_branch_name
-from zenith.transfer import Progress, TransferArgs, TransferResult, receive_branch, send_branch
-from zenith.transfer.messages import parse_flags
+from zenith.transfer.messages import Progress, TransferArgs, TransferResult, parse_flags
+from zenith.transfer.receiver import receive_branch
+from zenith.transfer.sender import send_branch
 
 if TYPE_CHECKING:
     from zenith.pageserver.daemon import Pageserver

@@ -115,6 +115,8 @@ class BranchInfo:
 class WriteResult:
     records: int
     last_record_lsn: Lsn
+    #: The timeline's pending cursor after the batch (see :class:`TimelineInfo`).
+    pending: Cursor | None = None
 
 
 def validate_branch_name(name: str) -> str:

@@ -22,7 +22,7 @@ from zenith.errors import (
 from zenith.ids import TimelineId
 from zenith.lsn import Lsn
 from zenith.storage import redo
-from zenith.storage.api import MAX_STORED_LSN, Record, RecordKind, WriteResult
+from zenith.storage.api import MAX_STORED_LSN, Cursor, Record, RecordKind, WriteResult
 from zenith.storage.datafile import CorruptDataFile, FrameWriter, file_name, walk
 from zenith.storage.history import EMPTY, Folder, OpenLsn, record_digest
 from zenith.storage.schema import Transaction
@@ -47,7 +47,6 @@ def check_lsn(lsn: Lsn | int) -> Lsn:
     if isinstance(lsn, bool) or not isinstance(lsn, int) or not 0 <= lsn <= MAX_STORED_LSN:
         raise InvalidArgument(f"LSN {lsn!r} is out of range")
     return Lsn(lsn)
-
 
 
 def hash_all(repo: SqliteRepository, conn: sqlite3.Connection) -> None:
@@ -207,7 +206,9 @@ def put_records(
                 "INSERT OR REPLACE INTO history (tl, lsn, hash) VALUES (?, ?, ?)",
                 (internal, new_last, digest),
             )
-        return WriteResult(records=count, last_record_lsn=Lsn(new_last))
+        pending_cursor = (Cursor(Lsn(still_open.lsn), still_open.count, pending_key or b"")
+                          if still_open else None)
+        return WriteResult(count, Lsn(new_last), pending_cursor)
 
 def history_hash(repo: SqliteRepository, timeline_id: TimelineId, lsn: Lsn) -> bytes:
     """The chained hash of the timeline's own records up to ``lsn`` (``history.py``):

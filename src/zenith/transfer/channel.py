@@ -9,10 +9,8 @@ from collections.abc import AsyncIterator, Iterable
 from typing import Protocol
 
 from zenith.errors import ObjectInUse, PeerTimeout, TransferAborted
-from zenith.transfer.frames import Frame, decode_frame, encode_message
+from zenith.transfer.frames import decode_frame, encode_message
 from zenith.transfer.messages import M, Message
-
-DEFAULT_TIMEOUT = 60.0
 
 
 class Channel(Protocol):
@@ -44,10 +42,6 @@ async def read_raw(channel: Channel, timeout: float) -> bytes:
 async def read_message(channel: Channel, cls: type[M], timeout: float) -> M:
     """The next frame, which must be a ``cls`` message (checked decode)."""
     return decode_frame(await read_raw(channel, timeout)).message(cls)
-
-
-async def read_frame(channel: Channel, timeout: float) -> Frame:
-    return decode_frame(await read_raw(channel, timeout))
 
 
 async def write_raw(channel: Channel, data: bytes, timeout: float) -> None:
@@ -106,6 +100,3 @@ class TransferLocks:
             lock.release()
             if not lock.locked() and not getattr(lock, "_waiters", None):
                 del self._locks[key]
-
-    def busy(self) -> list[str]:
-        return sorted(k for k, lock in self._locks.items() if lock.locked())

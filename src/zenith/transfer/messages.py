@@ -43,6 +43,8 @@ from zenith.lsn import Lsn
 from zenith.storage.api import KEY_SIZE, Cursor, TimelineInfo
 
 PROTOCOL_VERSION: Final = 2
+#: Seconds a transfer waits for a silent peer (config.toml ``transfer_timeout``).
+DEFAULT_TIMEOUT: Final = 60.0
 #: Bound on one control message's JSON (an offer of MAX_CHAIN timelines fits easily).
 MAX_JSON: Final = 1 << 20
 #: Longest ancestry a transfer carries.
@@ -338,6 +340,15 @@ class PlanMsg(Message):
     ranges: tuple[RangeRequest, ...] = ()
     compression: str | None = None
 
+    def result(self, source: TimelineInfo, records: int, nbytes: int,
+               seconds: float) -> TransferResult:
+        """What the transfer of ``source`` under this plan did (either end's view)."""
+        old = self.old
+        return TransferResult(self.status, self.message, source.timeline_id,
+                              old.timeline_id if old else None,
+                              old.last_record_lsn if old else None, source.last_record_lsn,
+                              records, nbytes, seconds, self.dry_run)
+
     def to_json(self) -> dict[str, Any]:
         return {"status": self.status.value, "message": self.message, "dry_run": self.dry_run,
                 "old": _timeline_json(self.old) if self.old else None,
@@ -552,7 +563,8 @@ class TransferArgs:
     dry_run: bool = False
 
     def flag_words(self) -> list[str]:
-        return flag_words(self.force, self.dry_run)
+        """``[force] [dry_run]``, as :func:`parse_flags` reads them."""
+        return (["force"] if self.force else []) + (["dry_run"] if self.dry_run else [])
 
     def perform_words(self, verb: str) -> list[str]:
         return [f"perform_{verb}", self.branch, self.uri, self.remote_branch,
@@ -564,10 +576,6 @@ class TransferArgs:
             raise InvalidArgument(f"expected {cls.PERFORM_USAGE}")
         force, dry_run = parse_flags(args[3:])
         return cls(args[0], args[1], args[2], force, dry_run)
-
-
-def flag_words(force: bool, dry_run: bool) -> list[str]:
-    return (["force"] if force else []) + (["dry_run"] if dry_run else [])
 
 
 def parse_flags(words: list[str]) -> tuple[bool, bool]:

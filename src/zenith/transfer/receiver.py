@@ -1,10 +1,11 @@
 """The receiving end of a push or pull: :func:`receive_branch`.
 
-Its loop, over the exchange in ``messages.py``: read the offer, take the locks of the
-destination name and of the offered timelines, ask the sender to prove its history where
-ours overlaps it, plan (``plan.py``), then for each planned range apply the DATA frames in
-groups — each group one transaction, ACKed once durable — check the range's end against
-what arrived (counts and history hash), and finally move the branch name.
+Its loop, over the exchange in ``messages.py``: read the offer, ask the sender to prove its
+history where ours overlaps it, plan (``plan.py``), lock the destination name and the
+timelines the plan writes and plan again under the locks, then for each planned range
+apply the DATA frames in groups — each group one transaction, ACKed once durable — check
+the range's end against what arrived (counts and history hash), and finally move the
+branch name if it still points where the plan found it.
 
 Durability: a group's greatest LSN may continue in the next frame, so it is stored as the
 pending cursor and only the LSNs before it are published; an interrupted transfer leaves
@@ -27,7 +28,6 @@ from zenith.lsn import Lsn
 from zenith.storage import Cursor, Record, Repository
 from zenith.storage.history import record_digest
 from zenith.transfer.channel import (
-    DEFAULT_TIMEOUT,
     Channel,
     TransferLocks,
     read_message,
@@ -36,6 +36,7 @@ from zenith.transfer.channel import (
 )
 from zenith.transfer.frames import HEADER, Frame, decode_frame, decode_records
 from zenith.transfer.messages import (
+    DEFAULT_TIMEOUT,
     Ack,
     Ask,
     Done,
@@ -90,15 +91,11 @@ async def receive_branch(
         if writes:
             plan = await _recheck(repo, dest_name, offer, points, mismatched, plan, pushing,
                                   force)
-        await send(channel, plan.to_message(
-            dry_run, "zstd" if "zstd" in offer.compression else None), timeout)
+        answer = plan.to_message(dry_run, "zstd" if "zstd" in offer.compression else None)
+        await send(channel, answer, timeout)
 
         def result(records: int, nbytes: int) -> TransferResult:
-            old, source = plan.old, plan.source
-            return TransferResult(plan.status, plan.message, source.timeline_id,
-                                  old.timeline_id if old else None,
-                                  old.last_record_lsn if old else None, source.last_record_lsn,
-                                  records, nbytes, time.monotonic() - started, dry_run)
+            return answer.result(plan.source, records, nbytes, time.monotonic() - started)
 
         if plan.status is Status.REJECTED:
             raise PushRejected(plan.message, hint="nothing was changed")
@@ -264,9 +261,8 @@ def _apply(repo: Repository, tid: TimelineId, frames: list[_Decoded], after: Lsn
     written = repo.put_records(tid, batch, partial=True, digests=digests)
     if failure is not None:
         raise failure
-    info = repo.get_timeline(tid)
     return (_Applied(len(batch), sum(len(r.payload) for r in batch), top),
-            written.last_record_lsn, info.pending)
+            written.last_record_lsn, written.pending)
 
 
 async def _receive_range(

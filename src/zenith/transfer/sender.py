@@ -20,7 +20,6 @@ from typing import Final
 from zenith.errors import PushRejected, TransferAborted
 from zenith.storage import Record, Repository, TimelineInfo
 from zenith.transfer.channel import (
-    DEFAULT_TIMEOUT,
     Channel,
     read_message,
     read_raw,
@@ -36,6 +35,7 @@ from zenith.transfer.frames import (
     encode_records,
 )
 from zenith.transfer.messages import (
+    DEFAULT_TIMEOUT,
     Ack,
     Ask,
     Done,
@@ -91,11 +91,7 @@ async def send_branch(
         state.bytes_total += size
 
     def result(records: int, nbytes: int) -> TransferResult:
-        old = plan.old
-        return TransferResult(plan.status, plan.message, source.timeline_id,
-                              old.timeline_id if old else None,
-                              old.last_record_lsn if old else None, source.last_record_lsn,
-                              records, nbytes, time.monotonic() - started, plan.dry_run)
+        return plan.result(source, records, nbytes, time.monotonic() - started)
 
     if plan.status is Status.REJECTED:
         raise PushRejected(plan.message, hint="nothing was changed")
@@ -120,7 +116,7 @@ async def send_branch(
             await reader  # retrieve its outcome: never an unobserved exception
     # Our own counts (what we sent); the receiver's words for what happened.
     return dataclasses.replace(result(state.records_done, state.bytes_done),
-                               message=done.result.message if done else plan.message)
+                               message=done.result.message)
 
 
 def _prove(repo: Repository, chain: tuple[TimelineInfo, ...], ask: Ask) -> list[bytes]:
@@ -168,8 +164,7 @@ class _Sent:
     acks: int = 0
 
 
-async def _read_acks(channel: Channel, state: Progress, sent: _Sent,
-                     timeout: float) -> Done | None:
+async def _read_acks(channel: Channel, state: Progress, sent: _Sent, timeout: float) -> Done:
     """Read ACKs (progress) until DONE; raises what the receiver raised."""
     while True:
         data = await read_raw(channel, timeout)
@@ -184,7 +179,7 @@ async def _read_acks(channel: Channel, state: Progress, sent: _Sent,
             raise TransferAborted("the receiver acknowledged more than was sent")
 
 
-async def _write(channel: Channel, data: bytes, reader: asyncio.Task[Done | None],
+async def _write(channel: Channel, data: bytes, reader: asyncio.Task[Done],
                  timeout: float) -> None:
     """Write, unless the receiver already failed or finished: then raise what it said."""
     if reader.done():
@@ -205,7 +200,7 @@ async def _send_range(
     state: Progress,
     sent: _Sent,
     compressor: AdaptiveCompressor | None,
-    reader: asyncio.Task[Done | None],
+    reader: asyncio.Task[Done],
     progress: ProgressFn | None,
     frame_target: int,
     timeout: float,
