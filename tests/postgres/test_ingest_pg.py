@@ -402,7 +402,7 @@ async def test_import_and_ingest_match_source_pages(tmp_path: Path) -> None:
               f"{ingest_s:.1f}s, {follower.wal_bytes / 2**20:.1f} MiB WAL, "
               f"{ingest.records_seen} records; compared {compared} pages, "
               f"zero-tail forks {zero_tail}, WAL_LOG VM pages {wal_log_vm}, "
-              f"missing images {ingest.missing_images}, re-read {len(retry)}")
+              f"re-read {len(retry)}")
         stop.set()
         await task
         assert not problems, "\n".join(problems)

@@ -15,10 +15,12 @@ from zenith.postgres import pg_constants as pgc
 from zenith.postgres.basebackup import TarPiece
 from zenith.postgres.import_basebackup import BackupRecords
 from zenith.postgres.keys import (
+    ControlItem,
     ForkNumber,
     KeyKind,
     RelTag,
     SlruId,
+    control_key,
     db_key_range,
     db_version_key,
     file_key,
@@ -33,7 +35,7 @@ from zenith.postgres.keys import (
     unpack_file_value,
 )
 from zenith.postgres.redo import make_clog_set, make_slru_patch, make_vm_clear
-from zenith.postgres.waldecoder import BlockRef, DecodedRecord, RelFileNode
+from zenith.postgres.waldecoder import BlockImage, BlockRef, DecodedRecord, RelFileNode
 from zenith.postgres.walingest import (
     HEAPBLOCKS_PER_PAGE,
     MULTIXACT_MEMBERS_PER_PAGE,
@@ -116,9 +118,24 @@ def test_backup_records_cut_files_in_pages() -> None:
     out = b.feed(TarPiece("postgresql.conf", 3, 0o600, b"a=1"))
     assert out[0].key == file_key("postgresql.conf")
     assert b.feed(TarPiece("postmaster.pid", 3, 0o600, b"123")) == []
-    sizes = b.finish()
+    finished = b.finish()
+    # No pg_control or replorigin_checkpoint was fed: no counters, no origins.
+    assert [(r.key, r.payload) for r in finished[-1:]] == [
+        (control_key(ControlItem.ORIGINS), b"")]
+    sizes = finished[:-1]
     expected = [(rel_size_key(REL), (131075).to_bytes(4, "little"))]
     assert [(r.key, r.payload) for r in sizes] == expected
+
+
+def imaged(node: RelFileNode, blkno: int, page: bytes | None = None, *, fork: int = 0,
+           block_id: int = 0) -> BlockRef:
+    """A block reference carrying ``page`` (default: an empty heap page) as its image."""
+    if page is None:
+        raw = bytearray(8192)
+        struct.pack_into("<HHH", raw, 12, 24, 8192, 8192)
+        page = bytes(raw)
+    return BlockRef(block_id, node, fork, blkno, pgc.BKPBLOCK_HAS_IMAGE,
+                    BlockImage(0, 0, 0, page))
 
 
 def _rec(lsn: int, rmid: int, info: int, main: bytes = b"", blocks: list[BlockRef] | None = None,
@@ -146,8 +163,8 @@ def test_ingest_create_truncate_commit_multixact(repo: SqliteRepository) -> None
     node = RelFileNode(1663, 5, 16384)
     ing.add(_rec(100, pgc.RmgrId.SMGR, pgc.XLOG_SMGR_CREATE,
                  struct.pack("<IIIi", 1663, 5, 16384, 0)))
-    # Heap delete on block 9 with ALL_VISIBLE_CLEARED (no image for the heap page here).
-    blk = BlockRef(0, node, 0, 9, 0)
+    # Heap delete on block 9 with ALL_VISIBLE_CLEARED (the heap page's image, not the VM's).
+    blk = imaged(node, 9)
     ing.add(_rec(200, pgc.RmgrId.HEAP, pgc.XLOG_HEAP_DELETE,
                  struct.pack("<IHBB", 0, 1, 0, pgc.XLH_DELETE_ALL_VISIBLE_CLEARED), [blk]))
     # Commit of xid 1000 with subxact 1001; abort of 40000.

@@ -64,7 +64,9 @@ from zenith.postgres.keys import (
     slru_page_key,
 )
 from zenith.postgres.pg_constants import BLCKSZ
+from zenith.postgres.redostate import REPLORIGIN_CHECKPOINT_PATH, Counters, Origins
 from zenith.postgres.replication import ReplicationConnection
+from zenith.postgres.walrecord import parse_checkpoint
 from zenith.storage import Record, RecordKind, Repository
 from zenith.storage.api import MAX_PAYLOAD
 
@@ -78,8 +80,12 @@ _SLRU_IDS: Final = {
     SlruKind.XACT: SlruId.XACT,
     SlruKind.MULTIXACT_OFFSETS: SlruId.MULTIXACT_OFFSETS,
     SlruKind.MULTIXACT_MEMBERS: SlruId.MULTIXACT_MEMBERS,
+    SlruKind.COMMIT_TS: SlruId.COMMIT_TS,
 }
 _IMAGE: Final = RecordKind.IMAGE
+#: ControlFileData (catalog/pg_control.h): checkPointCopy, track_commit_timestamp.
+_CHECKPOINT_COPY: Final = 40
+_TRACK_COMMIT_TS_OFFSET: Final = 200
 _KeyOf = Callable[[int], bytes]
 _Make = Callable[[bytes], tuple[bytes, bytes]]
 
@@ -108,6 +114,8 @@ class BackupRecords:
         self.skipped: list[str] = []
         self._partial = bytearray()
         self._whole = bytearray()
+        self._control: bytes | None = None
+        self._origins: bytes | None = None
 
     def feed(self, piece: TarPiece) -> list[Record]:
         if piece.type is not EntryType.FILE:
@@ -135,7 +143,9 @@ class BackupRecords:
             spc, db = kind.spcnode or 0, kind.dbnode
             return self._file(piece, lambda data: (db_version_key(spc, db), data))
         if isinstance(kind, SpecialFile) and kind.kind is SpecialKind.CONTROL:
-            return self._file(piece, lambda data: (control_key(ControlItem.PG_CONTROL), data))
+            return self._file(piece, self._keep_control)
+        if piece.path == REPLORIGIN_CHECKPOINT_PATH:
+            return self._file(piece, self._keep_origins)
         if isinstance(kind, Skipped) or piece.size > MAX_PAYLOAD - 4096:
             if piece.last:
                 self.skipped.append(piece.path)
@@ -143,12 +153,34 @@ class BackupRecords:
         return self._file(piece, lambda data: (file_key(piece.path),
                                                pack_file_value(piece.path, data)))
 
+    def _keep_control(self, data: bytes) -> tuple[bytes, bytes]:
+        self._control = data
+        return control_key(ControlItem.PG_CONTROL), data
+
+    def _keep_origins(self, data: bytes) -> tuple[bytes, bytes]:
+        self._origins = data
+        return file_key(REPLORIGIN_CHECKPOINT_PATH), pack_file_value(
+            REPLORIGIN_CHECKPOINT_PATH, data)
+
     def finish(self) -> list[Record]:
-        """The size records, once every file has been fed."""
-        return [
+        """The size records, once every file has been fed, and the state WAL ingest
+        starts from: redo's counters as pg_control's checkpoint copy has them (recovery
+        starts from its checkpoint's values) and the replication origins' progress."""
+        out = [
             Record(rel_size_key(tag), self.lsn, _IMAGE, n.to_bytes(4, "little"))
             for tag, n in sorted(self.rel_sizes.items())
         ]
+        if self._control is not None and len(self._control) > _TRACK_COMMIT_TS_OFFSET:
+            cp = parse_checkpoint(self._control[_CHECKPOINT_COPY : _CHECKPOINT_COPY + 88])
+            counters = Counters.from_checkpoint(
+                cp, commit_ts_active=self._control[_TRACK_COMMIT_TS_OFFSET] != 0)
+            out.append(Record(control_key(ControlItem.COUNTERS), self.lsn, _IMAGE,
+                              counters.pack()))
+        origins = Origins()
+        if self._origins is not None:
+            origins = Origins.from_checkpoint_file(self._origins)
+        out.append(Record(control_key(ControlItem.ORIGINS), self.lsn, _IMAGE, origins.pack()))
+        return out
 
     def _pages(self, piece: TarPiece, key_of: _KeyOf) -> list[Record]:
         out: list[Record] = []

@@ -79,6 +79,7 @@ class SlruId(IntEnum):
     XACT = 0
     MULTIXACT_OFFSETS = 1
     MULTIXACT_MEMBERS = 2
+    COMMIT_TS = 3
 
     @property
     def directory(self) -> str:
@@ -89,6 +90,7 @@ _SLRU_DIRS: Final = {
     SlruId.XACT: "pg_xact",
     SlruId.MULTIXACT_OFFSETS: "pg_multixact/offsets",
     SlruId.MULTIXACT_MEMBERS: "pg_multixact/members",
+    SlruId.COMMIT_TS: "pg_commit_ts",
 }
 
 
@@ -97,6 +99,8 @@ class ControlItem(IntEnum):
 
     PG_CONTROL = 0  # global/pg_control as the base backup sent it
     CHECKPOINT = 1  # main data of the newest checkpoint record ingested (CheckPoint)
+    COUNTERS = 2  # redo's ID counters after each record that changed them (redostate.py)
+    ORIGINS = 3  # replication origin progress (redostate.Origins)
 
 
 @dataclass(frozen=True, slots=True, order=True)

@@ -217,6 +217,20 @@ class MultiXactStatus(IntEnum):
     UPDATE = 0x05
 
 
+# -- RM_GIST_ID (access/gistxlog.h, access/gist.h) ----------------------------------------
+XLOG_GIST_PAGE_UPDATE: Final = 0x00
+XLOG_GIST_PAGE_SPLIT: Final = 0x30
+#: GISTPageOpaqueData.flags: the page's right sibling has no downlink in the parent yet.
+F_FOLLOW_RIGHT: Final = 1 << 3
+
+# -- RM_COMMIT_TS_ID (access/commit_ts.h) -------------------------------------------------
+COMMIT_TS_ZEROPAGE: Final = 0x00
+COMMIT_TS_TRUNCATE: Final = 0x10
+
+# -- RM_REPLORIGIN_ID (replication/origin.h) ----------------------------------------------
+XLOG_REPLORIGIN_SET: Final = 0x00
+XLOG_REPLORIGIN_DROP: Final = 0x10
+
 # -- RM_RELMAP_ID (utils/relmapper.h) -----------------------------------------------------
 XLOG_RELMAP_UPDATE: Final = 0x00
 
@@ -335,6 +349,9 @@ _SIMPLE_NAMES: Final[dict[int, dict[int, str]]] = {
         XLOG_MULTIXACT_TRUNCATE_ID: "TRUNCATE_ID",
     },
     RmgrId.RELMAP: {XLOG_RELMAP_UPDATE: "UPDATE"},
+    RmgrId.GIST: {XLOG_GIST_PAGE_UPDATE: "PAGE_UPDATE", XLOG_GIST_PAGE_SPLIT: "PAGE_SPLIT"},
+    RmgrId.COMMIT_TS: {COMMIT_TS_ZEROPAGE: "ZEROPAGE", COMMIT_TS_TRUNCATE: "TRUNCATE"},
+    RmgrId.REPLORIGIN: {XLOG_REPLORIGIN_SET: "SET", XLOG_REPLORIGIN_DROP: "DROP"},
     RmgrId.STANDBY: {
         XLOG_STANDBY_LOCK: "LOCK",
         XLOG_RUNNING_XACTS: "RUNNING_XACTS",

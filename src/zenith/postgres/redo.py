@@ -10,8 +10,11 @@ result depends on the page they apply to, and which therefore cannot be images:
 * ``CLOG_SET`` (3): set 2-bit transaction statuses in a pg_xact page (other transactions'
   bits in the same byte must survive). An absent page starts as zeros.
 * ``SLRU_PATCH`` (4): overwrite byte ranges of an 8 KiB SLRU page (multixact offsets and
-  members). Unlike storage's generic patch, an absent page starts as a whole zero page,
-  as ``SimpleLruZeroPage`` leaves it.
+  members, commit timestamps). Unlike storage's generic patch, an absent page starts as a
+  whole zero page, as ``SimpleLruZeroPage`` leaves it.
+* ``FSM_TRUNCATE`` (5): ``fsm_truncate_avail`` -- zero the free-space map leaf slots from
+  a given one on and rebuild the page's tree of maxima above them (a truncation's redo
+  does this to the last FSM page kept). An absent page stays absent.
 
 Importing this module registers them; :mod:`zenith.postgres.walingest` imports it.
 """
@@ -29,6 +32,7 @@ from zenith.storage import redo
 VM_CLEAR: Final = 2
 CLOG_SET: Final = 3
 SLRU_PATCH: Final = 4
+FSM_TRUNCATE: Final = 5
 
 _MASK: Final = struct.Struct(">HB")
 _STATUS: Final = struct.Struct(">HBB")
@@ -53,6 +57,21 @@ def make_slru_patch(changes: Iterable[tuple[int, bytes]]) -> bytes:
             raise InvalidArgument(f"SLRU patch at {off} is beyond the page")
         parts.append(_RANGE.pack(off, len(data)) + data)
     return b"".join(parts)
+
+
+#: fsm_internals.h: the FSM page's contents are an int (fp_next_slot) and a binary tree of
+#: one-byte maxima, NonLeafNodesPerPage inner nodes, then the leaves.
+_FSM_NODES_AT: Final = 24 + 4
+_FSM_NODES: Final = BLCKSZ - 24 - 4
+_FSM_NON_LEAF: Final = BLCKSZ // 2 - 1
+FSM_LEAF_SLOTS: Final = _FSM_NODES - _FSM_NON_LEAF
+
+
+def make_fsm_truncate(first_removed_slot: int) -> bytes:
+    """An FSM_TRUNCATE delta payload: clear leaf slots ``first_removed_slot`` and on."""
+    if not 0 <= first_removed_slot < FSM_LEAF_SLOTS:
+        raise InvalidArgument(f"FSM slot {first_removed_slot} is beyond the page")
+    return bytes([FSM_TRUNCATE]) + struct.pack(">H", first_removed_slot)
 
 
 def _page(base: bytes | None) -> bytearray:
@@ -102,6 +121,31 @@ def _slru_patch(base: bytes | None, body: bytes) -> bytes:
     return bytes(page)
 
 
+def _fsm_truncate(base: bytes | None, body: bytes) -> bytes | None:
+    if base is None:
+        return None
+    if len(body) != 2:
+        raise InvalidArgument("FSM_TRUNCATE takes one slot number")
+    (slot,) = struct.unpack(">H", body)
+    if slot >= FSM_LEAF_SLOTS:
+        raise InvalidArgument(f"FSM slot {slot} is beyond the page")
+    page = _page(base)
+    nodes = memoryview(page)[_FSM_NODES_AT : _FSM_NODES_AT + _FSM_NODES]
+    first = _FSM_NON_LEAF + slot
+    if not any(nodes[first:]):
+        return base  # fsm_truncate_avail changes nothing: no rebuild either
+    nodes[first:] = bytes(_FSM_NODES - first)
+    for node in range(_FSM_NON_LEAF - 1, -1, -1):  # fsm_rebuild_page
+        left = 2 * node + 1
+        value = nodes[left] if left < _FSM_NODES else 0
+        if left + 1 < _FSM_NODES:
+            value = max(value, nodes[left + 1])
+        nodes[node] = value
+    nodes.release()
+    return bytes(page)
+
+
 redo.register(VM_CLEAR, _vm_clear)
 redo.register(CLOG_SET, _clog_set)
 redo.register(SLRU_PATCH, _slru_patch)
+redo.register(FSM_TRUNCATE, _fsm_truncate)

@@ -40,6 +40,7 @@ from zenith.postgres import pg_constants as pgc
 from zenith.postgres import redo as pgredo
 from zenith.postgres import walrecord as wr
 from zenith.postgres.keys import (
+    SLRU_PAGES_PER_SEGMENT,
     ControlItem,
     ForkNumber,
     KeyKind,
@@ -52,11 +53,21 @@ from zenith.postgres.keys import (
     key_kind,
     pack_file_value,
     parse_rel_key,
+    parse_slru_key,
     rebase_db_key,
     rel_block_key,
     rel_size_key,
     relmap_key,
     slru_page_key,
+    slru_range,
+    unpack_file_value,
+)
+from zenith.postgres.redostate import (
+    REPLORIGIN_CHECKPOINT_PATH,
+    Counters,
+    Origins,
+    multi_precedes,
+    xid_precedes,
 )
 from zenith.postgres.waldecoder import DecodedRecord, RelFileNode
 from zenith.storage import Record, RecordKind, Repository, WriteResult
@@ -77,6 +88,11 @@ MULTIXACT_MEMBERS_PER_GROUP: Final = 4
 MULTIXACT_GROUP_SIZE: Final = 4 + 4 * MULTIXACT_MEMBERS_PER_GROUP
 MULTIXACT_GROUPS_PER_PAGE: Final = BLCKSZ // MULTIXACT_GROUP_SIZE
 MULTIXACT_MEMBERS_PER_PAGE: Final = MULTIXACT_GROUPS_PER_PAGE * MULTIXACT_MEMBERS_PER_GROUP
+#: The last member page: offsets wrap at 2^32 (MXOffsetToMemberPage(MaxMultiXactOffset)).
+MULTIXACT_MEMBER_PAGES: Final = 0xFFFFFFFF // MULTIXACT_MEMBERS_PER_PAGE + 1
+#: commit_ts.c: an 8-byte TimestampTz and a 2-byte origin id per transaction, packed.
+COMMIT_TS_ENTRY: Final = 10
+COMMIT_TS_XACTS_PER_PAGE: Final = BLCKSZ // COMMIT_TS_ENTRY
 #: freespace.c
 FSM_SLOTS_PER_PAGE: Final = (BLCKSZ - _PAGE_HEADER - 4) - (BLCKSZ // 2 - 1)
 FSM_TREE_DEPTH: Final = 3
@@ -86,6 +102,24 @@ BATCH_RECORDS: Final = 2048
 _IMAGE, _DELTA, _TOMB = RecordKind.IMAGE, RecordKind.DELTA, RecordKind.TOMBSTONE
 _PG_VERSION: Final = b"15\n"
 _FORKS: Final = tuple(ForkNumber)
+_COUNTERS_KEY: Final = control_key(ControlItem.COUNTERS)
+_ORIGINS_KEY: Final = control_key(ControlItem.ORIGINS)
+#: Records whose block references may lack an image even when the source runs with
+#: ``wal_consistency_checking = all``: redo restores only the images they carry
+#: (xlog_redo skips a hint FPI's block without one).
+_NO_IMAGE_OK: Final = frozenset({(pgc.RmgrId.XLOG, pgc.XLOG_FPI_FOR_HINT)})
+#: Records that read storage at their start (so what precedes them must be stored).
+_READS_STORAGE: Final = frozenset({
+    (pgc.RmgrId.DBASE, pgc.XLOG_DBASE_CREATE_FILE_COPY),
+    (pgc.RmgrId.CLOG, pgc.CLOG_TRUNCATE),
+    (pgc.RmgrId.MULTIXACT, pgc.XLOG_MULTIXACT_TRUNCATE_ID),
+    (pgc.RmgrId.COMMIT_TS, pgc.COMMIT_TS_TRUNCATE),
+})
+
+
+class MissingPageImage(InvalidState):
+    """A WAL record changes a page without carrying its image: ingest cannot rebuild the
+    page (zenith runs no redo for it), so it stops rather than leave the page stale."""
 
 
 def vm_position(heap_blkno: int) -> tuple[int, int, int]:
@@ -138,9 +172,13 @@ class WalIngest:
             dict(rel_sizes) if rel_sizes is not None else self.load_sizes()
         )
         self.pending: list[Record] = []
-        #: Block references without an image: pages ingest could not rebuild.
-        self.missing_images = 0
         self.records_seen = 0
+        #: Redo's counters and replication origin progress as of ``ingested_lsn``.
+        self.counters = self._load_counters()
+        self.origins = self._load_origins()
+        #: multixact.c's last_initialized_offsets_page / pre_initialized_offsets_page.
+        self.last_zeroed_offsets: int | None = None
+        self.pre_initialized_offsets: int | None = None
 
     def load_sizes(self) -> dict[RelTag, int]:
         """Every relation fork's size from storage at ``last_record_lsn`` (one pass over
@@ -165,6 +203,33 @@ class WalIngest:
             if key_kind(key) is KeyKind.REL_SIZE:
                 sizes[parse_rel_key(key)[1]] = int.from_bytes(value[:4], "little")
         return sizes
+
+    def _read_own(self, key: bytes) -> bytes | None:
+        """A key ingest itself keeps whole at every LSN (counters, origins, pg_control), at
+        ``last_record_lsn``, even before the timeline is readable."""
+        return self.repo.get_value(self.timeline_id, key, self.last_lsn, before_readable=True)
+
+    def _load_counters(self) -> Counters:
+        stored = self._read_own(_COUNTERS_KEY)
+        if stored is not None:
+            return Counters.unpack(stored)
+        # A timeline ingested before the counters were kept: start from its newest
+        # checkpoint, as recovery would.
+        control = self._read_own(control_key(ControlItem.PG_CONTROL))
+        checkpoint = self._read_own(control_key(ControlItem.CHECKPOINT))
+        if checkpoint is None and control is not None:
+            checkpoint = control[40:128]
+        if checkpoint is None:
+            return Counters(3, 16384, 1, 0, 3, 1, 1, 1, 0, 0, False)
+        active = control is not None and len(control) > 200 and control[200] != 0
+        return Counters.from_checkpoint(wr.parse_checkpoint(checkpoint), active)
+
+    def _load_origins(self) -> Origins:
+        stored = self._read_own(_ORIGINS_KEY)
+        if stored is not None:
+            return Origins.unpack(stored)
+        file = self._read_own(file_key(REPLORIGIN_CHECKPOINT_PATH))
+        return Origins.from_checkpoint_file(unpack_file_value(file)[1]) if file else Origins()
 
     def read_range(self, lo: bytes, hi: bytes) -> Iterable[tuple[bytes, bytes]]:
         """Every key in ``[lo, hi)`` with its value at the stored ``last_record_lsn``.
@@ -217,11 +282,9 @@ class WalIngest:
     @staticmethod
     def needs_flush(rec: DecodedRecord) -> bool:
         """Whether ingesting ``rec`` reads storage at its start (CREATE DATABASE
-        FILE_COPY), so every earlier record must be stored first."""
-        return (
-            rec.rmid == pgc.RmgrId.DBASE
-            and rec.rmgr_info & 0x70 == pgc.XLOG_DBASE_CREATE_FILE_COPY
-        )
+        FILE_COPY, SLRU truncations), so every earlier record must be stored first."""
+        info = rec.rmgr_info & 0x70 if rec.rmid == pgc.RmgrId.DBASE else rec.rmgr_info
+        return (rec.rmid, info) in _READS_STORAGE
 
     # -- one record -----------------------------------------------------------------------
 
@@ -237,13 +300,27 @@ class WalIngest:
                 out[rel_block_key(tag, blk.blkno)] = Record(
                     rel_block_key(tag, blk.blkno), lsn, _IMAGE, page
                 )
-            else:
-                self.missing_images += 1
+            elif (rec.rmid, rec.rmgr_info) not in _NO_IMAGE_OK:
+                raise MissingPageImage(
+                    f"WAL record {_describe(rec)} at {rec.lsn} changes block {blk.blkno} of "
+                    f"relation {tag} without a page image; zenith rebuilds pages only from "
+                    "images, so it stops here rather than keep a stale page",
+                    hint="every session on the source must run with wal_consistency_checking"
+                         " = 'all' (a superuser can turn it off for one session); "
+                         "re-import the branch",
+                )
             if blk.blkno >= self.sizes.get(tag, 0):
                 self._set_size(out, tag, blk.blkno + 1, lsn)
+        before, origins = self.counters, self.origins
+        # xlogrecovery.c ApplyWalRecord: the next XID is beyond every record's XID.
+        self.counters = self.counters.past_xid(rec.xid)
         handler = _HANDLERS.get(rec.rmid)
         if handler is not None:
             handler(self, rec, out)
+        if self.counters != before:
+            out[_COUNTERS_KEY] = Record(_COUNTERS_KEY, lsn, _IMAGE, self.counters.pack())
+        if self.origins != origins:
+            out[_ORIGINS_KEY] = Record(_ORIGINS_KEY, lsn, _IMAGE, self.origins.pack())
         self.ingested_lsn = max(self.ingested_lsn, rec.end_lsn)
         return list(out.values())
 
@@ -349,9 +426,13 @@ def _smgr(ing: WalIngest, rec: DecodedRecord, out: dict[bytes, Record]) -> None:
                 ing._set_size(out, main, nblocks, lsn)
         fsm = node.tag(ForkNumber.FSM)
         if trunc.truncates_fsm and fsm in ing.sizes:
-            # The FSM page's tail is not cleared here: the FSM is not WAL-logged and
-            # PostgreSQL tolerates a stale one (DESIGN §7).
+            # FreeSpaceMapPrepareTruncateRel: clear the cut heap blocks' slots in the last
+            # leaf page kept (if it exists), then cut the fork after it.
             new = fsm_blocks_after_truncate(nblocks)
+            slot = nblocks % FSM_SLOTS_PER_PAGE
+            if slot and new - 1 < ing.sizes[fsm]:
+                key = rel_block_key(fsm, new - 1)
+                out[key] = Record(key, lsn, _DELTA, pgredo.make_fsm_truncate(slot))
             if ing.sizes[fsm] > new:
                 ing._set_size(out, fsm, new, lsn)
         vm = node.tag(ForkNumber.VISIBILITYMAP)
@@ -388,6 +469,16 @@ def _xact(ing: WalIngest, rec: DecodedRecord, out: dict[bytes, Record]) -> None:
         xid = parsed.twophase_xid if parsed.twophase_xid is not None else rec.xid
         status = pgc.TRANSACTION_STATUS_COMMITTED if commit else pgc.TRANSACTION_STATUS_ABORTED
         ing._clog(out, (xid, *parsed.subxacts), status, lsn)
+        for x in (xid, *parsed.subxacts):  # TransactionIdLatest, then advance past it
+            ing.counters = ing.counters.past_xid(x)
+        if commit:
+            origin = rec.origin or 0
+            if parsed.origin_lsn is not None:  # xact_redo_commit: apply progress
+                ing.origins = ing.origins.advance(origin, parsed.origin_lsn, backward=False)
+            if ing.counters.commit_ts_active:
+                when = (parsed.origin_timestamp if parsed.origin_timestamp is not None
+                        else parsed.xact_time)
+                _commit_ts(ing, out, (xid, *parsed.subxacts), when, origin, lsn)
         for node in parsed.dropped_rels:
             ing._drop_rel(out, node, lsn)
         if parsed.twophase_xid is not None:
@@ -397,9 +488,54 @@ def _xact(ing: WalIngest, rec: DecodedRecord, out: dict[bytes, Record]) -> None:
         # The state file PostgreSQL writes at the next checkpoint: the record's data
         # followed by its CRC32C (twophase.c RecreateTwoPhaseFile).
         prep = wr.parse_xact_prepare(rec.main_data)
+        for x in (prep.xid, *prep.subxacts):  # PrepareRedoAdd
+            ing.counters = ing.counters.past_xid(x)
         path = _twophase_path(prep.xid)
         content = rec.main_data + struct.pack("<I", google_crc32c.value(rec.main_data))
         out[file_key(path)] = Record(file_key(path), lsn, _IMAGE, pack_file_value(path, content))
+
+
+def _describe(rec: DecodedRecord) -> str:
+    """``Heap/INSERT`` as pg_waldump names it (``Btree/0x00`` where the name is unknown)."""
+    name = pgc.record_name(rec.rmid, rec.info)
+    return f"{rec.rmgr_name}/{name if name is not None else f'0x{rec.rmgr_info:02X}'}"
+
+
+def _commit_ts(ing: WalIngest, out: dict[bytes, Record], xids: tuple[int, ...], when: int,
+               origin: int, lsn: Lsn) -> None:
+    """TransactionTreeSetCommitTsData: each XID's 10-byte entry (time, origin id)."""
+    entry = struct.pack("<qH", when, origin)
+    pages: dict[int, list[tuple[int, bytes]]] = {}
+    for xid in xids:
+        page, slot = divmod(xid, COMMIT_TS_XACTS_PER_PAGE)
+        pages.setdefault(page, []).append((slot * COMMIT_TS_ENTRY, entry))
+    for page, changes in pages.items():
+        _slru_patch(out, slru_page_key(SlruId.COMMIT_TS, page), changes, lsn)
+    ing.counters = ing.counters.committed_ts(xids[-1])
+
+
+def _slru_patch(out: dict[bytes, Record], key: bytes, changes: list[tuple[int, bytes]],
+                lsn: Lsn) -> None:
+    """Add ``changes`` to what the record already does to the SLRU page ``key``."""
+    prev = out.get(key)
+    if prev is not None and prev.kind is _IMAGE:
+        page = bytearray(prev.payload)
+        for off, data in changes:
+            page[off : off + len(data)] = data
+        out[key] = Record(key, lsn, _IMAGE, bytes(page))
+        return
+    if prev is not None:  # an earlier patch of the same record: keep its ranges first
+        changes = _patch_ranges(prev.payload) + changes
+    out[key] = Record(key, lsn, _DELTA, pgredo.make_slru_patch(changes))
+
+
+def _patch_ranges(payload: bytes) -> list[tuple[int, bytes]]:
+    out, pos = [], 1
+    while pos < len(payload):
+        off, length = struct.unpack_from(">HH", payload, pos)
+        out.append((off, payload[pos + 4 : pos + 4 + length]))
+        pos += 4 + length
+    return out
 
 
 def _twophase_path(xid: int) -> str:
@@ -410,16 +546,66 @@ def _clog_rm(ing: WalIngest, rec: DecodedRecord, out: dict[bytes, Record]) -> No
     if rec.rmgr_info == pgc.CLOG_ZEROPAGE:
         key = slru_page_key(SlruId.XACT, wr.parse_zero_page(rec.main_data))
         out[key] = Record(key, rec.end_lsn, _IMAGE, bytes(BLCKSZ))
-    # CLOG_TRUNCATE removes segments older than any running transaction: kept (an
-    # export carries them harmlessly).
+    elif rec.rmgr_info == pgc.CLOG_TRUNCATE:
+        trunc = wr.parse_clog_truncate(rec.main_data)
+        ing.counters = ing.counters.clog_truncated(trunc.oldest_xact, trunc.oldest_xact_db)
+        per_page = CLOG_XACTS_PER_PAGE
+
+        def clog_precedes(p1: int, p2: int) -> bool:  # CLOGPagePrecedes
+            x1, x2 = (p1 * per_page + 4) & 0xFFFFFFFF, (p2 * per_page + 4) & 0xFFFFFFFF
+            return xid_precedes(x1, x2) and xid_precedes(x1, (x2 + per_page - 1) & 0xFFFFFFFF)
+
+        _slru_truncate(ing, out, SlruId.XACT, trunc.pageno, clog_precedes, rec.end_lsn)
+
+
+def _slru_truncate(ing: WalIngest, out: dict[bytes, Record], slru: SlruId, cutoff: int,
+                   precedes: Callable[[int, int], bool], lsn: Lsn) -> None:
+    """SimpleLruTruncate: delete every segment whose first and last pages precede the
+    cutoff page (SlruMayDeleteSegment), in the SLRU's own wrapping order."""
+    lo, hi = slru_range(slru)
+    for key, _value in ing.read_range(lo, hi):
+        pageno = parse_slru_key(key)[1]
+        first = pageno - pageno % SLRU_PAGES_PER_SEGMENT
+        if precedes(first, cutoff) and precedes(first + SLRU_PAGES_PER_SEGMENT - 1, cutoff):
+            out[key] = Record(key, lsn, _TOMB)
+
+
+def _commit_ts_rm(ing: WalIngest, rec: DecodedRecord, out: dict[bytes, Record]) -> None:
+    if rec.rmgr_info == pgc.COMMIT_TS_ZEROPAGE:
+        key = slru_page_key(SlruId.COMMIT_TS, wr.parse_zero_page(rec.main_data))
+        out[key] = Record(key, rec.end_lsn, _IMAGE, bytes(BLCKSZ))
+    elif rec.rmgr_info == pgc.COMMIT_TS_TRUNCATE:
+        trunc = wr.parse_commit_ts_truncate(rec.main_data)
+        ing.counters = ing.counters.commit_ts_truncated(trunc.oldest_xid)
+        per_page = COMMIT_TS_XACTS_PER_PAGE
+
+        def ts_precedes(p1: int, p2: int) -> bool:  # CommitTsPagePrecedes
+            x1, x2 = (p1 * per_page + 4) & 0xFFFFFFFF, (p2 * per_page + 4) & 0xFFFFFFFF
+            return xid_precedes(x1, x2) and xid_precedes(x1, (x2 + per_page - 1) & 0xFFFFFFFF)
+
+        _slru_truncate(ing, out, SlruId.COMMIT_TS, trunc.pageno, ts_precedes, rec.end_lsn)
+
+
+def _replorigin(ing: WalIngest, rec: DecodedRecord, out: dict[bytes, Record]) -> None:
+    if rec.rmgr_info == pgc.XLOG_REPLORIGIN_SET:
+        st = wr.parse_replorigin_set(rec.main_data)
+        ing.origins = ing.origins.advance(st.node_id, st.remote_lsn, backward=st.force)
+    elif rec.rmgr_info == pgc.XLOG_REPLORIGIN_DROP:
+        ing.origins = ing.origins.drop(wr.parse_replorigin_drop(rec.main_data))
 
 
 def _multixact(ing: WalIngest, rec: DecodedRecord, out: dict[bytes, Record]) -> None:
     info, lsn = rec.rmgr_info, rec.end_lsn
     if info in (pgc.XLOG_MULTIXACT_ZERO_OFF_PAGE, pgc.XLOG_MULTIXACT_ZERO_MEM_PAGE):
-        slru = (SlruId.MULTIXACT_OFFSETS if info == pgc.XLOG_MULTIXACT_ZERO_OFF_PAGE
-                else SlruId.MULTIXACT_MEMBERS)
-        key = slru_page_key(slru, wr.parse_zero_page(rec.main_data))
+        offsets = info == pgc.XLOG_MULTIXACT_ZERO_OFF_PAGE
+        pageno = wr.parse_zero_page(rec.main_data)
+        key = slru_page_key(SlruId.MULTIXACT_OFFSETS if offsets else SlruId.MULTIXACT_MEMBERS,
+                            pageno)
+        if offsets:
+            pre, ing.pre_initialized_offsets = ing.pre_initialized_offsets, None
+            ing.last_zeroed_offsets = pageno
+            if pre == pageno:  # see CREATE_ID below: zeroing now would lose that entry
+                return
         out[key] = Record(key, lsn, _IMAGE, bytes(BLCKSZ))
     elif info == pgc.XLOG_MULTIXACT_CREATE_ID:
         create = wr.parse_multixact_create(rec.main_data)
@@ -427,6 +613,22 @@ def _multixact(ing: WalIngest, rec: DecodedRecord, out: dict[bytes, Record]) -> 
         page, entry = divmod(create.mid, MULTIXACT_OFFSETS_PER_PAGE)
         patches.setdefault(slru_page_key(SlruId.MULTIXACT_OFFSETS, page), []).append(
             (entry * 4, struct.pack("<I", create.moff)))
+        # RecordNewMultiXact (15.16 on) also sets the NEXT multixact's offset to the end
+        # of this one's members (skipping offset 0), which GetMultiXactIdMembers relies on.
+        after = (create.mid + 1) & 0xFFFFFFFF or 1
+        end = (create.moff + len(create.members)) & 0xFFFFFFFF or 1
+        next_page = after // MULTIXACT_OFFSETS_PER_PAGE
+        if next_page != page and ing.last_zeroed_offsets == page:
+            # WAL of a minor release before 15.16 zeroes the next page only when its first
+            # multixact is created: this entry starts it, and that zeroing is skipped.
+            ing.pre_initialized_offsets = next_page
+        page, entry = divmod(after, MULTIXACT_OFFSETS_PER_PAGE)
+        patches.setdefault(slru_page_key(SlruId.MULTIXACT_OFFSETS, page), []).append(
+            (entry * 4, struct.pack("<I", end)))
+        ing.counters = ing.counters.past_multi(create.mid + 1,
+                                               create.moff + len(create.members))
+        for member in create.members:
+            ing.counters = ing.counters.past_xid(member.xid)
         for i, member in enumerate(create.members):
             off = (create.moff + i) & 0xFFFFFFFF
             page = off // MULTIXACT_MEMBERS_PER_PAGE
@@ -438,8 +640,42 @@ def _multixact(ing: WalIngest, rec: DecodedRecord, out: dict[bytes, Record]) -> 
             # 8 flag bits per member, little-endian in the group's flag word: one byte.
             changes.append((flags_at + slot, bytes([member.status & 0xFF])))
         for key, changes in patches.items():
-            out[key] = Record(key, lsn, _DELTA, pgredo.make_slru_patch(changes))
-    # MULTIXACT_TRUNCATE_ID: old segments are kept, like CLOG_TRUNCATE.
+            _slru_patch(out, key, changes, lsn)
+    elif info == pgc.XLOG_MULTIXACT_TRUNCATE_ID:
+        trunc = wr.parse_multixact_truncate(rec.main_data)
+        ing.counters = ing.counters.multi_truncated(trunc.end_trunc_off, trunc.oldest_multi_db)
+        _truncate_members(ing, out, trunc.start_trunc_memb, trunc.end_trunc_memb, lsn)
+        # PerformOffsetsTruncation: up to the page of the multixact before the new oldest.
+        last = (trunc.end_trunc_off - 1) & 0xFFFFFFFF or 0xFFFFFFFF
+        per_page = MULTIXACT_OFFSETS_PER_PAGE
+
+        def offsets_precedes(p1: int, p2: int) -> bool:  # MultiXactOffsetPagePrecedes
+            m1, m2 = (p1 * per_page + 2) & 0xFFFFFFFF, (p2 * per_page + 2) & 0xFFFFFFFF
+            return multi_precedes(m1, m2) and multi_precedes(
+                m1, (m2 + per_page - 1) & 0xFFFFFFFF)
+
+        _slru_truncate(ing, out, SlruId.MULTIXACT_OFFSETS, last // per_page,
+                       offsets_precedes, lsn)
+
+
+def _truncate_members(ing: WalIngest, out: dict[bytes, Record], start: int, end: int,
+                      lsn: Lsn) -> None:
+    """PerformMembersTruncation: delete the member segments from ``start``'s up to, not
+    including, ``end``'s, wrapping after the last one."""
+    last_segment = (MULTIXACT_MEMBER_PAGES - 1) // SLRU_PAGES_PER_SEGMENT
+    first_seg = start // MULTIXACT_MEMBERS_PER_PAGE // SLRU_PAGES_PER_SEGMENT
+    end_seg = end // MULTIXACT_MEMBERS_PER_PAGE // SLRU_PAGES_PER_SEGMENT
+    doomed: set[int] = set()
+    seg = first_seg
+    while seg != end_seg and len(doomed) <= last_segment:
+        doomed.add(seg)
+        seg = 0 if seg == last_segment else seg + 1
+    if not doomed:
+        return
+    lo, hi = slru_range(SlruId.MULTIXACT_MEMBERS)
+    for key, _value in ing.read_range(lo, hi):
+        if parse_slru_key(key)[1] // SLRU_PAGES_PER_SEGMENT in doomed:
+            out[key] = Record(key, lsn, _TOMB)
 
 
 def _relmap(ing: WalIngest, rec: DecodedRecord, out: dict[bytes, Record]) -> None:
@@ -479,9 +715,40 @@ def _dbase(ing: WalIngest, rec: DecodedRecord, out: dict[bytes, Record]) -> None
 
 
 def _xlog(ing: WalIngest, rec: DecodedRecord, out: dict[bytes, Record]) -> None:
-    if rec.rmgr_info in (pgc.XLOG_CHECKPOINT_SHUTDOWN, pgc.XLOG_CHECKPOINT_ONLINE):
+    info = rec.rmgr_info
+    if info in (pgc.XLOG_CHECKPOINT_SHUTDOWN, pgc.XLOG_CHECKPOINT_ONLINE):
         key = control_key(ControlItem.CHECKPOINT)
         out[key] = Record(key, rec.end_lsn, _IMAGE, rec.main_data)
+        ing.counters = ing.counters.after_checkpoint(
+            wr.parse_checkpoint(rec.main_data), shutdown=info == pgc.XLOG_CHECKPOINT_SHUTDOWN)
+    elif info == pgc.XLOG_NEXTOID:
+        ing.counters = ing.counters.with_next_oid(wr.parse_nextoid(rec.main_data))
+    elif info == pgc.XLOG_PARAMETER_CHANGE:
+        change = wr.parse_parameter_change(rec.main_data)
+        ing.counters = ing.counters.track_commit_ts(change.track_commit_timestamp)
+
+
+def _gist(ing: WalIngest, rec: DecodedRecord, out: dict[bytes, Record]) -> None:
+    """gistRedoClearFollowRight: the child whose downlink this record inserts (block 1 of
+    PAGE_UPDATE, block 0 of PAGE_SPLIT) gets NSN = the record's end LSN and loses
+    F_FOLLOW_RIGHT. The primary does that after XLogInsert, so the image lacks it."""
+    block_id = {pgc.XLOG_GIST_PAGE_UPDATE: 1, pgc.XLOG_GIST_PAGE_SPLIT: 0}.get(rec.rmgr_info)
+    blk = rec.block(block_id) if block_id is not None else None
+    if blk is None:
+        return
+    key = rel_block_key(blk.rel_tag, blk.blkno)
+    prev = out.get(key)
+    if prev is None or prev.kind is not _IMAGE or prev.payload[14:16] == b"\0\0":
+        return
+    page = bytearray(prev.payload)
+    (special,) = struct.unpack_from("<H", page, 16)
+    if special + 16 > BLCKSZ:
+        return
+    lsn = rec.end_lsn
+    struct.pack_into("<II", page, special, lsn >> 32, lsn & 0xFFFFFFFF)  # NSN
+    (flags,) = struct.unpack_from("<H", page, special + 12)
+    struct.pack_into("<H", page, special + 12, flags & ~pgc.F_FOLLOW_RIGHT)
+    out[key] = Record(key, lsn, _IMAGE, bytes(page))
 
 
 _HANDLERS: Final[dict[int, Callable[[WalIngest, DecodedRecord, dict[bytes, Record]], None]]] = {
@@ -494,4 +761,7 @@ _HANDLERS: Final[dict[int, Callable[[WalIngest, DecodedRecord, dict[bytes, Recor
     pgc.RmgrId.RELMAP: _relmap,
     pgc.RmgrId.HEAP: _heap,
     pgc.RmgrId.HEAP2: _heap2,
+    pgc.RmgrId.GIST: _gist,
+    pgc.RmgrId.COMMIT_TS: _commit_ts_rm,
+    pgc.RmgrId.REPLORIGIN: _replorigin,
 }

@@ -565,3 +565,37 @@ def parse_heap_multi_insert(data: bytes) -> HeapMultiInsert:
     if len(data) >= 4 + 2 * ntuples:
         offsets = struct.unpack_from(f"<{ntuples}H", data, 4)
     return HeapMultiInsert(flags, ntuples, offsets)
+
+
+# -- RM_COMMIT_TS_ID and RM_REPLORIGIN_ID ---------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class CommitTsTruncate:
+    pageno: int
+    oldest_xid: int
+
+
+def parse_commit_ts_truncate(data: bytes) -> CommitTsTruncate:
+    """COMMIT_TS_TRUNCATE (xl_commit_ts_truncate)."""
+    _need(data, 8, "COMMIT_TS_TRUNCATE")
+    return CommitTsTruncate(*struct.unpack_from("<iI", data))
+
+
+@dataclass(frozen=True, slots=True)
+class ReplOriginSet:
+    remote_lsn: int
+    node_id: int
+    force: bool
+
+
+def parse_replorigin_set(data: bytes) -> ReplOriginSet:
+    """XLOG_REPLORIGIN_SET (xl_replorigin_set: u64 remote_lsn, u16 node_id, bool force)."""
+    _need(data, 11, "REPLORIGIN_SET")
+    return ReplOriginSet(*struct.unpack_from("<QH?", data))
+
+
+def parse_replorigin_drop(data: bytes) -> int:
+    """XLOG_REPLORIGIN_DROP: the origin id."""
+    _need(data, 2, "REPLORIGIN_DROP")
+    return int(struct.unpack_from("<H", data)[0])

@@ -218,7 +218,12 @@ class Repository(Protocol):
         hold the same records up to there, however they were batched."""
         ...
 
-    def get_value(self, timeline_id: TimelineId, key: bytes, lsn: Lsn) -> bytes | None: ...
+    def get_value(self, timeline_id: TimelineId, key: bytes, lsn: Lsn, *,
+                  before_readable: bool = False) -> bytes | None:
+        """The value of ``key`` at ``lsn``. ``before_readable``: also below the timeline's
+        ``min_readable_lsn`` (for a writer's own bookkeeping keys, whose values are whole at
+        every LSN even where the timeline as a whole is not)."""
+        ...
 
     def get_value_of(self, name_or_id: str, key: bytes, lsn: Lsn) -> bytes | None:
         """:meth:`get_value` for a branch name or timeline id."""

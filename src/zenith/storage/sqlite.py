@@ -221,13 +221,14 @@ class SqliteRepository:
                 raise InvalidArgument(f"min readable LSN {lsn} is before the start {start}")
             conn.execute("UPDATE timelines SET min_readable_lsn = ? WHERE id = ?", (lsn, row[0]))
 
-    def _check_readable(self, row: Row, lsn: Lsn, *, what: str = "LSN") -> None:
+    def _check_readable(self, row: Row, lsn: Lsn, *, what: str = "LSN",
+                        before_readable: bool = False) -> None:
         tid = TimelineId(row[1])
         if lsn > row[4]:
             raise LsnOutOfRange(
                 f"{what} {lsn} is beyond the last record LSN {Lsn(row[4])} of timeline {tid}"
             )
-        if lsn < row[5]:
+        if lsn < row[5] and not before_readable:
             raise LsnOutOfRange(
                 f"{what} {lsn} is before timeline {tid} is readable (from {Lsn(row[5])} on)"
             )
@@ -416,12 +417,15 @@ class SqliteRepository:
             conn.execute("UPDATE branches SET timeline = ? WHERE name = ?", (child[0], name))
             return self._info(conn, child)
 
-    def get_value(self, timeline_id: TimelineId, key: bytes, lsn: Lsn) -> bytes | None:
+    def get_value(self, timeline_id: TimelineId, key: bytes, lsn: Lsn, *,
+                  before_readable: bool = False) -> bytes | None:
         """The value of ``key`` at ``lsn``: the newest image at or below it plus the deltas
-        after it, falling back to the ancestor at the branch point. ``None``: no value."""
+        after it, falling back to the ancestor at the branch point. ``None``: no value.
+        ``before_readable`` allows an LSN below ``min_readable_lsn``."""
         _check_key(key)
         conn = self._conn()
-        return self._get_value(conn, self._row_by_tid(conn, timeline_id), key, lsn)
+        return self._get_value(conn, self._row_by_tid(conn, timeline_id), key, lsn,
+                               before_readable=before_readable)
 
     def get_value_of(self, name_or_id: str, key: bytes, lsn: Lsn) -> bytes | None:
         """:meth:`get_value` for a branch name or timeline id, with one lookup for the
@@ -437,9 +441,10 @@ class SqliteRepository:
         return self._get_value(conn, row, key, lsn)
 
     def _get_value(
-        self, conn: sqlite3.Connection, first: Row, key: bytes, lsn: Lsn
+        self, conn: sqlite3.Connection, first: Row, key: bytes, lsn: Lsn, *,
+        before_readable: bool = False,
     ) -> bytes | None:
-        self._check_readable(first, check_lsn(lsn))
+        self._check_readable(first, check_lsn(lsn), before_readable=before_readable)
         row: Row | None = first
         deltas: list[_Loc] = []
         base: _Loc | None = None
