@@ -9,7 +9,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from tests.cli.realpg import FOLLOWABLE, cluster_bytes, flush_lsn, pgbench, sent
+from tests.cli.realpg import FOLLOWABLE, cluster_bytes, pgbench, sent
 from tests.fixtures import make_pageserver
 from tests.pgcluster import PgCluster
 
@@ -46,7 +46,6 @@ def run(scale: int = 25) -> Section:
             b.start()
             _, import_s = timed(lambda: a.cli("import", "main", pg.uri(), check=True,
                                               timeout=3600))
-            a.cli("wait", "main", flush_lsn(pg), "--timeout", "600", check=True)
             a.cli("detach", "main", check=True)
             a.cli("origin", "add", "b", b.uri(), check=True)
             records, mib = sent(a.cli("push", "main", "b", "--dry-run", check=True).stdout)

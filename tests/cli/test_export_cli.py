@@ -1,11 +1,17 @@
 """``zenith export`` end to end with real processes only: a PostgreSQL source imported into
 pageserver A, pgbench and DDL on the source, A's branch pushed to pageserver B, exports from
 B at a middle LSN and at the end (straight from the origin), checksums verified, and stock
-``postgres`` started on each: contents equal the source's at those moments (issue 6)."""
+``postgres`` started on each: contents equal the source's at those moments (issue 6).
+
+``test_export_right_after_import`` (issue 10): ``zenith import`` returns once the branch is
+readable, printing progress meanwhile, so the export that follows it at once works on the
+first try; it runs on timeline 2, with the source's archiving turned off and said so on
+stderr (``--keep-config`` keeps it)."""
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -110,3 +116,47 @@ def test_export_through_push_and_origin(pageserver_factory) -> None:  # type: ig
             started.stop()
             subprocess.run(as_postgres(["rm", "-rf", str(started.base)]), check=False)
     shutil.rmtree(out, ignore_errors=True)
+
+
+def test_export_right_after_import(pageserver_factory) -> None:  # type: ignore[no-untyped-def]
+    a: PageserverProc = pageserver_factory(name="a")
+    out = Path(tempfile.mkdtemp(prefix="zenith-export-"))
+    os.chmod(out, 0o755)
+    archiving = {**FOLLOWABLE, "archive_mode": "on", "archive_command": "'/bin/true'"}
+    try:
+        with PgCluster(settings=archiving) as src:
+            src.run("pgbench", "-i", "-q", "-s", "1", "-h", "127.0.0.1", "-p", str(src.port),
+                    "-U", "postgres", "postgres")
+            expected = contents(src)
+            imported = a.cli("import", "main", src.uri())
+            assert imported.returncode == 0, imported.stderr
+            m = re.search(r"readable from (\S+);", imported.stdout)
+            assert m, imported.stdout
+            assert f"waiting for WAL up to {m.group(1)}: at " in imported.stderr, imported.stderr
+            # no `zenith wait`: the branch is readable once import returns
+            now = a.cli("export", "main", str(out / "now"), "--owner", PG_USER)
+            assert now.returncode == 0, now.stderr
+            assert "disabled archive_mode, archive_command (use --keep-config to keep them)" \
+                in now.stderr, now.stderr
+            kept = a.cli("export", "main", str(out / "kept"), "--keep-config")
+            assert kept.returncode == 0 and "disabled" not in kept.stderr, kept.stderr
+            auto = (out / "kept" / "postgresql.auto.conf").read_text()
+            assert "archive_mode = on" in auto and "archive_command = '/bin/true'" in auto
+            # Out of time: the import fails, saying how to wait; the branch stays, following.
+            late = a.cli("import", "late", src.uri(), "--timeout", "0.01")
+            assert late.returncode == 1, late.stderr
+            m = re.search(r"timed out after 0.01 s waiting for WAL up to (\S+): ", late.stderr)
+            assert m and f"`zenith wait late {m.group(1)}`" in late.stderr, late.stderr
+            assert a.cli("wait", "late", m.group(1)).returncode == 0
+            assert a.cli("export", "late", str(out / "late")).returncode == 0
+        started = Started(out / "now")
+        try:
+            started.start()
+            assert started.psql("SELECT timeline_id FROM pg_control_checkpoint()") == "2"
+            assert started.psql("SHOW archive_mode") == "off"
+            assert contents(started) == expected
+        finally:
+            started.stop()
+            subprocess.run(as_postgres(["rm", "-rf", str(started.base)]), check=False)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)

@@ -111,12 +111,19 @@ class Follower:
 class Exported(PgCluster):
     """A PgCluster on an exported directory: the export's config gets our port appended."""
 
-    def __init__(self, repo: SqliteRepository, tid: TimelineId, lsn: Lsn) -> None:
+    def __init__(self, repo: SqliteRepository, tid: TimelineId, lsn: Lsn, *,
+                 keep_config: bool = False) -> None:
         super().__init__(settings={"fsync": "off", "wal_consistency_checking": "''"})
-        write_directory(export_entries(repo, tid, lsn), self.datadir)
+        write_directory(export_entries(repo, tid, lsn, keep_config=keep_config), self.datadir)
+        self.append_settings(self.settings)
+
+    def append_settings(self, settings: dict[str, str], *, signal: str | None = None) -> None:
+        """Settings appended to postgresql.auto.conf (and the signal file ``signal``)."""
         with open(self.datadir / "postgresql.auto.conf", "a") as f:
-            for k, v in self.settings.items():
+            for k, v in settings.items():
                 f.write(f"{k} = {v}\n")
+        if signal is not None:
+            (self.datadir / signal).touch()
         if os.geteuid() == 0:
             subprocess.run(["chown", "-R", f"{PG_USER}:{PG_USER}", str(self.base)], check=True)
 
@@ -142,11 +149,16 @@ def check_export(exp: Exported, expected: dict[str, str], checksums: bool,
         assert ctl["Minimum recovery ending location"] == "0/0"
         # The transaction open at the middle LSN must be below next XID (so: aborted).
         assert int(ctl["Latest checkpoint's NextXID"].split(":")[1]) > open_xid
-        wal = sorted((exp.datadir / "pg_wal").glob("0*"))
-        assert len(wal) == 1
-        dump = exp.run("pg_waldump", str(wal[0]), check=False)
+        # The next timeline after the source's (1), its history beside the one segment.
+        assert ctl["Latest checkpoint's TimeLineID"] == "2"
+        assert ctl["Latest checkpoint's PrevTimeLineID"] == "1"
+        wal = sorted(p.name for p in (exp.datadir / "pg_wal").glob("0*"))
+        assert len(wal) == 2 and wal[0] == "00000002.history", wal
+        assert wal[1].startswith("00000002"), wal
+        dump = exp.run("pg_waldump", str(exp.datadir / "pg_wal" / wal[1]), check=False)
         assert "CHECKPOINT_SHUTDOWN" in dump.stdout, dump.stdout + dump.stderr
         exp.start()
+        assert sql(exp, "SELECT timeline_id FROM pg_control_checkpoint()") == ["2"]
         got = contents(exp)
         assert got == expected
         assert sql(exp, "SELECT count(*) FROM unlogged_t")[0] == "0"
@@ -317,3 +329,95 @@ def test_checksum_matches_postgresql() -> None:
             checked += len(pages)
         assert checked > 100
         shutil.rmtree(pg.base, ignore_errors=True)
+
+
+#: Settings of a source that a copy started next to it must not share (issue 10): some in
+#: postgresql.conf, the rest in postgresql.auto.conf. Commits do not wait for standby_b
+#: (synchronous_commit = local), on the source nor on a copy that keeps the setting.
+IN_CONF = {"archive_mode": "on", "archive_command": "'/bin/true'"}
+IN_AUTO = {**SETTINGS, "primary_conninfo": "'host=127.0.0.1 port=1 user=nobody'",
+           "primary_slot_name": "'nowhere'", "synchronous_standby_names": "'standby_b'",
+           "restore_command": "'false'", "synchronous_commit": "local"}
+ACTING = ("archive_mode", "archive_command", "primary_conninfo", "primary_slot_name",
+          "synchronous_standby_names", "restore_command")
+
+
+def show(pg: PgCluster) -> dict[str, str]:
+    return {name: (sql(pg, f"SHOW {name}") or [""])[0] for name in ACTING}
+
+
+async def test_export_timeline_settings_and_slots(tmp_path: Path) -> None:
+    """The export runs on timeline 2 with a history file PostgreSQL reads (a normal start
+    and an archive recovery that moves on to timeline 3); the source's archiving, standby
+    and synchronous-standby settings are off in it unless keep_config; no slot comes."""
+    from zenith.postgres.export import DISABLED_MARKER
+
+    pg = PgCluster(settings=IN_AUTO)
+    try:
+        pg.init()
+        with open(pg.datadir / "postgresql.conf", "a") as f:
+            f.writelines(f"{k} = {v}\n" for k, v in IN_CONF.items())
+        pg.start()
+        source = show(pg)
+        assert source["archive_mode"] == "on" and source["synchronous_standby_names"]
+        sql(pg, "CREATE TABLE t AS SELECT g FROM generate_series(1, 1000) g")
+        repo = open_repository(tmp_path / "zenith.db", durable=False)
+        tid = repo.create_timeline().timeline_id
+        conn = await connect_replication(pg.uri())
+        await conn.create_physical_slot("zenith_cfg")
+        result = await import_base_backup(repo, tid, conn)
+        await conn.close()
+        follower = Follower(WalIngest(repo, tid, result.rel_sizes), result.start_lsn)
+        stop = asyncio.Event()
+        task = asyncio.create_task(follower.run(pg.uri(), "zenith_cfg", result.timeline, stop))
+        sql(pg, "INSERT INTO t SELECT generate_series(1001, 2000)")
+        end = flush_lsn(pg)
+        await follower.catch_up(end, task)
+        stop.set()
+        await task
+        assert sql(pg, "SELECT count(*) FROM pg_replication_slots") == ["1"]
+    finally:
+        pg.destroy()
+
+    exp = await asyncio.to_thread(Exported, repo, tid, end)
+    try:
+        conf = (exp.datadir / "postgresql.conf").read_text()
+        assert f"{DISABLED_MARKER}\n#archive_mode = on\n" in conf
+        assert f"{DISABLED_MARKER}\n#archive_command = '/bin/true'\n" in conf
+        auto = (exp.datadir / "postgresql.auto.conf").read_text()
+        assert not any(name in auto for name in ACTING), auto
+        ctl = control_data(exp)
+        assert ctl["Latest checkpoint's TimeLineID"] == "2"
+        assert ctl["Latest checkpoint's PrevTimeLineID"] == "1"
+        history = (exp.datadir / "pg_wal" / "00000002.history").read_text()
+        assert history == f"1\t{end}\tzenith export at {end}\n"
+        exp.start()
+        assert sql(exp, "SELECT timeline_id FROM pg_control_checkpoint()") == ["2"]
+        assert show(exp) == {"archive_mode": "off", "archive_command": "(disabled)",
+                             "primary_conninfo": "", "primary_slot_name": "",
+                             "synchronous_standby_names": "", "restore_command": ""}
+        assert sql(exp, "SELECT count(*) FROM pg_replication_slots") == ["0"]
+        assert sql(exp, "INSERT INTO t VALUES (0); SELECT count(*) FROM t") == ["2001"]
+        exp.stop()
+        # Archive recovery reads the history of timeline 2 (recovery_target_timeline
+        # 'latest'), checks the checkpoint lies on it, and ends on timeline 3, whose
+        # history is ours, then (after the blank line PostgreSQL always inserts) the switch.
+        exp.append_settings({"restore_command": "'false'"}, signal="recovery.signal")
+        exp.start()
+        assert sql(exp, "SELECT timeline_id FROM pg_control_checkpoint()") == ["3"]
+        third = (exp.datadir / "pg_wal" / "00000003.history").read_text()
+        assert third.startswith(history + "\n2\t"), third
+        assert sql(exp, "SELECT count(*) FROM t") == ["2001"]
+    finally:
+        exp.destroy()
+
+    kept = await asyncio.to_thread(Exported, repo, tid, end, keep_config=True)
+    try:
+        kept.start()
+        assert sql(kept, "SELECT timeline_id FROM pg_control_checkpoint()") == ["2"]
+        assert show(kept) == source
+        assert sql(kept, "SELECT count(*) FROM pg_replication_slots") == ["0"]
+        assert sql(kept, "INSERT INTO t VALUES (0); SELECT count(*) FROM t") == ["2001"]
+    finally:
+        kept.destroy()
+        repo.close()

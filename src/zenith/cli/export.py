@@ -17,7 +17,7 @@ import click
 from zenith.cli.context import Repo, pass_repo
 from zenith.errors import ConnectionFailed, InvalidArgument, ZenithError
 from zenith.pageserver.quoting import command_text
-from zenith.pgwire.client import connect
+from zenith.pgwire.client import Notice, connect
 
 
 class _ChunkReader(io.RawIOBase):
@@ -57,7 +57,7 @@ def _extract(chunks: queue.Queue[bytes | None], target: Path, failed: threading.
         raise
 
 
-async def _export(uri: str, target_spec: str, target: Path) -> int:
+async def _export(uri: str, target_spec: str, target: Path, keep_config: bool) -> int:
     chunks: queue.Queue[bytes | None] = queue.Queue(maxsize=16)
     failed = threading.Event()
     try:
@@ -66,7 +66,9 @@ async def _export(uri: str, target_spec: str, target: Path) -> int:
         raise ConnectionFailed(f"cannot reach the pageserver: {exc.message}") from exc
     total = 0
     async with conn:
-        stream = await conn.copy_out(command_text("fullbackup", target_spec))
+        conn.on_notice = _say
+        words = ("fullbackup", target_spec) + (("keep_config",) if keep_config else ())
+        stream = await conn.copy_out(command_text(*words))
         extractor = asyncio.create_task(asyncio.to_thread(_extract, chunks, target, failed))
         try:
             while (chunk := await stream.read()) is not None:
@@ -79,17 +81,36 @@ async def _export(uri: str, target_spec: str, target: Path) -> int:
     return total
 
 
+def _say(notice: Notice) -> None:
+    """The pageserver's notices, on stderr: which settings it turned off, mainly."""
+    if notice.message.startswith("disabled "):
+        click.echo(f"{notice.message} (use --keep-config to keep them)", err=True)
+    else:
+        click.echo(notice.message, err=True)
+
+
 @click.command("export")
 @click.argument("target_spec", metavar="[ORIGIN:]BRANCH[@LSN]")
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--owner", help="Give the files to this user (e.g. postgres), as root.")
+@click.option("--keep-config", is_flag=True,
+              help="Keep archive_mode, archive_command, archive_library, primary_conninfo, "
+                   "primary_slot_name, restore_command and synchronous_standby_names as the "
+                   "source had them (by default they are turned off).")
 @pass_repo
-def export(repo: Repo, target_spec: str, directory: Path, owner: str | None) -> None:
+def export(repo: Repo, target_spec: str, directory: Path, owner: str | None,
+           keep_config: bool) -> None:
     """Write BRANCH as of LSN (default: its last record LSN) as a PostgreSQL data directory.
 
     With ORIGIN: read it straight from that pageserver. The directory must be absent or
     empty; `postgres -D DIRECTORY` then starts on it (set a port of your own in
     postgresql.auto.conf: the source's configuration comes along).
+
+    The copy is safe to start next to its source: it runs on the next timeline (the
+    source's + 1, with its history file), so its WAL never takes a source segment's name;
+    settings that would make it archive into the source's archive, act as a standby or wait
+    for the source's synchronous standbys are turned off (and named on stderr) unless
+    --keep-config; replication slots are never copied.
     """
     origin, sep, branch_at = target_spec.rpartition(":")
     uri = repo.config.origin(origin) if sep else repo.config.local_uri()
@@ -100,7 +121,7 @@ def export(repo: Repo, target_spec: str, directory: Path, owner: str | None) -> 
     created = not directory.exists()
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     try:
-        total = asyncio.run(_export(uri, branch_at, directory))
+        total = asyncio.run(_export(uri, branch_at, directory, keep_config))
         if owner:
             for root, dirs, files in os.walk(directory):
                 for name in [*dirs, *files]:

@@ -12,15 +12,23 @@ from zenith.pgwire.conninfo import mask_uri
 @click.command("import")
 @click.argument("branch")
 @click.argument("uri")
+@click.option("--timeout", type=click.FloatRange(0, 86400, min_open=True), default=600.0,
+              show_default=True,
+              help="Seconds to wait for the branch to become readable once the base backup "
+                   "is in; past them the command fails, but the branch stays and keeps "
+                   "following (`zenith wait` it).")
 @pass_repo
-def import_(repo: Repo, branch: str, uri: str) -> None:
+def import_(repo: Repo, branch: str, uri: str, timeout: float) -> None:
     """Create BRANCH from the PostgreSQL cluster at URI and keep following its WAL.
 
     URI is postgresql://user:password@host:port; the user needs the REPLICATION
     attribute, and the source wal_level=replica and wal_consistency_checking=all.
+
+    Returns once BRANCH is readable (its WAL ingested up to the base backup's end LSN),
+    printing progress on stderr meanwhile: `zenith export BRANCH DIR` works right away.
     """
-    row = repo.query("import", branch, uri, on_notice=lambda m: click.echo(m, err=True),
-                     timeout=30.0).dicts()[0]
+    row = repo.query("import", branch, uri, str(timeout),
+                     on_notice=lambda m: click.echo(m, err=True), timeout=30.0).dicts()[0]
     click.echo(f"imported {branch} from {mask_uri(uri)}: base backup {row['start_lsn']}.."
                f"{row['end_lsn']} ({row['records']} records), readable from {row['end_lsn']}; "
                f"following the source through slot {row['slot']}")

@@ -2,6 +2,9 @@
 
 ``zenith export`` reads it from the local pageserver or straight from an origin and writes
 the directory; :mod:`zenith.postgres.export` builds it (pg_control and WAL start included).
+Settings that would make the copy act for its source (archiving, standby, synchronous
+standbys) are turned off unless the trailing word ``keep_config`` is given; a NOTICE before
+the COPY names those it turned off.
 """
 
 from __future__ import annotations
@@ -10,25 +13,43 @@ import asyncio
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
+from zenith.errors import SyntaxError_
 from zenith.pageserver.page_service import command, expect_args, split_at
 from zenith.pageserver.users import Role, require
 from zenith.pgwire.server import Session
-from zenith.postgres.export import export_entries, tar_chunks
+from zenith.postgres.export import disabled_settings, export_entries, tar_chunks
 
 if TYPE_CHECKING:
     from zenith.pageserver.daemon import Pageserver
 
 
-@command("fullbackup", "<branch-or-timeline>[@<lsn>]",
-         "the PostgreSQL data directory at lsn (default: last record LSN), as a tar (CopyOut)")
+@command("fullbackup", "<branch-or-timeline>[@<lsn>] [keep_config]",
+         "the PostgreSQL data directory at lsn (default: last record LSN), as a tar (CopyOut); "
+         "archiving, standby and synchronous-standby settings turned off unless keep_config")
 async def _fullbackup(server: Pageserver, session: Session, args: list[str]) -> None:
-    expect_args(args, 1, 1)
+    expect_args(args, 1, 2)
+    if len(args) == 2 and args[1].lower() != "keep_config":
+        raise SyntaxError_(f"expected keep_config after the branch, got {args[1]!r}",
+                           hint="usage: fullbackup <branch-or-timeline>[@<lsn>] [keep_config]")
+    keep_config = len(args) == 2
     require(session.user, Role.READ, "read")
     name, lsn = split_at(args[0])
     tl = server.repo.resolve(name)
     at = tl.last_record_lsn if lsn is None else lsn
     # Validation happens here, before CopyOut starts, so a bad LSN is a plain ErrorResponse.
-    chunks: Iterator[bytes] = tar_chunks(export_entries(server.repo, tl.timeline_id, at))
+    chunks: Iterator[bytes] = tar_chunks(
+        export_entries(server.repo, tl.timeline_id, at, keep_config=keep_config))
+    if not keep_config:
+        off = await asyncio.to_thread(disabled_settings, server.repo, tl.timeline_id, at)
+        if off:
+            await session.send_notice(
+                f"disabled {', '.join(off)}",
+                detail="the export's configuration has them commented out "
+                       "(postgresql.conf) or removed (postgresql.auto.conf), so that a copy "
+                       "started next to its source neither archives into the source's "
+                       "archive, nor acts as its standby, nor waits for its synchronous "
+                       "standbys",
+                hint="the keep_config argument (zenith export --keep-config) keeps them")
     first = await asyncio.to_thread(next, chunks, b"")
     copy = await session.copy_out()
     chunk: bytes = first

@@ -3,7 +3,11 @@ background task that streams WAL into each attached branch.
 
 ``import <branch> <uri>`` checks the source (PostgreSQL 15, ``wal_level`` replica or
 logical, ``wal_consistency_checking=all``), creates a physical replication slot, takes a
-base backup into a new timeline and then follows the source: START_REPLICATION on the slot
+base backup into a new timeline, starts following the source and returns once the branch
+is readable: its WAL ingested up to the backup's end LSN, with a progress NOTICE each
+second meanwhile. (The source writes that WAL itself when the backup ends: an
+XLOG_BACKUP_END record, then a forced WAL switch, both flushed, so an idle source does not
+hold it back.) Following is START_REPLICATION on the slot
 from the branch's ``last_record_lsn``, records decoded and ingested in batches, standby
 status updates after each batch so the source can recycle WAL, reconnection with backoff
 after either side restarts. Attachments live in ``config.toml`` (``[sources.<branch>]``),
@@ -36,7 +40,7 @@ from zenith.postgres.import_basebackup import import_base_backup
 from zenith.postgres.keys import RelTag
 from zenith.postgres.replication import connect_replication
 from zenith.postgres.waldecoder import WalStreamDecoder
-from zenith.postgres.walingest import WalIngest
+from zenith.postgres.walingest import MissingPageImage, WalIngest
 from zenith.storage import validate_branch_name
 
 if TYPE_CHECKING:
@@ -46,6 +50,12 @@ log = logging.getLogger("zenith.walreceiver")
 
 FLUSH_EVERY: Final = 0.2  # seconds between batches (and status updates) while WAL flows
 BACKOFF: Final = (0.5, 1.0, 2.0, 5.0, 10.0)
+#: ``import``: seconds it waits by default for the branch to become readable, seconds
+#: between its progress notices, and failed stream attempts in a row without progress
+#: after which it gives up waiting (the follower keeps retrying).
+IMPORT_TIMEOUT: Final = 600.0
+PROGRESS_EVERY: Final = 1.0
+IMPORT_FAILURES: Final = 3
 
 
 @dataclass
@@ -60,8 +70,12 @@ class Follower:
     task: asyncio.Task[None] | None = None
     source_lsn: Lsn = INVALID_LSN  # the source's WAL end, from its messages
     error: str | None = None  # the last error, while reconnecting
+    failures: int = 0  # stream attempts that failed, ever
     connected: bool = False
     stopping: bool = False
+    #: Ingest refused the WAL (e.g. a page change without its image): retrying cannot
+    #: help, so the follower stops and says why until the branch is detached.
+    stopped: str | None = None
     #: Relation sizes from the import, for the first stream (later ones read storage).
     rel_sizes: dict[RelTag, int] | None = None
 
@@ -126,9 +140,14 @@ async def _follow(server: Pageserver, f: Follower) -> None:
             failures = 0
         except asyncio.CancelledError:
             raise
+        except MissingPageImage as exc:
+            f.connected, f.error, f.stopped = False, exc.message, exc.message
+            log.error("branch %s: ingest stopped: %s", f.branch, exc.message)
+            return
         except Exception as exc:
             f.connected = False
             f.error = exc.message if isinstance(exc, ZenithError) else repr(exc)
+            f.failures += 1
             delay = BACKOFF[min(failures, len(BACKOFF) - 1)]
             failures += 1
             log.warning("branch %s: WAL stream from %s failed (%s); retrying in %.1f s",
@@ -179,7 +198,12 @@ async def _stream_once(server: Pageserver, f: Follower) -> None:
                             chunks.put_nowait(more)  # the end or an error: next round
                             break
                         batch.append(more)
-                    await asyncio.to_thread(_ingest_chunks, decoder, ingest, batch)
+                    try:
+                        await asyncio.to_thread(_ingest_chunks, decoder, ingest, batch)
+                    except MissingPageImage:
+                        # Keep everything before the refused record: the branch ends there.
+                        await asyncio.to_thread(ingest.flush)
+                        raise
                 f.source_lsn = max(f.source_lsn, stream.server_wal_end)
                 now = time.monotonic()
                 if now - last_flush >= FLUSH_EVERY:
@@ -204,12 +228,14 @@ def _ingest_chunks(decoder: WalStreamDecoder, ingest: WalIngest, batch: list[byt
 # -- commands -----------------------------------------------------------------------------------
 
 
-@command("import", "<branch> <postgresql-uri>",
-         "create a branch from a PostgreSQL 15 cluster's base backup and follow its WAL")
+@command("import", "<branch> <postgresql-uri> [<timeout-seconds>]",
+         "create a branch from a PostgreSQL 15 cluster's base backup and follow its WAL; "
+         "returns once the branch is readable (WAL ingested up to the backup's end LSN)")
 async def _import(server: Pageserver, session: Session, args: list[str]) -> None:
-    expect_args(args, 2, 2)
+    expect_args(args, 2, 3)
     require(session.user, Role.ADMIN, "import")
     branch, uri = validate_branch_name(args[0]), args[1]
+    timeout = _seconds(args[2]) if len(args) > 2 else IMPORT_TIMEOUT
     if any(b.name == branch for b in server.repo.list_branches()):
         raise AlreadyExists(f'branch "{branch}" already exists')
     timeline = server.repo.create_timeline()
@@ -242,12 +268,61 @@ async def _import(server: Pageserver, session: Session, args: list[str]) -> None
                  rel_sizes=result.rel_sizes)
     _save_source(server, f)
     _start(server, f)
+    await _wait_readable(server, session, f, result.end_lsn, timeout)
     await session.send_rows(
         ["name", "timeline_id", "start_lsn", "end_lsn", "records", "bytes", "slot"],
         [[branch, str(timeline.timeline_id), str(result.start_lsn), str(result.end_lsn),
           str(result.records), str(result.bytes), slot]],
         "SELECT 1",
     )
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= 86400:
+        raise SyntaxError_(f"timeout must be a number of seconds in (0, 86400], got {text!r}")
+    return value
+
+
+async def _wait_readable(server: Pageserver, session: Session, f: Follower, target: Lsn,
+                         timeout: float) -> None:
+    """Return once the just-imported branch has ingested WAL up to ``target`` (its first
+    readable LSN), with a progress notice each second. Give up (the branch stays, still
+    following) after ``timeout`` seconds, when the follower failed IMPORT_FAILURES times
+    in a row without progress, or when it was detached meanwhile."""
+    start = time.monotonic()
+    next_notice = start
+    progress_lsn, progress_failures = INVALID_LSN, f.failures
+    while True:
+        at = server.repo.get_timeline(f.timeline_id).last_record_lsn
+        if at >= target:
+            return
+        now = time.monotonic()
+        if at > progress_lsn:
+            progress_lsn, progress_failures = at, f.failures
+        hint = (f"the branch stays and keeps following the source: `zenith wait {f.branch} "
+                f"{target}` returns once it is readable, `zenith detach {f.branch}` stops "
+                "following")
+        if f.stopping or server.followers.get(f.branch) is not f:
+            raise InvalidState(f'branch "{f.branch}" stopped following its source at {at}, '
+                               f"before its first readable LSN {target}")
+        if f.failures - progress_failures >= IMPORT_FAILURES:
+            raise InvalidState(
+                f'branch "{f.branch}" is not readable yet: streaming WAL from the source '
+                f"failed {f.failures - progress_failures} times in a row ({f.error}); it is "
+                f"at {at}, readable from {target}", hint=hint)
+        if now - start >= timeout:
+            why = f" (source: {f.error})" if f.error else ""
+            raise InvalidState(
+                f"timed out after {timeout:g} s waiting for WAL up to {target}: branch "
+                f'"{f.branch}" is at {at}{why}', hint=hint)
+        if now >= next_notice:
+            await session.send_notice(f"waiting for WAL up to {target}: at {at}")
+            next_notice = now + PROGRESS_EVERY
+        await asyncio.sleep(0.05)
 
 
 @command("wait", "<branch> <lsn> [<timeout-seconds>]",
@@ -303,7 +378,8 @@ async def _source_list(server: Pageserver, session: Session, args: list[str]) ->
     for f in server.followers.values():
         at = server.repo.get_timeline(f.timeline_id).last_record_lsn
         lag = max(0, int(f.source_lsn) - int(at)) if f.source_lsn else None
-        state = "streaming" if f.connected else f"reconnecting: {f.error or 'starting'}"
+        state = ("streaming" if f.connected else f"stopped: {f.stopped}" if f.stopped
+                 else f"reconnecting: {f.error or 'starting'}")
         rows.append([f.branch, mask_uri(f.uri), f.slot, str(at),
                      str(f.source_lsn) if f.source_lsn else None,
                      str(lag) if lag is not None else None, state])

@@ -21,12 +21,23 @@ writes what a copy taken at an arbitrary LSN needs to start cleanly:
   multixact and multixact offset are the newest checkpoint's, moved to the end of the last
   SLRU page that exists: PostgreSQL zeroes a page before assigning its first ID, so every
   ID in use at the LSN lies below that bound, and transactions in progress at the LSN
-  (neither committed nor aborted in pg_xact, below next XID, not running) read as aborted.
+  (neither committed nor aborted in pg_xact, below next XID, not running) read as aborted;
+* a timeline of its own: the checkpoint, the control file and the WAL segment's name are
+  on the source's timeline + 1, with ``pg_wal/<TLI>.history`` saying it branched off the
+  source's timeline at the export LSN (as a promoted standby's history says), so the copy's
+  WAL never takes the name of a source segment in an archive both write to;
+* configuration that would make a copy started next to the source act on the source's
+  behalf (:data:`DISABLED_SETTINGS`: archiving into its archive, restoring or streaming
+  from it, waiting for its synchronous standbys) turned off unless ``keep_config``:
+  commented out in ``postgresql.conf`` (and other stored ``*.conf`` files) with a marker,
+  dropped from ``postgresql.auto.conf``; :func:`disabled_settings` says which. Replication
+  slots never travel: a base backup leaves ``pg_replslot`` out and so does the export.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -47,6 +58,7 @@ from zenith.postgres.keys import (
     RelTag,
     SlruId,
     control_key,
+    file_range,
     key_kind,
     parse_rel_key,
     parse_slru_key,
@@ -54,10 +66,12 @@ from zenith.postgres.keys import (
     rel_size_key,
     unpack_file_value,
 )
+from zenith.postgres.redostate import REPLORIGIN_CHECKPOINT_PATH, Counters, Origins
 from zenith.postgres.walrecord import CheckPoint, parse_checkpoint
 from zenith.storage.api import Repository
 
-__all__ = ["ExportEntry", "export_entries", "tar_chunks", "write_directory"]
+__all__ = ["DISABLED_SETTINGS", "ExportEntry", "disabled_settings", "export_entries",
+           "tar_chunks", "write_directory"]
 
 BLCKSZ: Final = 8192
 RELSEG_SIZE: Final = 131072  # blocks per 1 GiB segment file
@@ -84,6 +98,22 @@ _EXCLUDED_FILES: Final = frozenset({
     "global/pg_control", "postmaster.pid", "postmaster.opts", "standby.signal",
     "recovery.signal",
 })
+#: Directories whose stored contents an export leaves out: replication slots belong to
+#: the source (a base backup never has them; older or foreign imports might).
+_EXCLUDED_DIRS: Final = ("pg_replslot/", "pg_wal/")
+#: Settings turned off in an export unless ``keep_config``: with them a copy started next
+#: to the source would archive into the source's archive, restore or stream from it, or
+#: make its commits wait for the source's synchronous standbys.
+DISABLED_SETTINGS: Final = (
+    "archive_mode", "archive_command", "archive_library", "primary_conninfo",
+    "primary_slot_name", "restore_command", "synchronous_standby_names",
+)
+#: The comment written above each setting an export comments out.
+DISABLED_MARKER: Final = ("# zenith export disabled the next setting (the copy must not act "
+                          "for its source; zenith export --keep-config keeps it):")
+_AUTO_CONF: Final = "postgresql.auto.conf"
+_NOT_SETTINGS: Final = frozenset({"pg_hba.conf", "pg_ident.conf"})
+_SETTING_LINE: Final = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_$.]*)\s*(?:=|\s|$)")
 
 
 @dataclass(slots=True)
@@ -107,6 +137,11 @@ class _State:
     max_relnode: int = 0
     slru_pages: dict[SlruId, set[int]] = field(default_factory=dict)
     made_dirs: set[str] = field(default_factory=lambda: set(STANDARD_DIRS))
+    #: Redo's counters and origin progress at the LSN (None: ingested before zenith kept
+    #: them; then the checkpoint's counters are rounded up, see :func:`_next_id`).
+    counters: Counters | None = None
+    origins: Origins | None = None
+    slru_files: set[str] = field(default_factory=set)
 
 
 class _Source:
@@ -122,10 +157,13 @@ class _Source:
         return item
 
 
-def export_entries(repo: Repository, timeline_id: TimelineId, lsn: Lsn) -> Iterator[ExportEntry]:
-    """The data directory of ``timeline_id`` at ``lsn`` (see the module docstring). Raises
-    :class:`InvalidArgument` for an LSN outside ``[min_readable_lsn, last_record_lsn]``
-    and :class:`InvalidState` for a timeline holding no imported PostgreSQL cluster."""
+def export_entries(repo: Repository, timeline_id: TimelineId, lsn: Lsn, *,
+                   keep_config: bool = False) -> Iterator[ExportEntry]:
+    """The data directory of ``timeline_id`` at ``lsn`` (see the module docstring), with
+    :data:`DISABLED_SETTINGS` turned off in its configuration unless ``keep_config``.
+    Raises :class:`InvalidArgument` for an LSN outside ``[min_readable_lsn,
+    last_record_lsn]`` and :class:`InvalidState` for a timeline holding no imported
+    PostgreSQL cluster."""
     info = repo.get_timeline(timeline_id)
     if lsn > info.last_record_lsn:
         raise InvalidArgument(f"LSN {lsn} is beyond the branch's last record LSN "
@@ -142,11 +180,16 @@ def export_entries(repo: Repository, timeline_id: TimelineId, lsn: Lsn) -> Itera
     cp = parse_checkpoint(raw_cp if raw_cp is not None else control[40:128])
     st = _State(checksums=ctl.data_checksum_version != 0,
                 catalog_version=ctl.catalog_version_no)
-    return _generate(repo, timeline_id, lsn, control, ctl, cp, st)
+    raw = repo.get_value(timeline_id, control_key(ControlItem.COUNTERS), lsn)
+    st.counters = Counters.unpack(raw) if raw is not None else None
+    raw = repo.get_value(timeline_id, control_key(ControlItem.ORIGINS), lsn)
+    st.origins = Origins.unpack(raw) if raw is not None else None
+    return _generate(repo, timeline_id, lsn, control, ctl, cp, st, keep_config)
 
 
 def _generate(repo: Repository, tid: TimelineId, lsn: Lsn, control: bytes,
-              ctl: pgcontrol.ControlInfo, cp: CheckPoint, st: _State) -> Iterator[ExportEntry]:
+              ctl: pgcontrol.ControlInfo, cp: CheckPoint, st: _State,
+              keep_config: bool) -> Iterator[ExportEntry]:
     for d in STANDARD_DIRS:
         yield ExportEntry(d)
     src = _Source(repo.materialize(tid, lsn))
@@ -170,7 +213,14 @@ def _generate(repo: Repository, tid: TimelineId, lsn: Lsn, control: bytes,
                 path, content = unpack_file_value(value)
                 has_version |= path == "PG_VERSION"
                 # A tablespace's symlink: its database directories are written in place.
-                if path not in _EXCLUDED_FILES and path not in st.made_dirs:
+                # pg_commit_ts segments stored whole by an older import are superseded by
+                # pages; the origins' checkpoint file is written from the WAL's progress.
+                superseded = path in st.slru_files or (
+                    path == REPLORIGIN_CHECKPOINT_PATH and st.origins is not None)
+                if path not in _EXCLUDED_FILES and path not in st.made_dirs and \
+                        not path.startswith(_EXCLUDED_DIRS) and not superseded:
+                    if not keep_config:
+                        content = _disable_settings(path, content)[0]
                     entries = _file(path, content, st)
         for entry in entries:
             yield entry
@@ -179,6 +229,8 @@ def _generate(repo: Repository, tid: TimelineId, lsn: Lsn, control: bytes,
                     pass
     if not has_version:
         yield from _file("PG_VERSION", b"15\n", st)
+    if st.origins is not None:
+        yield from _file(REPLORIGIN_CHECKPOINT_PATH, st.origins.checkpoint_file(), st)
     yield from _control_and_wal(lsn, control, ctl, cp, st)
 
 
@@ -295,6 +347,7 @@ def _slru_segment(src: _Source, st: _State) -> Iterator[ExportEntry]:
                                                   for i in pages)
     data = b"".join(pages.get(i, bytes(BLCKSZ)).ljust(BLCKSZ, b"\0")
                     for i in range(max(pages) + 1))
+    st.slru_files.add(f"{slru.directory}/{segno:04X}")
     yield from _file(f"{slru.directory}/{segno:04X}", data, st)
 
 
@@ -312,28 +365,37 @@ def _next_id(next_id: int, slru: SlruId, st: _State, *, modulo: int) -> int:
     return max(next_id, (page + 1) * per_page)
 
 
-def _control_and_wal(lsn: Lsn, control: bytes, ctl: pgcontrol.ControlInfo, cp: CheckPoint,
-                     st: _State) -> Iterator[ExportEntry]:
-    """``global/pg_control`` and the WAL segment with its shutdown checkpoint, in the first
-    segment after both the export LSN and the newest page LSN written."""
+def _rounded_counters(cp: CheckPoint, st: _State) -> CheckPoint:
+    """For a timeline ingested before the counters were kept: the checkpoint's next XID,
+    multixact and offset moved past every ID the stored SLRU pages could hold."""
     epoch, xid = cp.next_xid >> 32, cp.next_xid & 0xFFFFFFFF
     new_xid = _next_id(xid, SlruId.XACT, st, modulo=1 << 32)
     if new_xid >= 1 << 32:
         epoch, new_xid = epoch + 1, max(new_xid - (1 << 32), _FIRST_NORMAL_XID)
     multi = _next_id(cp.next_multi, SlruId.MULTIXACT_OFFSETS, st, modulo=1 << 32)
     offset = _next_id(cp.next_multi_offset, SlruId.MULTIXACT_MEMBERS, st, modulo=1 << 32)
-    # OIDs handed out since the checkpoint: PostgreSQL skips OIDs in use when it assigns
-    # one, but new relfilenodes past every one written spare it most of the search.
     next_oid = cp.next_oid
     if cp.next_oid <= st.max_relnode < 0xFFFFFFFF:
         next_oid = st.max_relnode + 1
+    return replace(cp, next_xid=epoch << 32 | new_xid, next_oid=next_oid,
+                   next_multi=max(multi & 0xFFFFFFFF, 1), next_multi_offset=offset & 0xFFFFFFFF,
+                   oldest_commit_ts_xid=0, newest_commit_ts_xid=0)
+
+
+def _control_and_wal(lsn: Lsn, control: bytes, ctl: pgcontrol.ControlInfo, cp: CheckPoint,
+                     st: _State) -> Iterator[ExportEntry]:
+    """``global/pg_control`` and the WAL segment with its shutdown checkpoint, in the first
+    segment after both the export LSN and the newest page LSN written. The counters are
+    redo's at the LSN, exactly (:mod:`zenith.postgres.redostate`)."""
+    if st.counters is not None:
+        cp = st.counters.into_checkpoint(cp)
+        cp = replace(cp, next_multi=cp.next_multi or 1)  # GetNewMultiXactId skips 0
+    else:
+        cp = _rounded_counters(cp, st)
     segsize = ctl.wal_segment_size
     segno = max(int(lsn), st.max_page_lsn) // segsize + 1
     redo = segno * segsize + pgcontrol.LONG_PAGE_HEADER_SIZE
-    new_cp = pgcontrol.shutdown_checkpoint(
-        replace(cp, next_xid=epoch << 32 | new_xid, next_oid=next_oid,
-                next_multi=max(multi & 0xFFFFFFFF, 1),
-                next_multi_offset=offset & 0xFFFFFFFF), redo)
+    new_cp = pgcontrol.shutdown_checkpoint(cp, redo)
     yield from _file("global/pg_control", pgcontrol.control_file(control, new_cp), st)
     head = pgcontrol.wal_segment_head(new_cp, ctl.system_identifier, segsize)
 
@@ -347,6 +409,88 @@ def _control_and_wal(lsn: Lsn, control: bytes, ctl: pgcontrol.ControlInfo, cp: C
 
     name = pgcontrol.wal_file_name(new_cp.this_timeline_id, segno, segsize)
     yield ExportEntry(f"pg_wal/{name}", segsize, wal())
+    # The new timeline's history: it branched off the source's at the export LSN, the end
+    # of the source's WAL the data reflects (what a promoted standby writes: the end of the
+    # last record it replayed). The source's own history files are not stored (a base
+    # backup sends none), so a source past timeline 1 leaves only its last switch here.
+    history = pgcontrol.timeline_history(new_cp.prev_timeline_id, int(lsn),
+                                         f"zenith export at {lsn}")
+    yield from _file(f"pg_wal/{pgcontrol.history_file_name(new_cp.this_timeline_id)}",
+                     history, st)
+
+
+def _setting_value(rest: str) -> str:
+    """The value of a ``postgresql.conf`` line after its name (guc-file.l: ``=`` optional,
+    a quoted string with ``''`` or backslash escapes, or a bare word; ``#`` starts a
+    comment)."""
+    rest = rest.lstrip()
+    if rest.startswith("="):
+        rest = rest[1:].lstrip()
+    if not rest.startswith("'"):
+        return re.split(r"[\s#]", rest, maxsplit=1)[0]
+    out: list[str] = []
+    i = 1
+    while i < len(rest):
+        c = rest[i]
+        if c == "\\" and i + 1 < len(rest):
+            out.append(rest[i + 1])
+            i += 2
+        elif c == "'" and rest[i + 1 : i + 2] == "'":
+            out.append("'")
+            i += 2
+        elif c == "'":
+            break
+        else:
+            out.append(c)
+            i += 1
+    return "".join(out)
+
+
+def _is_off(setting: str, value: str) -> bool:
+    """Whether ``value`` already turns ``setting`` off: empty, or archive_mode's off
+    (and its boolean spellings); the others are strings, ``'false'`` a command."""
+    return value == "" or (setting == "archive_mode"
+                           and value.lower() in ("off", "false", "no", "0"))
+
+
+def _disable_settings(path: str, content: bytes) -> tuple[bytes, list[str]]:
+    """``content`` of the stored file ``path`` with every line setting one of
+    :data:`DISABLED_SETTINGS` to something other than empty/off turned off (dropped from
+    ``postgresql.auto.conf``, which ``ALTER SYSTEM`` rewrites anyway; commented out under
+    :data:`DISABLED_MARKER` elsewhere), and the names of the settings turned off. Files
+    other than ``*.conf`` settings files come back unchanged."""
+    name = path.rsplit("/", 1)[-1]
+    if not name.endswith(".conf") or name in _NOT_SETTINGS:
+        return content, []
+    out: list[bytes] = []
+    found: list[str] = []
+    for line in content.splitlines(keepends=True):
+        text = line.decode("latin-1")
+        m = _SETTING_LINE.match(text)
+        setting = m.group(1).lower() if m else ""
+        if m is None or setting not in DISABLED_SETTINGS or _is_off(
+                setting, _setting_value(text[m.end(1):])):
+            out.append(line)
+            continue
+        if setting not in found:
+            found.append(setting)
+        if path != _AUTO_CONF:
+            ending = line[len(line.rstrip(b"\r\n")):] or b"\n"
+            out.append(DISABLED_MARKER.encode() + ending + b"#" + line.rstrip(b"\r\n") + ending)
+    return b"".join(out), found
+
+
+def disabled_settings(repo: Repository, timeline_id: TimelineId, lsn: Lsn) -> list[str]:
+    """Which of :data:`DISABLED_SETTINGS` an export of ``timeline_id`` at ``lsn`` turns
+    off (unless ``keep_config``), in that tuple's order: read from the stored
+    configuration files alone, so a caller can say so before (or without) exporting."""
+    found: set[str] = set()
+    lo, hi = file_range()
+    for _key, value in repo.materialize(timeline_id, lsn, lo=lo, hi=hi):
+        path, content = unpack_file_value(value)
+        if path not in _EXCLUDED_FILES and not path.startswith(_EXCLUDED_DIRS):
+            found.update(_disable_settings(path, content)[1])
+    return [s for s in DISABLED_SETTINGS if s in found]
 
 
 def write_directory(entries: Iterator[ExportEntry], target: str | os.PathLike[str]) -> int:

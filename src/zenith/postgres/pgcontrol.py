@@ -13,7 +13,9 @@ that an export is a plain stream of files a pageserver can send anywhere:
   replaced, its CRC32C recomputed;
 * :func:`wal_segment_head`: the first page of a fresh WAL segment: a long page header and
   an ``XLOG_CHECKPOINT_SHUTDOWN`` record (redo = its own LSN), CRC32C-protected as
-  ``XLogRecordAssemble`` does; the rest of the segment is zeros.
+  ``XLogRecordAssemble`` does; the rest of the segment is zeros;
+* :func:`shutdown_checkpoint` puts them on the source's timeline + 1, and
+  :func:`timeline_history` writes that timeline's ``pg_wal/<TLI>.history``.
 
 The layouts are PostgreSQL 15's (``catalog/pg_control.h``, ``access/xlog_internal.h``,
 ``access/xlogrecord.h``) on a 64-bit little-endian machine: offsets checked against the
@@ -99,13 +101,30 @@ def pack_checkpoint(cp: CheckPoint) -> bytes:
 
 
 def shutdown_checkpoint(cp: CheckPoint, redo: int) -> CheckPoint:
-    """``cp`` as the shutdown checkpoint of a fresh WAL at ``redo``, on timeline 1: the new
-    WAL has no history, so no older timeline can be asked for."""
+    """``cp`` (a checkpoint of the source) as the shutdown checkpoint of a fresh WAL at
+    ``redo`` on the next timeline: ``ThisTimeLineID`` the source's + 1, ``PrevTimeLineID``
+    the source's, as after a standby's promotion. The copy's WAL then never has the name
+    of a segment of the source, even when both archive to the same place."""
     return replace(
-        cp, redo=type(cp.redo)(redo), this_timeline_id=1, prev_timeline_id=1,
-        time=int(time.time()), oldest_commit_ts_xid=0, newest_commit_ts_xid=0,
+        cp, redo=type(cp.redo)(redo), this_timeline_id=cp.this_timeline_id + 1,
+        prev_timeline_id=cp.this_timeline_id, time=int(time.time()),
         oldest_active_xid=cp.next_xid & 0xFFFFFFFF,
     )
+
+
+def history_file_name(timeline: int) -> str:
+    """``TLHistoryFileName``: ``pg_wal/<TLI as 8 hex digits>.history``."""
+    return f"{timeline:08X}.history"
+
+
+def timeline_history(parent: int, switchpoint: int, reason: str, earlier: bytes = b"") -> bytes:
+    """The history file of timeline ``parent + 1`` as ``writeTimeLineHistory`` writes it:
+    the parent's history (``earlier``, when known), then ``parent<TAB>switchpoint<TAB>reason``.
+    ``switchpoint`` is where the parent's WAL stops being part of the new timeline's
+    history: a promoted standby writes the end of the last record it replayed."""
+    sep = b"\n" if earlier else b""  # as PostgreSQL, in case it lacks its final newline
+    line = f"{parent}\t{switchpoint >> 32:X}/{switchpoint & 0xFFFFFFFF:X}\t{reason}\n"
+    return earlier + sep + line.encode()
 
 
 def control_file(source: bytes, cp: CheckPoint) -> bytes:

@@ -31,7 +31,6 @@ from zenith.postgres.walrecord import CheckPoint
 __all__ = ["Counters", "Origins", "multi_precedes", "xid_precedes"]
 
 FIRST_NORMAL_XID: Final = 3
-FIRST_MULTI_ID: Final = 1
 _U32: Final = 0xFFFFFFFF
 _COUNTERS: Final = struct.Struct("<QIIIIIIIII?")
 _ORIGIN: Final = struct.Struct("<HQ")
