@@ -18,9 +18,12 @@ from zenith.postgres import pg_constants as pgc
 from zenith.postgres.keys import (
     ControlItem,
     ForkNumber,
+    RelTag,
     SlruId,
     control_key,
+    db_key_range,
     rel_block_key,
+    rel_size_key,
     slru_page_key,
 )
 from zenith.postgres.redo import FSM_LEAF_SLOTS, make_fsm_truncate
@@ -32,7 +35,7 @@ from zenith.postgres.walingest import (
     MissingPageImage,
     WalIngest,
 )
-from zenith.postgres.walrecord import CheckPoint
+from zenith.postgres.walrecord import CheckPoint, parse_checkpoint
 from zenith.storage import Record, RecordKind, SqliteRepository, open_repository
 from zenith.storage.redo import apply_delta
 
@@ -115,7 +118,6 @@ def test_next_multi_and_offset_advance_modulo_2_32() -> None:
 
 
 def test_checkpoints_online_advance_shutdown_sets() -> None:
-    from zenith.postgres.walrecord import parse_checkpoint
     c = counters(next_xid=5000, next_oid=30000, next_multi=50, next_multi_offset=90)
     online = parse_checkpoint(checkpoint(next_xid=4000, next_oid=1, next_multi=60,
                                          next_off=80, oldest_xid=800, oldest_multi=7))
@@ -382,3 +384,26 @@ def test_counters_value_round_trip() -> None:
     into = c.into_checkpoint(cp)
     assert (into.next_xid, into.newest_commit_ts_xid) == (c.next_xid, 9)
     assert counters(newest_commit_ts_xid=9).into_checkpoint(cp).newest_commit_ts_xid == 0
+
+
+def test_file_copy_replaces_the_destination_directory(repo: SqliteRepository) -> None:
+    """dbase_redo removes the destination before copying: a stale relation stored under
+    the new database's OID does not survive into it."""
+    src, stale = RelTag(1663, 1, 1259), RelTag(1663, 7, 99999)
+    tid = repo.create_timeline().timeline_id
+    repo.put_records(tid, [
+        Record(rel_block_key(src, 0), Lsn(10), RecordKind.IMAGE, b"p" * 8192),
+        Record(rel_size_key(src), Lsn(10), RecordKind.IMAGE, (1).to_bytes(4, "little")),
+        Record(rel_block_key(stale, 0), Lsn(10), RecordKind.IMAGE, b"s" * 8192),
+        Record(rel_size_key(stale), Lsn(10), RecordKind.IMAGE, (1).to_bytes(4, "little")),
+    ], Lsn(10))
+    ing = WalIngest(repo, tid)
+    ing.add(rec(100, pgc.RmgrId.DBASE, pgc.XLOG_DBASE_CREATE_FILE_COPY,
+                struct.pack("<IIII", 7, 1663, 1, 1663)))
+    ing.flush()
+    lo, hi = db_key_range(1663, 7)
+    assert dict(repo.materialize(tid, Lsn(164), lo=lo, hi=hi)) == {
+        rel_block_key(RelTag(1663, 7, 1259), 0): b"p" * 8192,
+        rel_size_key(RelTag(1663, 7, 1259)): (1).to_bytes(4, "little"),
+    }
+    assert stale not in ing.sizes

@@ -695,6 +695,13 @@ def _dbase(ing: WalIngest, rec: DecodedRecord, out: dict[bytes, Record]) -> None
                 f"CREATE DATABASE at {rec.lsn} reads storage, which has records up to "
                 f"{stored.last_record_lsn} of the {ing.ingested_lsn} ingested: flush first"
             )
+        # dbase_redo removes the destination directory first: whatever is stored there
+        # (a database dropped without its record reaching us) is not part of the copy.
+        for key, _value in ing.read_range(*db_key_range(cp.tablespace_id, cp.db_id)):
+            out[key] = Record(key, lsn, _TOMB)
+        for tag in [t for t in ing.sizes if (t.spcnode, t.dbnode) == (cp.tablespace_id,
+                                                                       cp.db_id)]:
+            del ing.sizes[tag]
         lo, hi = db_key_range(cp.src_tablespace_id, cp.src_db_id)
         for key, value in ing.read_range(lo, hi):
             new = rebase_db_key(key, cp.tablespace_id, cp.db_id)
