@@ -12,7 +12,6 @@ masking (bufmask.c, heap_mask, btree_mask), and relation sizes must match.
 from __future__ import annotations
 
 import asyncio
-import struct
 import subprocess
 import time
 from pathlib import Path
@@ -41,6 +40,7 @@ from zenith.postgres.walingest import CLOG_XACTS_PER_PAGE, WalIngest
 from zenith.storage import RecordKind, SqliteRepository, open_repository
 
 from ..pgcluster import PGBIN, PgCluster
+from .pgmask import mask as mask_page  # PostgreSQL's consistency-check masking
 
 pytestmark = [
     pytest.mark.skipif(not (PGBIN / "postgres").exists(), reason="PostgreSQL 15 not installed"),
@@ -145,59 +145,6 @@ def workload(pg: PgCluster) -> tuple[dict[int, str], int]:
         run_sql(pg, "VACUUM", db=db)  # prune now: later catalog lookups then have none to do
     run_sql(pg, "CHECKPOINT")
     return xids, gone
-
-
-# -- PostgreSQL's consistency-check masking (bufmask.c, heapam.c heap_mask, nbtxlog.c) --
-
-def _mask_common(page: bytearray) -> tuple[int, int, int] | None:
-    if page[14:16] == b"\0\0":  # PageIsNew
-        return None
-    page[0:10] = bytes(10)  # pd_lsn, pd_checksum
-    flags = struct.unpack_from("<H", page, 10)[0] & ~0x0007  # free lines, full, all-visible
-    struct.pack_into("<H", page, 10, flags)
-    page[20:24] = bytes(4)  # pd_prune_xid
-    lower, upper, special = struct.unpack_from("<HHH", page, 12)
-    if 24 <= lower <= upper <= special <= 8192:
-        page[lower:upper] = bytes(upper - lower)
-    return lower, upper, special
-
-
-def _line_pointers(page: bytearray, lower: int) -> list[tuple[int, int, int, int]]:
-    out = []
-    for pos in range(24, lower, 4):
-        lp = struct.unpack_from("<I", page, pos)[0]
-        out.append((pos, lp & 0x7FFF, (lp >> 15) & 3, lp >> 17))
-    return out
-
-
-def mask_page(raw: bytes, am: str | None) -> bytes:
-    page = bytearray(raw)
-    layout = _mask_common(page)
-    if layout is None:
-        return bytes(page)
-    lower, _upper, special = layout
-    if am == "heap":
-        for _pos, off, flags, length in _line_pointers(page, lower):
-            if flags != 1 or off + 24 > 8192:
-                continue
-            infomask = struct.unpack_from("<H", page, off + 20)[0]
-            if infomask & 0x0300 != 0x0300:  # xmin not frozen
-                infomask &= ~0xFFF0
-            else:
-                infomask &= ~(0x0800 | 0x0400)
-            struct.pack_into("<H", page, off + 20, infomask)
-            page[off + 8 : off + 12] = bytes(4)  # t_cid
-            pad = (-length) % 8
-            page[off + length : off + length + pad] = bytes(pad)
-    elif am == "btree" and special <= 8192 - 16:
-        flags = struct.unpack_from("<H", page, special + 12)[0]
-        struct.pack_into("<HH", page, special + 12, flags & ~((1 << 6) | (1 << 5)), 0)
-        if flags & 1:  # leaf: LP_DEAD hints
-            for pos, _off, lpflags, _len in _line_pointers(page, lower):
-                if lpflags != 0:
-                    lp = struct.unpack_from("<I", page, pos)[0] & ~(3 << 15)
-                    struct.pack_into("<I", page, pos, lp)
-    return bytes(page)
 
 
 def vm_subset(ours: bytes, source: bytes) -> bool:
