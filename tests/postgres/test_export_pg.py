@@ -81,23 +81,25 @@ class Follower:
 
     async def run(self, uri: str, slot: str, timeline: int, stop: asyncio.Event) -> None:
         conn = await connect_replication(uri)
-        stream = await conn.start_replication(slot, self.start, timeline)
-        last = time.monotonic()
-        while not stop.is_set():
-            try:
-                item = await asyncio.wait_for(stream.read(), 0.1)
-            except TimeoutError:
-                item = None
-            if item is not None:
-                self.decoder.feed(item[1])
-                while (rec := self.decoder.poll()) is not None:
-                    self.ingest.add(rec)
-            if time.monotonic() - last > 0.5:
-                self.ingest.flush()
-                done = self.ingest.last_lsn
-                await stream.send_status(done, done, done)
-                last = time.monotonic()
-        await conn.close()
+        try:  # closed even when ingest raises, so the source's shutdown need not wait
+            stream = await conn.start_replication(slot, self.start, timeline)
+            last = time.monotonic()
+            while not stop.is_set():
+                try:
+                    item = await asyncio.wait_for(stream.read(), 0.1)
+                except TimeoutError:
+                    item = None
+                if item is not None:
+                    self.decoder.feed(item[1])
+                    while (rec := self.decoder.poll()) is not None:
+                        self.ingest.add(rec)
+                if time.monotonic() - last > 0.5:
+                    self.ingest.flush()
+                    done = self.ingest.last_lsn
+                    await stream.send_status(done, done, done)
+                    last = time.monotonic()
+        finally:
+            await conn.close()
 
     async def catch_up(self, target: Lsn, task: asyncio.Task[None]) -> None:
         while self.ingest.last_lsn < target:
