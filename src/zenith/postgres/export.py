@@ -17,11 +17,15 @@ writes what a copy taken at an arbitrary LSN needs to start cleanly:
 * data checksums recomputed when the source has them on: ingest rewrites pd_lsn;
 * a control file and WAL start (:mod:`zenith.postgres.pgcontrol`): a shutdown checkpoint in
   a fresh segment past the export LSN and past every page's pd_lsn (otherwise PostgreSQL
-  fails to flush those pages: "xlog flush request ... is not satisfied"). The next XID,
-  multixact and multixact offset are the newest checkpoint's, moved to the end of the last
-  SLRU page that exists: PostgreSQL zeroes a page before assigning its first ID, so every
-  ID in use at the LSN lies below that bound, and transactions in progress at the LSN
-  (neither committed nor aborted in pg_xact, below next XID, not running) read as aborted;
+  fails to flush those pages: "xlog flush request ... is not satisfied"). Its counters
+  (next XID, OID, multixact and offset, the oldest XID and multixact, the commit-timestamp
+  horizon) are redo's at the LSN exactly, as ingest stored them
+  (:mod:`zenith.postgres.redostate`), so no ID in use is handed out again and none is
+  skipped; transactions in progress at the LSN (neither committed nor aborted in pg_xact,
+  below next XID, not running) read as aborted. A timeline ingested before the counters
+  were kept gets the newest checkpoint's, moved to the end of the last SLRU page that
+  exists (:func:`_rounded_counters`);
+* ``pg_logical/replorigin_checkpoint`` from the replication origins' progress at the LSN;
 * a timeline of its own: the checkpoint, the control file and the WAL segment's name are
   on the source's timeline + 1, with ``pg_wal/<TLI>.history`` saying it branched off the
   source's timeline at the export LSN (as a promoted standby's history says), so the copy's

@@ -18,7 +18,14 @@ record's end LSN". :class:`WalIngest` adds what arrives without an image:
   it must be stored first: :meth:`WalIngest.needs_flush`; :meth:`WalIngest.read_range`
   also works before the backup's end LSN), WAL_LOG writes PG_VERSION and
   its pages come as images;
-* checkpoint records (for an export's control file) and two-phase state files.
+* checkpoint records (for an export's control file) and two-phase state files;
+* what redo keeps besides pages: the ID counters and the replication origins' progress
+  (:mod:`zenith.postgres.redostate`, stored whenever a record changes them), commit
+  timestamps, the next multixact's offset entry, SLRU truncation, GiST's follow-right
+  clearing and the FSM's tail on truncation.
+
+A block reference without an image stops ingest (:class:`MissingPageImage`): zenith runs no
+redo for index or heap pages, so it could only keep the page stale.
 
 Records whose effect needs no storage change (standby, running xacts, assignments, ...)
 produce nothing. Everything produced by one WAL record is at its end LSN, one record per
