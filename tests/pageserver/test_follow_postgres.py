@@ -168,3 +168,101 @@ def test_pages_through_get_page_equal_the_source(pageserver: PageserverProc) -> 
                     checked += 1
         assert checked > 1000
         pageserver.cli("detach", "main", check=True)
+
+
+def test_page_change_without_image_stops_following(pageserver: PageserverProc) -> None:
+    """A superuser session on the source turns wal_consistency_checking off and inserts
+    into a page it already changed since the last checkpoint: that Heap/INSERT record
+    carries no page image at all. The follower keeps what came before, stops for good
+    (no retry) and says why in ``source_list``, ``branch list``, ``wait`` and its log;
+    the pageserver keeps serving and the branch can still be detached."""
+    import time
+
+    import psycopg
+
+    from tests.postgres.test_fidelity_slru import waldump
+    from zenith.lsn import Lsn
+
+    with PgCluster(settings={**FOLLOWABLE, "autovacuum": "off"}) as pg:
+        pg.psql("CREATE TABLE nf (id int, v text)")
+        pg.psql("INSERT INTO nf VALUES (0, 'before the import')")
+        relnode = pg.psql("SELECT pg_relation_filenode('nf')")
+        res = pageserver.cli("import", "main", pg.uri())
+        assert res.returncode == 0, res.stderr
+        slot = res.stdout.rsplit("slot ", 1)[1].strip()
+        # Rows after the base backup's checkpoint: block 0 now needs no full-page write
+        # until the next checkpoint, so only wal_consistency_checking gives it an image.
+        pg.psql("INSERT INTO nf SELECT g, 'checked' FROM generate_series(1, 3) g")
+        ingested = Lsn.parse(_wait_for_source(pageserver, pg))
+        [row] = pageserver.query("source_list")
+        assert row["name"] == "main" and row["state"] == "streaming", row
+
+        with psycopg.connect(pg.uri(), autocommit=True) as c:
+            def insert_lsn() -> Lsn:
+                return Lsn.parse(c.execute("SELECT pg_current_wal_insert_lsn()::text")
+                                 .fetchone()[0])
+
+            before = insert_lsn()
+            c.execute("SET wal_consistency_checking = ''")
+            c.execute("INSERT INTO nf VALUES (100, 'not checked')")
+            after = insert_lsn()
+
+        # The record without an image, as pg_waldump shows it: a plain Heap INSERT (not
+        # INSERT+INIT) into block 0 of nf, with no FPW.
+        recs = waldump(pg, before, after)
+        no_image = [r for r in recs if "blkref" in r.desc and "FPW" not in r.desc]
+        assert no_image, [(r.rmgr, r.desc) for r in recs]
+        bad = no_image[0]
+        assert (bad.rmgr, bad.desc.split()[0]) == ("Heap", "INSERT"), bad
+        assert f"/{relnode} blk 0" in bad.desc, bad
+
+        # The follower stops, and says why (bounded wait: the suite may load the machine).
+        deadline = time.monotonic() + 60
+        while True:
+            [row] = pageserver.query("source_list")
+            state = str(row["state"])
+            if state.startswith("stopped: "):
+                break
+            assert time.monotonic() < deadline, f"follower did not stop: {row}"
+            time.sleep(0.1)
+        assert "Heap/INSERT" in state and str(bad.lsn) in state, state
+        assert relnode in state, state
+        at = Lsn.parse(str(row["last_record_lsn"]))
+        assert ingested <= at <= bad.lsn, (ingested, at, bad.lsn)
+        assert pageserver.branch("main")["last_record_lsn"] == str(at)
+        listing = pageserver.cli("branch", "list", check=True).stdout
+        assert f"slot {slot}): at {at}" in listing and "stopped: " in listing, listing
+        assert "Heap/INSERT" in listing, listing
+        log = pageserver.config.log_path.read_text(errors="replace")
+        assert "branch main: ingest stopped: " in log and "Heap/INSERT" in log
+        assert "retrying" not in log.split("ingest stopped: ", 1)[1]
+
+        # More WAL from ordinary sessions (with images): nothing more is ingested.
+        pg.psql("INSERT INTO nf SELECT g, 'checked again' FROM generate_series(200, 300) g")
+        pg.psql("UPDATE nf SET v = 'later' WHERE id < 3")
+        pg.psql("SELECT pg_switch_wal()")
+        pg.psql("INSERT INTO nf VALUES (400, 'after the switch')")
+        target = pg.psql("SELECT pg_current_wal_flush_lsn()")
+        assert Lsn.parse(target) > bad.lsn
+        waited = pageserver.cli("wait", "main", target, "--timeout", "5")
+        assert waited.returncode == 1, waited.stdout
+        assert "timed out" in waited.stderr and f"it is at {at}" in waited.stderr, waited.stderr
+        assert "Heap/INSERT" in waited.stderr, waited.stderr
+        time.sleep(1)
+        [row] = pageserver.query("source_list")
+        assert row["last_record_lsn"] == str(at) and str(row["state"]) == state, row
+        assert pageserver.branch("main")["last_record_lsn"] == str(at)
+
+        # The pageserver still serves: the branch reads and branches at its last LSN.
+        digest = pageserver.digest(f"main@{at}")
+        assert pageserver.digest("main") == digest
+        pageserver.cli("branch", "create", "dev", "--from", f"main@{at}", check=True)
+        assert pageserver.digest("dev") == digest
+        assert {t["name"] for t in pageserver.query("branch_list")} >= {"main", "dev"}
+
+        # Detach still works: the slot goes, the data stays.
+        detached = pageserver.cli("detach", "main", check=True)
+        assert "slot dropped" in detached.stdout, detached.stdout
+        assert _slots(pg, slot) == "0"
+        assert pageserver.query("source_list") == []
+        assert pageserver.digest(f"main@{at}") == digest
