@@ -55,7 +55,8 @@ def rec(lsn: int, rmid: int, info: int, main: bytes = b"",
 def counters(**kw: int) -> Counters:
     base = dict(next_xid=1000, next_oid=20000, next_multi=1, next_multi_offset=0,
                 oldest_xid=700, oldest_xid_db=1, oldest_multi=1, oldest_multi_db=1,
-                oldest_commit_ts_xid=0, newest_commit_ts_xid=0, commit_ts_active=False)
+                oldest_commit_ts_xid=0, newest_commit_ts_xid=0, commit_ts_active=False,
+                timeline=1)
     base.update(kw)
     return Counters(**base)  # type: ignore[arg-type]
 
@@ -407,3 +408,52 @@ def test_file_copy_replaces_the_destination_directory(repo: SqliteRepository) ->
         rel_size_key(RelTag(1663, 7, 1259)): (1).to_bytes(4, "little"),
     }
     assert stale not in ing.sizes
+
+
+def test_origin_progress_from_aborts_and_prepares(repo: SqliteRepository) -> None:
+    """xact_redo_abort and PrepareRedoAdd apply an origin's progress too (a two-phase
+    subscription); DoNotReplicateId is not tracked."""
+    ing = start(repo, counters())
+    abort = struct.pack("<qI", 0, pgc.XACT_XINFO_HAS_ORIGIN) + struct.pack("<Qq", 0x700, 1)
+    ing.add(rec(100, pgc.RmgrId.XACT, pgc.XLOG_XACT_ABORT | pgc.XLOG_XACT_HAS_INFO, abort,
+                xid=1000, origin=4))
+    header = struct.pack("<IIIIqIiiiiii?xHQq", 0x57F94534, 80, 1001, 5, 0, 10, 0, 0, 0, 0, 0,
+                         0, False, 1, 0x900, 0) + b"g\0".ljust(8, b"\0")
+    ing.add(rec(200, pgc.RmgrId.XACT, pgc.XLOG_XACT_PREPARE, header, xid=1001, origin=4))
+    ing.add(rec(300, pgc.RmgrId.XACT, pgc.XLOG_XACT_ABORT | pgc.XLOG_XACT_HAS_INFO,
+                struct.pack("<qI", 0, pgc.XACT_XINFO_HAS_ORIGIN) + struct.pack("<Qq", 9, 1),
+                xid=1002, origin=0xFFFF))
+    ing.flush()
+
+    def origins(lsn: int) -> tuple[tuple[int, int], ...]:
+        raw = repo.get_value(ing.timeline_id, control_key(ControlItem.ORIGINS), Lsn(lsn))
+        return () if raw is None else Origins.unpack(raw).progress
+
+    assert origins(164) == ((4, 0x700),)
+    assert origins(364) == ((4, 0x900),)
+
+
+def test_end_of_recovery_moves_the_timeline(repo: SqliteRepository) -> None:
+    ing = start(repo, counters(timeline=1))
+    ing.add(rec(100, pgc.RmgrId.XLOG, pgc.XLOG_END_OF_RECOVERY, struct.pack("<qII", 0, 2, 1)))
+    ing.flush()
+    assert stored_counters(ing, 164).timeline == 2
+    cp = CheckPoint(Lsn(0), 1, 1, True, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+    assert stored_counters(ing, 164).into_checkpoint(cp).this_timeline_id == 2
+
+
+def test_old_timeline_counters_round_past_stored_pages(repo: SqliteRepository) -> None:
+    """A timeline ingested before the counters were kept resumes from its checkpoint moved
+    past the XIDs and multixacts its stored SLRU pages can hold, never behind."""
+    tid = repo.create_timeline().timeline_id
+    repo.put_records(tid, [
+        Record(control_key(ControlItem.CHECKPOINT), Lsn(10), RecordKind.IMAGE,
+               checkpoint(next_xid=(2 << 32) | 40000, next_multi=100, next_off=300)),
+        *[Record(slru_page_key(SlruId.XACT, p), Lsn(10), RecordKind.IMAGE, bytes(8192))
+          for p in (1, 2)],
+        Record(slru_page_key(SlruId.MULTIXACT_OFFSETS, 0), Lsn(10), RecordKind.IMAGE,
+               bytes(8192)),
+    ], Lsn(10))
+    c = WalIngest(repo, tid, {}).counters
+    assert c.next_xid == (2 << 32) | (3 * 32768)  # past page 2 of pg_xact
+    assert (c.next_multi, c.next_multi_offset) == (2048, 300)  # no members page stored

@@ -309,6 +309,10 @@ async def _wait_readable(server: Pageserver, session: Session, f: Follower, targ
         if f.stopping or server.followers.get(f.branch) is not f:
             raise InvalidState(f'branch "{f.branch}" stopped following its source at {at}, '
                                f"before its first readable LSN {target}")
+        if f.stopped:
+            raise InvalidState(
+                f'branch "{f.branch}" stopped at {at}, before its first readable LSN '
+                f"{target}: {f.stopped}", hint=f"`zenith detach {f.branch}` drops its slot")
         if f.failures - progress_failures >= IMPORT_FAILURES:
             raise InvalidState(
                 f'branch "{f.branch}" is not readable yet: streaming WAL from the source '
@@ -339,8 +343,11 @@ async def _wait(server: Pageserver, session: Session, args: list[str]) -> None:
         tl = server.repo.resolve(args[0])
         if tl.last_record_lsn >= lsn:
             break
+        f = server.followers.get(args[0])
+        if f is not None and f.stopped and f.task is not None and f.task.done():
+            raise InvalidState(f"{args[0]} stopped at {tl.last_record_lsn}, before {lsn}: "
+                               f"{f.stopped}")
         if time.monotonic() >= deadline:
-            f = server.followers.get(args[0])
             why = f" (source: {f.error})" if f and f.error else ""
             raise InvalidState(
                 f"timed out after {timeout:g} s waiting for {args[0]} to reach {lsn}: it is at "

@@ -24,7 +24,7 @@ writes what a copy taken at an arbitrary LSN needs to start cleanly:
   skipped; transactions in progress at the LSN (neither committed nor aborted in pg_xact,
   below next XID, not running) read as aborted. A timeline ingested before the counters
   were kept gets the newest checkpoint's, moved to the end of the last SLRU page that
-  exists (:func:`_rounded_counters`);
+  exists (:func:`~zenith.postgres.redostate.rounded_counters`);
 * ``pg_logical/replorigin_checkpoint`` from the replication origins' progress at the LSN;
 * a timeline of its own: the checkpoint, the control file and the WAL segment's name are
   on the source's timeline + 1, with ``pg_wal/<TLI>.history`` saying it branched off the
@@ -62,6 +62,7 @@ from zenith.postgres.keys import (
     RelTag,
     SlruId,
     control_key,
+    file_key,
     file_range,
     key_kind,
     parse_rel_key,
@@ -70,7 +71,12 @@ from zenith.postgres.keys import (
     rel_size_key,
     unpack_file_value,
 )
-from zenith.postgres.redostate import REPLORIGIN_CHECKPOINT_PATH, Counters, Origins
+from zenith.postgres.redostate import (
+    REPLORIGIN_CHECKPOINT_PATH,
+    Counters,
+    Origins,
+    rounded_counters,
+)
 from zenith.postgres.walrecord import CheckPoint, parse_checkpoint
 from zenith.storage.api import Repository
 
@@ -84,9 +90,6 @@ _ZERO_CHUNK: Final = bytes(CHUNK_BLOCKS * BLCKSZ)
 _FORK_SUFFIX: Final = {ForkNumber.MAIN: "", ForkNumber.FSM: "_fsm",
                        ForkNumber.VISIBILITYMAP: "_vm", ForkNumber.INIT: "_init"}
 #: IDs per SLRU page: 4 xact statuses a byte; u32 offsets; 409 groups of 4 members.
-_IDS_PER_PAGE: Final = {SlruId.XACT: BLCKSZ * 4, SlruId.MULTIXACT_OFFSETS: BLCKSZ // 4,
-                        SlruId.MULTIXACT_MEMBERS: (BLCKSZ // 20) * 4}
-_FIRST_NORMAL_XID: Final = 3
 #: Directories PostgreSQL expects to exist (initdb's ``subdirs``), parents first.
 STANDARD_DIRS: Final = (
     "global", "pg_wal", "pg_wal/archive_status", "pg_commit_ts", "pg_dynshmem", "pg_notify",
@@ -142,7 +145,7 @@ class _State:
     slru_pages: dict[SlruId, set[int]] = field(default_factory=dict)
     made_dirs: set[str] = field(default_factory=lambda: set(STANDARD_DIRS))
     #: Redo's counters and origin progress at the LSN (None: ingested before zenith kept
-    #: them; then the checkpoint's counters are rounded up, see :func:`_next_id`).
+    #: them; then the checkpoint's counters are rounded up: ``rounded_counters``).
     counters: Counters | None = None
     origins: Origins | None = None
     slru_files: set[str] = field(default_factory=set)
@@ -205,7 +208,7 @@ def _generate(repo: Repository, tid: TimelineId, lsn: Lsn, control: bytes,
         if kind in (KeyKind.REL_BLOCK, KeyKind.REL_SIZE):
             entries = _fork(repo, tid, lsn, src, st)
         elif kind is KeyKind.SLRU_PAGE:
-            entries = _slru_segment(src, st)
+            entries = _slru_segment(repo, tid, lsn, src, st)
         else:
             src.advance()
             entries = iter(())
@@ -235,7 +238,7 @@ def _generate(repo: Repository, tid: TimelineId, lsn: Lsn, control: bytes,
         yield from _file("PG_VERSION", b"15\n", st)
     if st.origins is not None:
         yield from _file(REPLORIGIN_CHECKPOINT_PATH, st.origins.checkpoint_file(), st)
-    yield from _control_and_wal(lsn, control, ctl, cp, st)
+    yield from _control_and_wal(lsn, control, ctl, cp, st, keep_config)
 
 
 def _db_dir(spc: int, db: int, st: _State) -> str:
@@ -336,7 +339,8 @@ def _blocks(src: _Source, rel: RelTag, start: int, end: int, st: _State) -> Iter
         yield bytes(buf)
 
 
-def _slru_segment(src: _Source, st: _State) -> Iterator[ExportEntry]:
+def _slru_segment(repo: Repository, tid: TimelineId, lsn: Lsn, src: _Source,
+                  st: _State) -> Iterator[ExportEntry]:
     """One SLRU segment file (32 pages at most: held whole), holes as zero pages."""
     assert src.head is not None
     slru, pageno = parse_slru_key(src.head[0])
@@ -349,45 +353,28 @@ def _slru_segment(src: _Source, st: _State) -> Iterator[ExportEntry]:
         pages[p % SLRU_PAGES_PER_SEGMENT] = src.advance()[1]
     st.slru_pages.setdefault(slru, set()).update(segno * SLRU_PAGES_PER_SEGMENT + i
                                                   for i in pages)
+    path = f"{slru.directory}/{segno:04X}"
     data = b"".join(pages.get(i, bytes(BLCKSZ)).ljust(BLCKSZ, b"\0")
                     for i in range(max(pages) + 1))
-    st.slru_files.add(f"{slru.directory}/{segno:04X}")
-    yield from _file(f"{slru.directory}/{segno:04X}", data, st)
+    if slru is SlruId.COMMIT_TS and (whole := repo.get_value(tid, file_key(path), lsn)):
+        data = _merge_commit_ts(unpack_file_value(whole)[1], data)
+    st.slru_files.add(path)
+    yield from _file(path, data, st)
 
 
-def _next_id(next_id: int, slru: SlruId, st: _State, *, modulo: int) -> int:
-    """``next_id`` moved to the end of the last existing page of ``slru`` from its own page
-    on: every ID handed out at the LSN is below it (see the module docstring)."""
-    pages = st.slru_pages.get(slru, set())
-    per_page = _IDS_PER_PAGE[slru]
-    n_pages = (modulo + per_page - 1) // per_page
-    page = next_id // per_page
-    if page not in pages:
-        return next_id
-    while (page + 1) % n_pages in pages and (page + 1) % n_pages != next_id // per_page:
-        page += 1
-    return max(next_id, (page + 1) * per_page)
-
-
-def _rounded_counters(cp: CheckPoint, st: _State) -> CheckPoint:
-    """For a timeline ingested before the counters were kept: the checkpoint's next XID,
-    multixact and offset moved past every ID the stored SLRU pages could hold."""
-    epoch, xid = cp.next_xid >> 32, cp.next_xid & 0xFFFFFFFF
-    new_xid = _next_id(xid, SlruId.XACT, st, modulo=1 << 32)
-    if new_xid >= 1 << 32:
-        epoch, new_xid = epoch + 1, max(new_xid - (1 << 32), _FIRST_NORMAL_XID)
-    multi = _next_id(cp.next_multi, SlruId.MULTIXACT_OFFSETS, st, modulo=1 << 32)
-    offset = _next_id(cp.next_multi_offset, SlruId.MULTIXACT_MEMBERS, st, modulo=1 << 32)
-    next_oid = cp.next_oid
-    if cp.next_oid <= st.max_relnode < 0xFFFFFFFF:
-        next_oid = st.max_relnode + 1
-    return replace(cp, next_xid=epoch << 32 | new_xid, next_oid=next_oid,
-                   next_multi=max(multi & 0xFFFFFFFF, 1), next_multi_offset=offset & 0xFFFFFFFF,
-                   oldest_commit_ts_xid=0, newest_commit_ts_xid=0)
+def _merge_commit_ts(old: bytes, new: bytes) -> bytes:
+    """An older import kept pg_commit_ts segments whole; ingest since patched pages of
+    their own into zeros: each 10-byte entry ingest wrote wins, the rest is the file's."""
+    out = bytearray(old.ljust(len(new), b"\0"))
+    for page in range(0, len(new), BLCKSZ):
+        for at in range(page, page + BLCKSZ - 9, 10):
+            if any(new[at : at + 10]):
+                out[at : at + 10] = new[at : at + 10]
+    return bytes(out)
 
 
 def _control_and_wal(lsn: Lsn, control: bytes, ctl: pgcontrol.ControlInfo, cp: CheckPoint,
-                     st: _State) -> Iterator[ExportEntry]:
+                     st: _State, keep_config: bool) -> Iterator[ExportEntry]:
     """``global/pg_control`` and the WAL segment with its shutdown checkpoint, in the first
     segment after both the export LSN and the newest page LSN written. The counters are
     redo's at the LSN, exactly (:mod:`zenith.postgres.redostate`)."""
@@ -395,7 +382,7 @@ def _control_and_wal(lsn: Lsn, control: bytes, ctl: pgcontrol.ControlInfo, cp: C
         cp = st.counters.into_checkpoint(cp)
         cp = replace(cp, next_multi=cp.next_multi or 1)  # GetNewMultiXactId skips 0
     else:
-        cp = _rounded_counters(cp, st)
+        cp = rounded_counters(cp, st.slru_pages, st.max_relnode)
     segsize = ctl.wal_segment_size
     segno = max(int(lsn), st.max_page_lsn) // segsize + 1
     redo = segno * segsize + pgcontrol.LONG_PAGE_HEADER_SIZE
@@ -419,8 +406,10 @@ def _control_and_wal(lsn: Lsn, control: bytes, ctl: pgcontrol.ControlInfo, cp: C
     # backup sends none), so a source past timeline 1 leaves only its last switch here.
     history = pgcontrol.timeline_history(new_cp.prev_timeline_id, int(lsn),
                                          f"zenith export at {lsn}")
-    yield from _file(f"pg_wal/{pgcontrol.history_file_name(new_cp.this_timeline_id)}",
-                     history, st)
+    history_name = pgcontrol.history_file_name(new_cp.this_timeline_id)
+    yield from _file(f"pg_wal/{history_name}", history, st)
+    if keep_config:  # archiving may be on: a promotion marks the history file for it too
+        yield from _file(f"pg_wal/archive_status/{history_name}.ready", b"", st)
 
 
 def _setting_value(rest: str) -> str:

@@ -36,6 +36,7 @@ from typing import Final
 from zenith.errors import InvalidState
 from zenith.ids import TimelineId
 from zenith.lsn import Lsn
+from zenith.postgres import pgcontrol
 from zenith.postgres.basebackup import (
     EntryType,
     RelationSegment,
@@ -66,7 +67,6 @@ from zenith.postgres.keys import (
 from zenith.postgres.pg_constants import BLCKSZ
 from zenith.postgres.redostate import REPLORIGIN_CHECKPOINT_PATH, Counters, Origins
 from zenith.postgres.replication import ReplicationConnection
-from zenith.postgres.walrecord import parse_checkpoint
 from zenith.storage import Record, RecordKind, Repository
 from zenith.storage.api import MAX_PAYLOAD
 
@@ -83,9 +83,6 @@ _SLRU_IDS: Final = {
     SlruKind.COMMIT_TS: SlruId.COMMIT_TS,
 }
 _IMAGE: Final = RecordKind.IMAGE
-#: ControlFileData (catalog/pg_control.h): checkPointCopy, track_commit_timestamp.
-_CHECKPOINT_COPY: Final = 40
-_TRACK_COMMIT_TS_OFFSET: Final = 200
 _KeyOf = Callable[[int], bytes]
 _Make = Callable[[bytes], tuple[bytes, bytes]]
 
@@ -170,10 +167,10 @@ class BackupRecords:
             Record(rel_size_key(tag), self.lsn, _IMAGE, n.to_bytes(4, "little"))
             for tag, n in sorted(self.rel_sizes.items())
         ]
-        if self._control is not None and len(self._control) > _TRACK_COMMIT_TS_OFFSET:
-            cp = parse_checkpoint(self._control[_CHECKPOINT_COPY : _CHECKPOINT_COPY + 88])
+        if self._control is not None:
             counters = Counters.from_checkpoint(
-                cp, commit_ts_active=self._control[_TRACK_COMMIT_TS_OFFSET] != 0)
+                pgcontrol.checkpoint_copy(self._control),
+                commit_ts_active=pgcontrol.tracks_commit_timestamps(self._control))
             out.append(Record(control_key(ControlItem.COUNTERS), self.lsn, _IMAGE,
                               counters.pack()))
         origins = Origins()

@@ -40,7 +40,7 @@ import google_crc32c
 
 from zenith.errors import InvalidState
 from zenith.postgres import pg_constants as pgc
-from zenith.postgres.walrecord import CheckPoint
+from zenith.postgres.walrecord import CheckPoint, parse_checkpoint
 
 BLCKSZ: Final = 8192
 XLOG_BLCKSZ: Final = 8192
@@ -51,6 +51,7 @@ _CRC_OFFSET: Final = 288
 _STATE_OFFSET: Final = 16
 _CHECKPOINT_OFFSET: Final = 32
 _CHECKPOINT_COPY_OFFSET: Final = 40
+_TRACK_COMMIT_TS_OFFSET: Final = 200
 _UNLOGGED_LSN_OFFSET: Final = 128
 _MIN_RECOVERY_OFFSET: Final = 136  # minRecoveryPoint u64, minRecoveryPointTLI u32 (+4 pad),
 # backupStartPoint u64, backupEndPoint u64, backupEndRequired bool (+3 pad): up to 172
@@ -91,6 +92,16 @@ def parse_control(data: bytes) -> ControlInfo:
     return ControlInfo(sysid, catver, segsize, checksums)
 
 
+def checkpoint_copy(control: bytes) -> CheckPoint:
+    """``checkPointCopy``: the checkpoint a ``pg_control`` last recorded."""
+    return parse_checkpoint(control[_CHECKPOINT_COPY_OFFSET:_CHECKPOINT_COPY_OFFSET + 88])
+
+
+def tracks_commit_timestamps(control: bytes) -> bool:
+    """``track_commit_timestamp`` as a ``pg_control`` records it."""
+    return len(control) > _TRACK_COMMIT_TS_OFFSET and control[_TRACK_COMMIT_TS_OFFSET] != 0
+
+
 def pack_checkpoint(cp: CheckPoint) -> bytes:
     return _CHECKPOINT.pack(
         cp.redo, cp.this_timeline_id, cp.prev_timeline_id, cp.full_page_writes, cp.next_xid,
@@ -117,14 +128,12 @@ def history_file_name(timeline: int) -> str:
     return f"{timeline:08X}.history"
 
 
-def timeline_history(parent: int, switchpoint: int, reason: str, earlier: bytes = b"") -> bytes:
-    """The history file of timeline ``parent + 1`` as ``writeTimeLineHistory`` writes it:
-    the parent's history (``earlier``, when known), then ``parent<TAB>switchpoint<TAB>reason``.
+def timeline_history(parent: int, switchpoint: int, reason: str) -> bytes:
+    """The history file of timeline ``parent + 1`` as ``writeTimeLineHistory`` writes it,
+    without the parent's own history (not stored): ``parent<TAB>switchpoint<TAB>reason``.
     ``switchpoint`` is where the parent's WAL stops being part of the new timeline's
     history: a promoted standby writes the end of the last record it replayed."""
-    sep = b"\n" if earlier else b""  # as PostgreSQL, in case it lacks its final newline
-    line = f"{parent}\t{switchpoint >> 32:X}/{switchpoint & 0xFFFFFFFF:X}\t{reason}\n"
-    return earlier + sep + line.encode()
+    return f"{parent}\t{switchpoint >> 32:X}/{switchpoint & 0xFFFFFFFF:X}\t{reason}\n".encode()
 
 
 def control_file(source: bytes, cp: CheckPoint) -> bytes:

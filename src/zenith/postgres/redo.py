@@ -74,6 +74,21 @@ def make_fsm_truncate(first_removed_slot: int) -> bytes:
     return bytes([FSM_TRUNCATE]) + struct.pack(">H", first_removed_slot)
 
 
+def slru_patch_ranges(payload: bytes) -> list[tuple[int, bytes]]:
+    """The ``[(byte offset, data)]`` of an SLRU_PATCH payload (its type byte included)."""
+    out, pos, body = [], 0, payload[1:]
+    while pos < len(body):
+        if pos + _RANGE.size > len(body):
+            raise InvalidArgument("truncated SLRU_PATCH delta")
+        off, length = _RANGE.unpack_from(body, pos)
+        pos += _RANGE.size
+        if pos + length > len(body) or off + length > BLCKSZ:
+            raise InvalidArgument("SLRU_PATCH range is truncated or beyond the page")
+        out.append((off, body[pos : pos + length]))
+        pos += length
+    return out
+
+
 def _page(base: bytes | None) -> bytearray:
     if base is None:
         return bytearray(BLCKSZ)
@@ -108,16 +123,8 @@ def _clog_set(base: bytes | None, body: bytes) -> bytes:
 
 def _slru_patch(base: bytes | None, body: bytes) -> bytes:
     page = _page(base)
-    pos = 0
-    while pos < len(body):
-        if pos + _RANGE.size > len(body):
-            raise InvalidArgument("truncated SLRU_PATCH delta")
-        off, length = _RANGE.unpack_from(body, pos)
-        pos += _RANGE.size
-        if pos + length > len(body) or off + length > BLCKSZ:
-            raise InvalidArgument("SLRU_PATCH range is truncated or beyond the page")
-        page[off : off + length] = body[pos : pos + length]
-        pos += length
+    for off, data in slru_patch_ranges(bytes([SLRU_PATCH]) + body):
+        page[off : off + len(data)] = data
     return bytes(page)
 
 

@@ -26,13 +26,14 @@ from typing import Final
 import google_crc32c
 
 from zenith.errors import InvalidState
+from zenith.postgres.keys import SlruId
 from zenith.postgres.walrecord import CheckPoint
 
-__all__ = ["Counters", "Origins", "multi_precedes", "xid_precedes"]
+__all__ = ["Counters", "Origins", "multi_precedes", "rounded_counters", "xid_precedes"]
 
 FIRST_NORMAL_XID: Final = 3
 _U32: Final = 0xFFFFFFFF
-_COUNTERS: Final = struct.Struct("<QIIIIIIIII?")
+_COUNTERS: Final = struct.Struct("<QIIIIIIIII?I")
 _ORIGIN: Final = struct.Struct("<HQ")
 #: origin.c: REPLICATION_STATE_MAGIC, and ReplicationStateOnDisk {u16 roident; 6 bytes of
 #: padding; u64 remote_lsn}.
@@ -75,19 +76,23 @@ class Counters:
     #: track_commit_timestamp as the WAL last set it (pg_control, PARAMETER_CHANGE): redo
     #: records commit timestamps only while it is on.
     commit_ts_active: bool
+    #: The timeline the WAL is on (checkpoints, END_OF_RECOVERY): an export goes one past.
+    timeline: int
 
     @classmethod
     def from_checkpoint(cls, cp: CheckPoint, commit_ts_active: bool) -> Counters:
         """The state recovery starts from: the checkpoint's values (StartupXLOG)."""
         return cls(cp.next_xid, cp.next_oid, cp.next_multi, cp.next_multi_offset,
                    cp.oldest_xid, cp.oldest_xid_db, cp.oldest_multi, cp.oldest_multi_db,
-                   cp.oldest_commit_ts_xid, cp.newest_commit_ts_xid, commit_ts_active)
+                   cp.oldest_commit_ts_xid, cp.newest_commit_ts_xid, commit_ts_active,
+                   cp.this_timeline_id)
 
     def pack(self) -> bytes:
         return _COUNTERS.pack(
             self.next_xid, self.next_oid, self.next_multi, self.next_multi_offset,
             self.oldest_xid, self.oldest_xid_db, self.oldest_multi, self.oldest_multi_db,
-            self.oldest_commit_ts_xid, self.newest_commit_ts_xid, self.commit_ts_active)
+            self.oldest_commit_ts_xid, self.newest_commit_ts_xid, self.commit_ts_active,
+            self.timeline)
 
     @classmethod
     def unpack(cls, data: bytes) -> Counters:
@@ -101,7 +106,7 @@ class Counters:
             cp, next_xid=self.next_xid, next_oid=self.next_oid, next_multi=self.next_multi,
             next_multi_offset=self.next_multi_offset, oldest_xid=self.oldest_xid,
             oldest_xid_db=self.oldest_xid_db, oldest_multi=self.oldest_multi,
-            oldest_multi_db=self.oldest_multi_db,
+            oldest_multi_db=self.oldest_multi_db, this_timeline_id=self.timeline,
             oldest_commit_ts_xid=self.oldest_commit_ts_xid if self.commit_ts_active else 0,
             newest_commit_ts_xid=self.newest_commit_ts_xid if self.commit_ts_active else 0)
 
@@ -152,11 +157,17 @@ class Counters:
                 new = replace(new, oldest_xid=cp.oldest_xid, oldest_xid_db=cp.oldest_xid_db)
         if multi_precedes(new.oldest_multi, cp.oldest_multi):  # MultiXactAdvanceOldest
             new = replace(new, oldest_multi=cp.oldest_multi, oldest_multi_db=cp.oldest_multi_db)
-        return new
+        return new.on_timeline(cp.this_timeline_id)
+
+    def on_timeline(self, timeline: int) -> Counters:
+        """A checkpoint or END_OF_RECOVERY record names the timeline the WAL is on."""
+        return self if timeline == self.timeline else replace(self, timeline=timeline)
 
     def clog_truncated(self, oldest_xid: int, oldest_xid_db: int) -> Counters:
-        """CLOG_TRUNCATE: AdvanceOldestClogXid. The XID limit itself follows at the next
-        checkpoint or vacuum, as on a standby; keep the newer of the two."""
+        """CLOG_TRUNCATE. A standby's redo only moves its oldest CLOG XID here and takes
+        the oldest XID from the next checkpoint; the primary set its oldest XID to this
+        same value right after truncating (vac_truncate_clog's SetTransactionIdLimit), so
+        an export takes it now: its checkpoint never names an XID whose status is gone."""
         if xid_precedes(self.oldest_xid, oldest_xid):
             return replace(self, oldest_xid=oldest_xid, oldest_xid_db=oldest_xid_db)
         return self
@@ -211,7 +222,7 @@ class Origins:
     def advance(self, origin: int, remote_lsn: int, *, backward: bool) -> Origins:
         """replorigin_advance: move an origin's remote LSN forward (or anywhere when
         ``backward``, as ``pg_replication_origin_advance`` may)."""
-        if origin == 0:  # InvalidRepOriginId
+        if origin in (0, 0xFFFF):  # InvalidRepOriginId; DoNotReplicateId is not tracked
             return self
         current = dict(self.progress)
         old = current.get(origin)
@@ -240,3 +251,43 @@ class Origins:
             raise InvalidState(f"{REPLORIGIN_CHECKPOINT_PATH} fails its magic or CRC check")
         entries = _ORIGIN_ON_DISK.iter_unpack(data[4:-4])
         return cls(tuple(sorted((o, lsn) for o, lsn in entries)))
+
+
+#: IDs per SLRU page: 4 XID statuses a byte; u32 offsets; 409 groups of 4 members.
+_IDS_PER_PAGE: Final = {SlruId.XACT: 8192 * 4, SlruId.MULTIXACT_OFFSETS: 8192 // 4,
+                        SlruId.MULTIXACT_MEMBERS: (8192 // 20) * 4}
+
+
+def _past_pages(next_id: int, slru: SlruId, pages: set[int]) -> int:
+    """``next_id`` moved to the end of the run of existing pages of ``slru`` from its own
+    page on (PostgreSQL zeroes a page before handing out its first ID, so every ID in use
+    lies below that bound); may exceed 2^32 when the run wraps."""
+    per_page = _IDS_PER_PAGE[slru]
+    n_pages = ((1 << 32) + per_page - 1) // per_page
+    page = next_id // per_page
+    if page not in pages:
+        return next_id
+    while (page + 1) % n_pages in pages and (page + 1) % n_pages != next_id // per_page:
+        page += 1
+    return max(next_id, (page + 1) * per_page)
+
+
+def rounded_counters(cp: CheckPoint, pages: dict[SlruId, set[int]],
+                     max_relnode: int = 0) -> CheckPoint:
+    """For a timeline ingested before zenith kept the counters: ``cp``'s next XID,
+    multixact and offset moved past every ID the stored SLRU ``pages`` can hold, its next
+    OID past ``max_relnode``. Safe (no ID in use is handed out again), not exact."""
+    epoch, xid = cp.next_xid >> 32, cp.next_xid & _U32
+    new_xid = _past_pages(xid, SlruId.XACT, pages.get(SlruId.XACT, set()))
+    if new_xid >= 1 << 32:
+        epoch, new_xid = epoch + 1, max(new_xid - (1 << 32), FIRST_NORMAL_XID)
+    multi = _past_pages(cp.next_multi, SlruId.MULTIXACT_OFFSETS,
+                        pages.get(SlruId.MULTIXACT_OFFSETS, set()))
+    offset = _past_pages(cp.next_multi_offset, SlruId.MULTIXACT_MEMBERS,
+                         pages.get(SlruId.MULTIXACT_MEMBERS, set()))
+    next_oid = cp.next_oid
+    if cp.next_oid <= max_relnode < _U32:
+        next_oid = max_relnode + 1
+    return replace(cp, next_xid=epoch << 32 | new_xid, next_oid=next_oid,
+                   next_multi=max(multi & _U32, 1), next_multi_offset=offset & _U32,
+                   oldest_commit_ts_xid=0, newest_commit_ts_xid=0)

@@ -44,6 +44,7 @@ from zenith.errors import InvalidState
 from zenith.ids import TimelineId
 from zenith.lsn import Lsn
 from zenith.postgres import pg_constants as pgc
+from zenith.postgres import pgcontrol
 from zenith.postgres import redo as pgredo
 from zenith.postgres import walrecord as wr
 from zenith.postgres.keys import (
@@ -74,6 +75,7 @@ from zenith.postgres.redostate import (
     Counters,
     Origins,
     multi_precedes,
+    rounded_counters,
     xid_precedes,
 )
 from zenith.postgres.waldecoder import DecodedRecord, RelFileNode
@@ -220,16 +222,22 @@ class WalIngest:
         stored = self._read_own(_COUNTERS_KEY)
         if stored is not None:
             return Counters.unpack(stored)
-        # A timeline ingested before the counters were kept: start from its newest
-        # checkpoint, as recovery would.
+        # A timeline ingested before the counters were kept: its newest checkpoint's,
+        # moved past every ID the stored SLRU pages can hold (the WAL between that
+        # checkpoint and here is gone), as an export of it would.
         control = self._read_own(control_key(ControlItem.PG_CONTROL))
         checkpoint = self._read_own(control_key(ControlItem.CHECKPOINT))
-        if checkpoint is None and control is not None:
-            checkpoint = control[40:128]
-        if checkpoint is None:
-            return Counters(3, 16384, 1, 0, 3, 1, 1, 1, 0, 0, False)
-        active = control is not None and len(control) > 200 and control[200] != 0
-        return Counters.from_checkpoint(wr.parse_checkpoint(checkpoint), active)
+        if checkpoint is not None:
+            cp = wr.parse_checkpoint(checkpoint)
+        elif control is not None:
+            cp = pgcontrol.checkpoint_copy(control)
+        else:
+            return Counters(3, 16384, 1, 0, 3, 1, 1, 1, 0, 0, False, 1)
+        pages = {slru: {parse_slru_key(k)[1] for k, _ in self.read_range(*slru_range(slru))}
+                 for slru in (SlruId.XACT, SlruId.MULTIXACT_OFFSETS, SlruId.MULTIXACT_MEMBERS)}
+        cp = rounded_counters(cp, pages)
+        return Counters.from_checkpoint(
+            cp, control is not None and pgcontrol.tracks_commit_timestamps(control))
 
     def _load_origins(self) -> Origins:
         stored = self._read_own(_ORIGINS_KEY)
@@ -300,21 +308,22 @@ class WalIngest:
         self.records_seen += 1
         out: dict[bytes, Record] = {}
         lsn = rec.end_lsn
+        bare = next((b for b in rec.blocks if not b.has_image), None)
+        if bare is not None and (rec.rmid, rec.rmgr_info) not in _NO_IMAGE_OK:
+            raise MissingPageImage(
+                f"WAL record {_describe(rec)} at {rec.lsn} changes block {bare.blkno} of "
+                f"relation {bare.rel_tag} without a page image; zenith rebuilds pages only "
+                "from images, so it stops here rather than keep a stale page",
+                hint="every session on the source must run with wal_consistency_checking = "
+                     "'all' (a superuser can turn it off for one session); `zenith detach` "
+                     "the branch (dropping its slot) and import the source again",
+            )
         for blk in rec.blocks:
             tag = blk.rel_tag
             if blk.has_image:
                 page = set_page_lsn(blk.page_image(), lsn)
                 out[rel_block_key(tag, blk.blkno)] = Record(
                     rel_block_key(tag, blk.blkno), lsn, _IMAGE, page
-                )
-            elif (rec.rmid, rec.rmgr_info) not in _NO_IMAGE_OK:
-                raise MissingPageImage(
-                    f"WAL record {_describe(rec)} at {rec.lsn} changes block {blk.blkno} of "
-                    f"relation {tag} without a page image; zenith rebuilds pages only from "
-                    "images, so it stops here rather than keep a stale page",
-                    hint="every session on the source must run with wal_consistency_checking"
-                         " = 'all' (a superuser can turn it off for one session); "
-                         "re-import the branch",
                 )
             if blk.blkno >= self.sizes.get(tag, 0):
                 self._set_size(out, tag, blk.blkno + 1, lsn)
@@ -478,14 +487,13 @@ def _xact(ing: WalIngest, rec: DecodedRecord, out: dict[bytes, Record]) -> None:
         ing._clog(out, (xid, *parsed.subxacts), status, lsn)
         for x in (xid, *parsed.subxacts):  # TransactionIdLatest, then advance past it
             ing.counters = ing.counters.past_xid(x)
-        if commit:
-            origin = rec.origin or 0
-            if parsed.origin_lsn is not None:  # xact_redo_commit: apply progress
-                ing.origins = ing.origins.advance(origin, parsed.origin_lsn, backward=False)
-            if ing.counters.commit_ts_active:
-                when = (parsed.origin_timestamp if parsed.origin_timestamp is not None
-                        else parsed.xact_time)
-                _commit_ts(ing, out, (xid, *parsed.subxacts), when, origin, lsn)
+        origin = rec.origin or 0
+        if parsed.origin_lsn is not None:  # xact_redo_commit/_abort: apply progress
+            ing.origins = ing.origins.advance(origin, parsed.origin_lsn, backward=False)
+        if commit and ing.counters.commit_ts_active:
+            when = (parsed.origin_timestamp if parsed.origin_timestamp is not None
+                    else parsed.xact_time)
+            _commit_ts(ing, out, (xid, *parsed.subxacts), when, origin, lsn)
         for node in parsed.dropped_rels:
             ing._drop_rel(out, node, lsn)
         if parsed.twophase_xid is not None:
@@ -495,8 +503,12 @@ def _xact(ing: WalIngest, rec: DecodedRecord, out: dict[bytes, Record]) -> None:
         # The state file PostgreSQL writes at the next checkpoint: the record's data
         # followed by its CRC32C (twophase.c RecreateTwoPhaseFile).
         prep = wr.parse_xact_prepare(rec.main_data)
-        for x in (prep.xid, *prep.subxacts):  # PrepareRedoAdd
+        # Prepared subtransactions: ProcessTwoPhaseBuffer at the next startup.
+        for x in (prep.xid, *prep.subxacts):
             ing.counters = ing.counters.past_xid(x)
+        if prep.origin_lsn:  # PrepareRedoAdd: apply progress of the prepared transaction
+            ing.origins = ing.origins.advance(rec.origin or 0, prep.origin_lsn,
+                                              backward=False)
         path = _twophase_path(prep.xid)
         content = rec.main_data + struct.pack("<I", google_crc32c.value(rec.main_data))
         out[file_key(path)] = Record(file_key(path), lsn, _IMAGE, pack_file_value(path, content))
@@ -525,24 +537,9 @@ def _slru_patch(out: dict[bytes, Record], key: bytes, changes: list[tuple[int, b
                 lsn: Lsn) -> None:
     """Add ``changes`` to what the record already does to the SLRU page ``key``."""
     prev = out.get(key)
-    if prev is not None and prev.kind is _IMAGE:
-        page = bytearray(prev.payload)
-        for off, data in changes:
-            page[off : off + len(data)] = data
-        out[key] = Record(key, lsn, _IMAGE, bytes(page))
-        return
     if prev is not None:  # an earlier patch of the same record: keep its ranges first
-        changes = _patch_ranges(prev.payload) + changes
+        changes = pgredo.slru_patch_ranges(prev.payload) + changes
     out[key] = Record(key, lsn, _DELTA, pgredo.make_slru_patch(changes))
-
-
-def _patch_ranges(payload: bytes) -> list[tuple[int, bytes]]:
-    out, pos = [], 1
-    while pos < len(payload):
-        off, length = struct.unpack_from(">HH", payload, pos)
-        out.append((off, payload[pos + 4 : pos + 4 + length]))
-        pos += 4 + length
-    return out
 
 
 def _twophase_path(xid: int) -> str:
@@ -556,19 +553,35 @@ def _clog_rm(ing: WalIngest, rec: DecodedRecord, out: dict[bytes, Record]) -> No
     elif rec.rmgr_info == pgc.CLOG_TRUNCATE:
         trunc = wr.parse_clog_truncate(rec.main_data)
         ing.counters = ing.counters.clog_truncated(trunc.oldest_xact, trunc.oldest_xact_db)
-        per_page = CLOG_XACTS_PER_PAGE
-
-        def clog_precedes(p1: int, p2: int) -> bool:  # CLOGPagePrecedes
-            x1, x2 = (p1 * per_page + 4) & 0xFFFFFFFF, (p2 * per_page + 4) & 0xFFFFFFFF
-            return xid_precedes(x1, x2) and xid_precedes(x1, (x2 + per_page - 1) & 0xFFFFFFFF)
-
-        _slru_truncate(ing, out, SlruId.XACT, trunc.pageno, clog_precedes, rec.end_lsn)
+        _slru_truncate(ing, rec, out, SlruId.XACT, trunc.pageno,
+                       _xid_pages_precede(CLOG_XACTS_PER_PAGE))
 
 
-def _slru_truncate(ing: WalIngest, out: dict[bytes, Record], slru: SlruId, cutoff: int,
-                   precedes: Callable[[int, int], bool], lsn: Lsn) -> None:
+def _xid_pages_precede(per_page: int) -> Callable[[int, int], bool]:
+    """CLOGPagePrecedes / CommitTsPagePrecedes for an SLRU of ``per_page`` XIDs a page."""
+
+    def precedes(p1: int, p2: int) -> bool:
+        x1, x2 = (p1 * per_page + 4) & 0xFFFFFFFF, (p2 * per_page + 4) & 0xFFFFFFFF
+        return xid_precedes(x1, x2) and xid_precedes(x1, (x2 + per_page - 1) & 0xFFFFFFFF)
+
+    return precedes
+
+
+def _require_stored(ing: WalIngest, rec: DecodedRecord) -> None:
+    """A record that reads storage: every record before it must be stored (needs_flush)."""
+    stored = ing.repo.get_timeline(ing.timeline_id).last_record_lsn
+    if stored < ing.ingested_lsn:
+        raise InvalidState(
+            f"{_describe(rec)} at {rec.lsn} reads storage, which has records up to "
+            f"{stored} of the {ing.ingested_lsn} ingested: flush first")
+
+
+def _slru_truncate(ing: WalIngest, rec: DecodedRecord, out: dict[bytes, Record], slru: SlruId,
+                   cutoff: int, precedes: Callable[[int, int], bool]) -> None:
     """SimpleLruTruncate: delete every segment whose first and last pages precede the
     cutoff page (SlruMayDeleteSegment), in the SLRU's own wrapping order."""
+    _require_stored(ing, rec)
+    lsn = rec.end_lsn
     lo, hi = slru_range(slru)
     for key, _value in ing.read_range(lo, hi):
         pageno = parse_slru_key(key)[1]
@@ -584,13 +597,8 @@ def _commit_ts_rm(ing: WalIngest, rec: DecodedRecord, out: dict[bytes, Record]) 
     elif rec.rmgr_info == pgc.COMMIT_TS_TRUNCATE:
         trunc = wr.parse_commit_ts_truncate(rec.main_data)
         ing.counters = ing.counters.commit_ts_truncated(trunc.oldest_xid)
-        per_page = COMMIT_TS_XACTS_PER_PAGE
-
-        def ts_precedes(p1: int, p2: int) -> bool:  # CommitTsPagePrecedes
-            x1, x2 = (p1 * per_page + 4) & 0xFFFFFFFF, (p2 * per_page + 4) & 0xFFFFFFFF
-            return xid_precedes(x1, x2) and xid_precedes(x1, (x2 + per_page - 1) & 0xFFFFFFFF)
-
-        _slru_truncate(ing, out, SlruId.COMMIT_TS, trunc.pageno, ts_precedes, rec.end_lsn)
+        _slru_truncate(ing, rec, out, SlruId.COMMIT_TS, trunc.pageno,
+                       _xid_pages_precede(COMMIT_TS_XACTS_PER_PAGE))
 
 
 def _replorigin(ing: WalIngest, rec: DecodedRecord, out: dict[bytes, Record]) -> None:
@@ -625,7 +633,10 @@ def _multixact(ing: WalIngest, rec: DecodedRecord, out: dict[bytes, Record]) -> 
         after = (create.mid + 1) & 0xFFFFFFFF or 1
         end = (create.moff + len(create.members)) & 0xFFFFFFFF or 1
         next_page = after // MULTIXACT_OFFSETS_PER_PAGE
-        if next_page != page and ing.last_zeroed_offsets == page:
+        ing.pre_initialized_offsets = None
+        if next_page != page and (
+                ing.last_zeroed_offsets == page if ing.last_zeroed_offsets is not None
+                else ing._read_own(slru_page_key(SlruId.MULTIXACT_OFFSETS, next_page)) is None):
             # WAL of a minor release before 15.16 zeroes the next page only when its first
             # multixact is created: this entry starts it, and that zeroing is skipped.
             ing.pre_initialized_offsets = next_page
@@ -651,6 +662,7 @@ def _multixact(ing: WalIngest, rec: DecodedRecord, out: dict[bytes, Record]) -> 
     elif info == pgc.XLOG_MULTIXACT_TRUNCATE_ID:
         trunc = wr.parse_multixact_truncate(rec.main_data)
         ing.counters = ing.counters.multi_truncated(trunc.end_trunc_off, trunc.oldest_multi_db)
+        _require_stored(ing, rec)
         _truncate_members(ing, out, trunc.start_trunc_memb, trunc.end_trunc_memb, lsn)
         # PerformOffsetsTruncation: up to the page of the multixact before the new oldest.
         last = (trunc.end_trunc_off - 1) & 0xFFFFFFFF or 0xFFFFFFFF
@@ -661,8 +673,8 @@ def _multixact(ing: WalIngest, rec: DecodedRecord, out: dict[bytes, Record]) -> 
             return multi_precedes(m1, m2) and multi_precedes(
                 m1, (m2 + per_page - 1) & 0xFFFFFFFF)
 
-        _slru_truncate(ing, out, SlruId.MULTIXACT_OFFSETS, last // per_page,
-                       offsets_precedes, lsn)
+        _slru_truncate(ing, rec, out, SlruId.MULTIXACT_OFFSETS, last // per_page,
+                       offsets_precedes)
 
 
 def _truncate_members(ing: WalIngest, out: dict[bytes, Record], start: int, end: int,
@@ -737,6 +749,8 @@ def _xlog(ing: WalIngest, rec: DecodedRecord, out: dict[bytes, Record]) -> None:
             wr.parse_checkpoint(rec.main_data), shutdown=info == pgc.XLOG_CHECKPOINT_SHUTDOWN)
     elif info == pgc.XLOG_NEXTOID:
         ing.counters = ing.counters.with_next_oid(wr.parse_nextoid(rec.main_data))
+    elif info == pgc.XLOG_END_OF_RECOVERY:  # a promotion: the WAL goes on on a new timeline
+        ing.counters = ing.counters.on_timeline(wr.parse_end_of_recovery(rec.main_data))
     elif info == pgc.XLOG_PARAMETER_CHANGE:
         change = wr.parse_parameter_change(rec.main_data)
         ing.counters = ing.counters.track_commit_ts(change.track_commit_timestamp)

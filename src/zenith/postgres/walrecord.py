@@ -137,6 +137,13 @@ def parse_checkpoint(data: bytes) -> CheckPoint:
     return CheckPoint(Lsn(v[0]), *v[1:])
 
 
+def parse_end_of_recovery(data: bytes) -> int:
+    """XLOG_END_OF_RECOVERY (xl_end_of_recovery: i64 time, u32 ThisTimeLineID, u32 Prev):
+    the new timeline."""
+    _need(data, 16, "END_OF_RECOVERY")
+    return int(struct.unpack_from("<I", data, 8)[0])
+
+
 def parse_nextoid(data: bytes) -> int:
     """XLOG_NEXTOID: the next OID to assign."""
     _need(data, 4, "NEXTOID")
@@ -250,6 +257,7 @@ class XactPrepare:
     subxacts: tuple[int, ...]
     commit_rels: tuple[RelFileNode, ...]
     abort_rels: tuple[RelFileNode, ...]
+    origin_lsn: int = 0  # the replication origin's LSN of a prepared remote transaction
 
 
 _PREPARE: Final = struct.Struct("<IIIIqIiiiiii?xHQq")
@@ -260,7 +268,7 @@ def parse_xact_prepare(data: bytes) -> XactPrepare:
     _need(data, _PREPARE.size, "transaction prepare")
     (_magic, _total_len, xid, database, prepared_at, owner, nsubxacts, ncommitrels,
      nabortrels, _ncommitstats, _nabortstats, _ninvals, _initfileinval, gidlen,
-     _origin_lsn, _origin_ts) = _PREPARE.unpack_from(data)
+     origin_lsn, _origin_ts) = _PREPARE.unpack_from(data)
     r = _Reader(data, "transaction prepare")
     r.skip(maxalign(_PREPARE.size))
     gid_bytes = data[r.pos : r.pos + gidlen]
@@ -272,7 +280,7 @@ def parse_xact_prepare(data: bytes) -> XactPrepare:
     abort_rels = r.rels(nabortrels)
     gid = gid_bytes.split(b"\0", 1)[0].decode("utf-8", "replace")
     return XactPrepare(xid, database, prepared_at, owner, gid, subxacts, commit_rels,
-                       abort_rels)
+                       abort_rels, origin_lsn)
 
 
 @dataclass(frozen=True, slots=True)
