@@ -63,7 +63,9 @@ class PageserverProc:
         return zenith("-D", str(self.path), *args, **kw)  # type: ignore[arg-type]
 
     def uri(self, user: str | None = None, password: str | None = None, db: str = "zenith",
-            query: str = "", port: int | None = None) -> str:
+            query: str = "?sslmode=disable", port: int | None = None) -> str:
+        """A URI for this pageserver. Test pageservers have no TLS, and origins default to
+        ``sslmode=verify-full``: the default ``query`` says ``sslmode=disable`` (loopback)."""
         if user is None:
             user, password = self.config.cli_credentials
         auth = quote(user, safe="") + (f":{quote(password, safe='')}" if password else "")

@@ -58,7 +58,10 @@ class Node:
     def uri(self) -> str:
         text = (self.repo / "config.toml").read_text()
         password = text.split('password = "', 1)[1].split('"', 1)[0]
-        return f"postgresql://admin:{password}@127.0.0.1:{self.port}/zenith"
+        # Loopback, pageservers without certificates: origins default to verify-full, so
+        # the demo says plainly that this connection is not encrypted (and SCRAM never
+        # sends the password itself).
+        return f"postgresql://admin:{password}@127.0.0.1:{self.port}/zenith?sslmode=disable"
 
     def digest(self, target: str) -> str:
         return self.zenith("digest", target).split()[0]

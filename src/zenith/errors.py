@@ -109,6 +109,25 @@ class ProtocolViolation(ZenithError):
     sqlstate = "08P01"
 
 
+class LimitExceeded(ZenithError):
+    """A configured bound was reached: query text size, delta-chain length, ..."""
+
+    sqlstate = "54000"  # program_limit_exceeded
+
+
+class QueryTooLong(ProtocolViolation):
+    """A Query message over the configured size: refused from its header, before its text
+    is read, and the connection is closed."""
+
+    sqlstate = "54000"  # program_limit_exceeded
+
+
+class TooManyConnections(ZenithError):
+    """No connection slot for this client (in total, for its user, or only admins left)."""
+
+    sqlstate = "53300"  # too_many_connections
+
+
 class ConnectionFailed(ZenithError):
     """The peer could not be reached, or the connection was lost."""
 
@@ -143,6 +162,8 @@ def _register() -> None:
         FeatureNotSupported,
         ProtocolViolation,
         ConnectionFailed,
+        LimitExceeded,
+        TooManyConnections,
     ):
         _BY_SQLSTATE.setdefault(cls.sqlstate, cls)
 

@@ -36,11 +36,16 @@ from zenith.pgwire.server import close_server
 
 from .conftest import MD5_ONLY_PASSWORD, MD5_ONLY_USER, PASSWORD, USER, ServerFactory
 
+# Without TLS the client sends a password in clear or as MD5 only when the URI allows it.
+REQUIRE_AUTH = {"scram-sha-256": "scram-sha-256", "md5": "md5", "password": "password",
+                "trust": "none"}
+
 
 @pytest.mark.parametrize("method", ["scram-sha-256", "md5", "password", "trust"])
 async def test_authentication_methods(pg_server: ServerFactory, method: str) -> None:
     server = await pg_server(auth_method=method)
-    async with await connect(server.uri(query="sslmode=disable&application_name=tester")) as conn:
+    query = f"sslmode=disable&application_name=tester&require_auth={REQUIRE_AUTH[method]}"
+    async with await connect(server.uri(query=query)) as conn:
         result = await conn.simple_query("echo hi")
         assert result.columns == ["user", "database", "arg", "tls", "application_name"]
         assert result.rows == [[USER, "testdb", "hi", "off", "tester"]]
@@ -55,21 +60,23 @@ async def test_authentication_methods(pg_server: ServerFactory, method: str) -> 
 async def test_wrong_password_and_unknown_user_look_the_same(
         pg_server: ServerFactory, method: str) -> None:
     server = await pg_server(auth_method=method)
+    query = f"sslmode=disable&require_auth={REQUIRE_AUTH[method]}"
     with pytest.raises(AuthenticationFailed) as wrong:
-        await connect(server.uri(password="wrong"))
+        await connect(server.uri(password="wrong", query=query))
     with pytest.raises(AuthenticationFailed) as unknown:
-        await connect(server.uri(user="nobody", password="wrong"))
+        await connect(server.uri(user="nobody", password="wrong", query=query))
     assert wrong.value.message == f'password authentication failed for user "{USER}"'
     assert unknown.value.message == 'password authentication failed for user "nobody"'
     assert wrong.value.sqlstate == "28P01"
-    async with await connect(server.uri()) as conn:  # the server still serves others
+    async with await connect(server.uri(query=query)) as conn:  # it still serves others
         assert (await conn.simple_query("echo")).rows[0][0] == USER
 
 
 async def test_md5_server_falls_back_to_scram_for_scram_only_users(
         pg_server: ServerFactory) -> None:
     server = await pg_server(auth_method="md5")
-    async with await connect(server.uri(user=MD5_ONLY_USER, password=MD5_ONLY_PASSWORD)) as c:
+    async with await connect(server.uri(user=MD5_ONLY_USER, password=MD5_ONLY_PASSWORD,
+                                        query="sslmode=disable&require_auth=md5")) as c:
         assert (await c.simple_query("echo")).rows[0][0] == MD5_ONLY_USER
     scram_server = await pg_server(auth_method="scram-sha-256")
     with pytest.raises(AuthenticationFailed):  # an md5-only user cannot do SCRAM

@@ -70,7 +70,8 @@ def list_(repo: Repo) -> None:
         click.echo("\nfollowing PostgreSQL:")
     for s in sources:
         lag = f"lag {s['lag_bytes']} bytes" if s["lag_bytes"] is not None else "lag unknown"
-        click.echo(f"  {s['name']} <- {s['source']} (slot {s['slot']}): at "
+        source = s["source"] or "(source shown to admins only)"
+        click.echo(f"  {s['name']} <- {source} (slot {s['slot']}): at "
                    f"{s['last_record_lsn']}, {lag}, {s['state']}")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ from zenith.cli import local
 from zenith.errors import ZenithError
 from zenith.pageserver.config import RepoConfig
 from zenith.pageserver.quoting import command_text
+from zenith.pgwire.conninfo import mask_text
 
 
 class ZenithGroup(click.Group):
@@ -20,11 +22,12 @@ class ZenithGroup(click.Group):
         try:
             return super().invoke(ctx)
         except ZenithError as exc:
-            click.secho(f"error: {exc.message}", fg="red", err=True)
+            # Masked whatever raised it: no password on a terminal or in a CI log.
+            click.secho(f"error: {mask_text(exc.message)}", fg="red", err=True)
             if exc.detail:
-                click.echo(f"detail: {exc.detail}", err=True)
+                click.echo(f"detail: {mask_text(exc.detail)}", err=True)
             if exc.hint:
-                click.echo(f"hint: {exc.hint}", err=True)
+                click.echo(f"hint: {mask_text(exc.hint)}", err=True)
             ctx.exit(1)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
@@ -50,3 +53,9 @@ class Repo:
 
 
 pass_repo = click.make_pass_decorator(Repo)
+
+
+def read_password_stdin() -> str:
+    """The first line of standard input, without its line end (``--password-stdin``: a
+    secret never on a command line, where every user of the machine can read it)."""
+    return sys.stdin.readline().rstrip("\r\n")

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from zenith.errors import ConnectionFailed
 from zenith.pageserver.config import RepoConfig
-from zenith.pgwire.client import QueryResult, connect
+from zenith.pgwire.client import QueryResult, connect, parse_local_uri
 
 NoticeFn = Callable[[str], None]
 
@@ -25,7 +25,7 @@ class Answer:
 
 async def _run(config: RepoConfig, sql: str, on_notice: NoticeFn | None, timeout: float) -> Answer:
     try:
-        conn = await connect(config.local_uri(), timeout=timeout)
+        conn = await connect(parse_local_uri(config.local_uri()), timeout=timeout)
     except ConnectionFailed as exc:
         raise ConnectionFailed(
             f"cannot reach the pageserver at {config.listen}: {exc.message}",

@@ -24,7 +24,14 @@ from zenith.cli.remote import origin, pull, push
 from zenith.cli.source import detach, import_, wait
 from zenith.cli.user import user
 from zenith.errors import InvalidArgument, ZenithError
-from zenith.pageserver.config import AUTH_METHODS, DEFAULT_LISTEN, RepoConfig, resolve_repo_dir
+from zenith.pageserver.config import (
+    AUTH_METHODS,
+    DEFAULT_LISTEN,
+    RepoConfig,
+    private_opener,
+    resolve_repo_dir,
+    secure_repository,
+)
 from zenith.pageserver.pidfile import running_pid
 
 
@@ -62,6 +69,7 @@ def init(repo: Repo, listen: str, auth_method: str) -> None:
     from zenith.pgwire.auth import StoredUser
     from zenith.storage import open_repository
 
+    os.umask(0o077)  # every file of the repository is private
     config, password = RepoConfig.create(repo.path, listen=listen, auth_method=auth_method)
     open_repository(config.db_path).close()
     admin = StoredUser.from_password(config.cli_credentials[0], password, str(Role.ADMIN),
@@ -98,7 +106,9 @@ def start(repo: Repo, timeout: float) -> None:
     pid = running_pid(config.pid_path)
     if pid is not None:
         raise InvalidArgument(f"the pageserver is already running (pid {pid})")
-    with open(config.log_path, "ab") as log:
+    for warning in secure_repository(config.path):
+        click.echo(f"warning: {warning}", err=True)
+    with open(config.log_path, "ab", opener=private_opener) as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "zenith.cli", "-D", str(config.path), "pageserver"],
             stdin=subprocess.DEVNULL,

@@ -8,8 +8,8 @@ import time
 
 import click
 
-from zenith.cli.context import Repo, pass_repo
-from zenith.pgwire.conninfo import mask_uri
+from zenith.cli.context import Repo, pass_repo, read_password_stdin
+from zenith.pgwire.conninfo import add_password, allowed_auth, mask_uri, parse_origin_uri
 from zenith.transfer.messages import Progress, Status, TransferArgs, TransferResult
 
 
@@ -21,11 +21,37 @@ def origin() -> None:
 @origin.command()
 @click.argument("name")
 @click.argument("uri")
+@click.option("--password-stdin", is_flag=True,
+              help="Read the origin's password from standard input (keeps it off the "
+                   "command line).")
 @pass_repo
-def add(repo: Repo, name: str, uri: str) -> None:
-    """Add origin NAME at URI (postgresql://user:password@host:port)."""
+def add(repo: Repo, name: str, uri: str, password_stdin: bool) -> None:
+    """Add origin NAME at URI (postgresql://user@host:port, with the password from
+    --password-stdin, or postgresql://user:password@host:port)."""
+    if password_stdin:
+        uri = add_password(uri, read_password_stdin())
     repo.config.add_origin(name, uri)
     click.echo(f"added origin {name}: {mask_uri(uri)}")
+    _warn_without_tls(name, uri)
+
+
+def _warn_without_tls(name: str, uri: str) -> None:
+    """On stderr: the origin's URI carries a password but may connect without TLS, or
+    without checking the server's certificate."""
+    info = parse_origin_uri(uri)
+    if info.password is None:
+        return
+    if info.sslmode in ("disable", "allow", "prefer"):
+        clear = allowed_auth(info, tls=False) & {"password", "md5"}
+        how = ("it may be sent in clear" if "password" in clear else "it may be sent as MD5"
+               ) if clear else "by SCRAM only: cleartext and MD5 requests are refused"
+        click.echo(f"warning: origin {name}: with sslmode={info.sslmode} the password may "
+                   f"be used without TLS ({how}) and no certificate authenticates the server; "
+                   "remove sslmode to get verify-full", err=True)
+    elif info.sslmode == "require" and info.sslrootcert is None:
+        click.echo(f"warning: origin {name}: sslmode=require does not check the server's "
+                   "certificate, so the password may go to an impostor "
+                   "(use sslmode=verify-full with sslrootcert)", err=True)
 
 
 @origin.command("list")

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import click
 
-from zenith.cli.context import Repo, pass_repo
-from zenith.pgwire.conninfo import mask_uri
+from zenith.cli.context import Repo, pass_repo, read_password_stdin
+from zenith.pgwire.conninfo import add_password, mask_uri
 
 
 @click.command("import")
@@ -17,8 +17,11 @@ from zenith.pgwire.conninfo import mask_uri
               help="Seconds to wait for the branch to become readable once the base backup "
                    "is in; past them the command fails, but the branch stays and keeps "
                    "following (`zenith wait` it).")
+@click.option("--password-stdin", is_flag=True,
+              help="Read the source's password from standard input (keeps it off the "
+                   "command line).")
 @pass_repo
-def import_(repo: Repo, branch: str, uri: str, timeout: float) -> None:
+def import_(repo: Repo, branch: str, uri: str, timeout: float, password_stdin: bool) -> None:
     """Create BRANCH from the PostgreSQL cluster at URI and keep following its WAL.
 
     URI is postgresql://user:password@host:port; the user needs the REPLICATION
@@ -26,7 +29,10 @@ def import_(repo: Repo, branch: str, uri: str, timeout: float) -> None:
 
     Returns once BRANCH is readable (its WAL ingested up to the base backup's end LSN),
     printing progress on stderr meanwhile: `zenith export BRANCH DIR` works right away.
+    With --password-stdin the password is read from standard input instead of the URI.
     """
+    if password_stdin:
+        uri = add_password(uri, read_password_stdin())
     row = repo.query("import", branch, uri, str(timeout),
                      on_notice=lambda m: click.echo(m, err=True), timeout=30.0).dicts()[0]
     click.echo(f"imported {branch} from {mask_uri(uri)}: base backup {row['start_lsn']}.."

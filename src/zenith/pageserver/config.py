@@ -10,6 +10,8 @@ otherwise)::
     pageserver.pid   pid of the running pageserver
     pageserver.log   log of a pageserver started with ``zenith start``
 
+The directory is 0700 and every file in it 0600 (:func:`secure_repository` makes a wider
+one private again when the pageserver starts, with a warning; docs/security.md).
 ``config.toml`` is read and written with tomlkit, so comments a user adds survive.
 """
 
@@ -20,6 +22,7 @@ import fcntl
 import os
 import re
 import secrets
+import stat
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -46,6 +49,28 @@ _HOST_PORT: Final = re.compile(
     r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9.\-]+)):(?P<port>\d{1,5})"
 )
 
+
+#: config.toml's limits and their defaults (docs/limits.md).
+LIMITS: Final[dict[str, float]] = {
+    "max_query_size": 1024 * 1024,
+    "max_connections": 256,
+    "max_connections_per_user": 64,
+    "reserved_connections": 3,
+    "idle_timeout": 300.0,
+    "statement_timeout": 600.0,
+    "max_delta_chain": 10_000,
+}
+
+LIMIT_COMMENTS: Final = (
+    "limits (docs/limits.md), with their defaults:",
+    "max_query_size = 1048576  # bytes of one command's text",
+    "max_connections = 256  # connections at once; more are refused (53300)",
+    "max_connections_per_user = 64  # signed-in connections of one non-admin user",
+    "reserved_connections = 3  # of max_connections, slots only admins may take",
+    "idle_timeout = 300  # seconds between commands before a connection is closed",
+    "statement_timeout = 600  # seconds a command may go without reading or sending",
+    "max_delta_chain = 10000  # deltas get_page applies before it refuses (54000)",
+)
 
 _ORIGIN_NAME: Final = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,62}")
 
@@ -81,6 +106,41 @@ def write_private(path: Path, text: str) -> None:
         raise
 
 
+def private_opener(path: str, flags: int) -> int:
+    """``open(..., opener=private_opener)``: a file created by it has mode 0600."""
+    return os.open(path, flags, 0o600)
+
+
+def secure_repository(path: Path) -> list[str]:
+    """Make the repository directory 0700 and everything in it private (directories 0700,
+    files 0600), never following a symlink; returns a warning for each kind of fix."""
+    warnings = []
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        try:
+            os.chmod(path, 0o700)
+        except PermissionError as exc:
+            raise InvalidArgument(
+                f"repository directory {path} has mode {mode:04o}, open to other users, "
+                f"and cannot be made 0700: {exc.strerror}",
+                hint=f"chmod 700 {path} as its owner") from None
+        warnings.append(f"repository directory {path} had mode {mode:04o}, open to other "
+                        "users; changed to 0700")
+    fixed = 0
+    for root, dirs, files in os.walk(path):
+        for name, want in [(d, 0o700) for d in dirs] + [(f, 0o600) for f in files]:
+            child = os.path.join(root, name)
+            info = os.lstat(child)
+            if stat.S_ISLNK(info.st_mode) or not stat.S_IMODE(info.st_mode) & 0o077:
+                continue
+            os.chmod(child, want, follow_symlinks=False)
+            fixed += 1
+    if fixed:
+        warnings.append(f"{fixed} files or directories in {path} were open to other users; "
+                        "changed to 0600 (directories 0700)")
+    return warnings
+
+
 def resolve_repo_dir(option: str | os.PathLike[str] | None) -> Path:
     if option:
         return Path(option)
@@ -109,6 +169,7 @@ class RepoConfig:
         if (path / CONFIG_FILE).exists():
             raise InvalidArgument(f"{path} already holds a zenith repository")
         path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(path, 0o700)  # also an existing, empty directory
         password = secrets.token_urlsafe(24)
         doc = tomlkit.document()
         doc.add(tomlkit.comment("zenith pageserver configuration"))
@@ -120,6 +181,8 @@ class RepoConfig:
         doc.add(tomlkit.comment('tls_key_file = "server.key"'))
         doc.add(tomlkit.comment("transfer_timeout = 60  # seconds before a silent peer of a "
                                 "push or pull is dropped"))
+        for line in LIMIT_COMMENTS:
+            doc.add(tomlkit.comment(line))
         doc.add(tomlkit.nl())
         cli = tomlkit.table()
         cli.add(tomlkit.comment("credentials the local `zenith` command uses to reach it"))
@@ -158,7 +221,7 @@ class RepoConfig:
         """Read-modify-write of ``config.toml``: the CLI (origins) and the pageserver
         (sources) both write it, so each change starts from the file as it is now, under
         a lock, and is saved atomically."""
-        with open(self.path / (CONFIG_FILE + ".lock"), "a") as lock:
+        with open(self.path / (CONFIG_FILE + ".lock"), "a", opener=private_opener) as lock:
             fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
             self.doc = RepoConfig.load(self.path).doc
             yield self.doc
@@ -192,6 +255,55 @@ class RepoConfig:
                 f"{self.path / CONFIG_FILE}: transfer_timeout must be seconds in (0, 86400]"
             )
         return float(value)
+
+    def _limit(self, name: str, low: float, high: float, *, integer: bool = False) -> float:
+        value = self._get(name, LIMITS[name])
+        if isinstance(value, bool) or not isinstance(value, int | float) or \
+                not low <= value <= high or (integer and not isinstance(value, int)):
+            kind = "an integer" if integer else "a number"
+            raise InvalidArgument(
+                f"{self.path / CONFIG_FILE}: {name} must be {kind} in [{low:g}, {high:g}]")
+        return value
+
+    @property
+    def max_query_size(self) -> int:
+        """Bytes of one command's text after sign-in (COPY data is not a query)."""
+        return int(self._limit("max_query_size", 1024, 64 * 1024 * 1024, integer=True))
+
+    @property
+    def max_connections(self) -> int:
+        """Connections at once, signing in or signed in."""
+        return int(self._limit("max_connections", 1, 100_000, integer=True))
+
+    @property
+    def max_connections_per_user(self) -> int:
+        """Signed-in connections of one non-admin user."""
+        return int(self._limit("max_connections_per_user", 1, 100_000, integer=True))
+
+    @property
+    def reserved_connections(self) -> int:
+        """Of ``max_connections``, the slots only admins may take."""
+        value = int(self._limit("reserved_connections", 0, 100_000, integer=True))
+        if value >= self.max_connections:
+            raise InvalidArgument(f"{self.path / CONFIG_FILE}: reserved_connections must be "
+                                  "smaller than max_connections")
+        return value
+
+    @property
+    def idle_timeout(self) -> float:
+        """Seconds a signed-in connection may wait between commands."""
+        return float(self._limit("idle_timeout", 0.001, 7 * 86400))
+
+    @property
+    def statement_timeout(self) -> float:
+        """Seconds a command may run with nothing read or sent (progress keeps it alive);
+        also the longest ``wait``."""
+        return float(self._limit("statement_timeout", 0.001, 7 * 86400))
+
+    @property
+    def max_delta_chain(self) -> int:
+        """Deltas ``get_page`` applies on top of an image before it refuses (54000)."""
+        return int(self._limit("max_delta_chain", 1, 10_000_000, integer=True))
 
     @property
     def tls_files(self) -> tuple[Path, Path] | None:

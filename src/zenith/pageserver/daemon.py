@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import ssl
 import time
@@ -18,10 +19,11 @@ from zenith import __version__
 
 # Importing a command module registers its commands with the dispatcher.
 from zenith.pageserver import export_service, transfer_service, wal_service
-from zenith.pageserver.config import RepoConfig
+from zenith.pageserver.config import RepoConfig, secure_repository
 from zenith.pageserver.page_service import dispatch
 from zenith.pageserver.pidfile import PidFile
 from zenith.pageserver.users import UserStore
+from zenith.pgwire.conninfo import MaskSecrets
 from zenith.pgwire.server import ServerConfig, Session, close_server, start_server
 from zenith.storage import SqliteRepository, open_repository
 from zenith.transfer.channel import TransferLocks
@@ -65,6 +67,12 @@ async def serve(server: Pageserver, stop: asyncio.Event) -> None:
             auth_method=server.config.auth_method,
             ssl_context=_ssl_context(server.config),
             server_version=f"15.0 (zenith {__version__})",
+            max_query_size=server.config.max_query_size,
+            max_connections=server.config.max_connections,
+            max_connections_per_user=server.config.max_connections_per_user,
+            reserved_connections=server.config.reserved_connections,
+            idle_timeout=server.config.idle_timeout,
+            statement_timeout=server.config.statement_timeout,
         ),
         credentials=server.users,
         handler=server.handle,
@@ -81,7 +89,17 @@ async def serve(server: Pageserver, stop: asyncio.Event) -> None:
 
 
 def run_pageserver(config: RepoConfig) -> None:
-    """Serve in the foreground until SIGTERM/SIGINT."""
+    """Serve in the foreground until SIGTERM/SIGINT.
+
+    Files it creates are private (umask 077), a repository directory or file open to other
+    users is made private with a warning, and every log line goes through
+    :class:`MaskSecrets` (no password in the log, whatever wrote it)."""
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, MaskSecrets) for f in handler.filters):
+            handler.addFilter(MaskSecrets())
+    os.umask(0o077)
+    for warning in secure_repository(config.path):
+        log.warning("%s", warning)
     pid = PidFile(config.pid_path)
     pid.acquire(config.listen)
     repo = open_repository(config.db_path)

@@ -3,8 +3,9 @@
 Every simple-query string a client sends is either a statement that standard clients send
 around their work (``SET``, ``BEGIN``, ``COMMIT``, ...), answered as a no-op with the tag
 PostgreSQL would send, or one of the commands below. Arguments are separated by
-whitespace; a trailing ``;`` is ignored. ``docs/protocol.md`` documents each command and
-its answer; a handler checks the caller's role before it acts.
+whitespace and may be quoted as a POSIX shell quotes them (split in linear time, in a
+worker thread for a long command); a trailing ``;`` is ignored. ``docs/protocol.md``
+documents each command and its answer; a handler checks the caller's role before it acts.
 """
 
 from __future__ import annotations
@@ -12,14 +13,13 @@ from __future__ import annotations
 import asyncio
 import random
 import re
-import shlex
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
 from zenith import __version__
-from zenith.errors import InvalidState, SyntaxError_, UnknownBranch
+from zenith.errors import InvalidState, LimitExceeded, SyntaxError_, UnknownBranch
 from zenith.ids import TimelineId
 from zenith.lsn import Lsn
 from zenith.pageserver.users import Role, require
@@ -51,7 +51,84 @@ _NOOPS: Final = [
 ]
 
 _NOOP_STARTS: Final = ("set", "reset", "begin", "start", "commit", "end", "rollb", "abort")
-_QUOTING: Final = frozenset("'\"\\#")
+_QUOTING: Final = frozenset("'\"\\")
+#: Pieces of a shell word outside double quotes: plain characters, a '...' string,
+#: whitespace between words, a backslash escape, the opening of a "..." string; and inside
+#: one. Quantifiers are possessive (no backtracking) and each match is one step of a
+#: left-to-right scan, so splitting is linear in the text (shlex's is quadratic on a long
+#: word) and, run in a thread, lets the event loop take the GIL between steps.
+_PIECE: Final = re.compile(r"""([^\s'"\\]++)|'([^']*+)'|(\s++)|\\(.)|(")""", re.S)
+_DQ_PIECE: Final = re.compile(r"""([^"\\]++)|\\(.)|(")""", re.S)
+#: Commands longer than this are split in a worker thread.
+_SPLIT_IN_THREAD: Final = 64 * 1024
+
+
+def split_words(text: str, *, in_thread: bool = False) -> list[str]:
+    """Split a command line as ``shlex.split`` does (POSIX mode, no comments) -- what
+    :func:`zenith.pageserver.quoting.command_text` writes -- in linear time: '...' is
+    literal, in "..." a backslash escapes only ``\\`` and ``"``, outside quotes it escapes
+    any character. :class:`SyntaxError_` for an unclosed quote or a trailing backslash.
+    ``in_thread``: hand the GIL over every few thousand pieces, so that the event loop
+    thread waits for it far less than the interpreter's 5 ms switch interval."""
+    words: list[str] = []
+    steps = 0
+    current: list[str] = []
+    in_word = False
+    pos = 0
+    while pos < len(text):
+        steps += 1
+        if in_thread and not steps % 2048:
+            time.sleep(0)
+        match = _PIECE.match(text, pos)
+        if match is None:
+            what = "no escaped character" if text[pos] == "\\" else "no closing quotation"
+            raise SyntaxError_(f"cannot parse command: {what}")
+        pos = match.end()
+        plain, single, space, escaped, _ = match.groups()
+        if space is not None:
+            if in_word:
+                words.append("".join(current))
+                current, in_word = [], False
+            continue
+        in_word = True
+        if plain is not None:
+            current.append(plain)
+        elif single is not None:
+            current.append(single)
+        elif escaped is not None:
+            current.append(escaped)
+        else:
+            pos = _double_quoted(text, pos, current, in_thread)
+    if in_word:
+        words.append("".join(current))
+    return words
+
+
+def _split(text: str, *, in_thread: bool = False) -> list[str]:
+    if not any(c in text for c in _QUOTING):  # str's own search: fast on long texts
+        return text.split()  # the common case
+    return split_words(text, in_thread=in_thread)
+
+
+def _double_quoted(text: str, pos: int, out: list[str], in_thread: bool) -> int:
+    """Append the body of the "..." string starting at ``pos``; returns the position after
+    its closing quote."""
+    steps = 0
+    while True:
+        steps += 1
+        if in_thread and not steps % 2048:
+            time.sleep(0)
+        match = _DQ_PIECE.match(text, pos)
+        if match is None:
+            raise SyntaxError_("cannot parse command: no closing quotation")
+        pos = match.end()
+        chars, escaped, close = match.groups()
+        if close is not None:
+            return pos
+        if chars is not None:
+            out.append(chars)
+        else:
+            out.append(escaped if escaped in '"\\' else "\\" + escaped)
 
 
 @dataclass(frozen=True)
@@ -80,13 +157,10 @@ async def dispatch(server: Pageserver, session: Session, query: str) -> None:
             if pattern.match(text):
                 await session.send_command_complete(tag)
                 return
-    if _QUOTING.isdisjoint(text):
-        words = text.split()  # the common case, without shlex's per-character loop
+    if len(text) < _SPLIT_IN_THREAD:
+        words = _split(text)
     else:
-        try:
-            words = shlex.split(text)
-        except ValueError as exc:
-            raise SyntaxError_(f"cannot parse command: {exc}") from None
+        words = await asyncio.to_thread(_split, text, in_thread=True)
     if not words:
         await session.send_command_complete("")
         return
@@ -231,8 +305,13 @@ async def _get_page(server: Pageserver, session: Session, args: list[str]) -> No
         raise _Usage(f"key must be {KEY_SIZE} bytes in hex, got {args[2]!r:.60}") from None
     if len(key) != KEY_SIZE:
         raise _Usage(f"key must be {KEY_SIZE} bytes in hex, got {len(key)} bytes")
-    # A point lookup is fast enough to answer without a thread hop.
-    value = server.repo.get_value_of(args[0], key, lsn)
+    # In a worker thread: a long delta chain means redo, which must not stall the loop.
+    try:
+        value = await asyncio.to_thread(server.repo.get_value_of, args[0], key, lsn,
+                                        max_deltas=server.config.max_delta_chain)
+    except LimitExceeded as exc:
+        raise LimitExceeded(exc.message, hint="the bound is max_delta_chain in the "
+                            "pageserver's config.toml") from None
     await session.send_rows(["page"], [[value]], "SELECT 1")
 
 

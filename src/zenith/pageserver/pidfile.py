@@ -28,7 +28,8 @@ class PidFile:
         self._file: IO[str] | None = None
 
     def acquire(self, listen: str) -> None:
-        f = open(self.path, "a+", encoding="ascii")  # noqa: SIM115 - held for the lifetime
+        f = open(self.path, "a+", encoding="ascii",  # noqa: SIM115 - held for the lifetime
+                 opener=lambda path, flags: os.open(path, flags, 0o600))
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

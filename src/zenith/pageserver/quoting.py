@@ -1,5 +1,5 @@
 """Quoting of command words, shared by the CLI (which writes commands) and the dispatcher
-(which splits them with ``shlex``)."""
+(which splits them as ``shlex.split`` does, in linear time: ``page_service.split_words``)."""
 
 from __future__ import annotations
 

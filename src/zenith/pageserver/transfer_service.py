@@ -7,7 +7,9 @@ NAT): ``perform_push`` runs ``branch_push`` there and sends; ``perform_pull`` ru
 :func:`receive_branch` run on the two ends. Incoming transfers lock their destination name
 and the timelines they may write (``TransferLocks``): transfers to unrelated branches run
 concurrently, two to one timeline one after the other. A peer silent for longer than
-``transfer_timeout`` (config.toml, 60 s by default) is dropped.
+``transfer_timeout`` (config.toml, 60 s by default) is dropped. Connections out to a
+remote are TLS with certificate and host name checks unless its URI names an ``sslmode``
+(:func:`~zenith.pgwire.conninfo.parse_origin_uri`).
 """
 
 from __future__ import annotations
@@ -21,7 +23,13 @@ from zenith.errors import ConnectionFailed, PeerTimeout, PushRejected, ZenithErr
 from zenith.pageserver.page_service import command, expect_args
 from zenith.pageserver.quoting import command_text
 from zenith.pageserver.users import Role, require
-from zenith.pgwire.client import ClientCopyStream, Connection, connect, mask_uri, parse_uri
+from zenith.pgwire.client import (
+    ClientCopyStream,
+    Connection,
+    connect,
+    mask_uri,
+    parse_origin_uri,
+)
 from zenith.pgwire.server import Session
 from zenith.pgwire.session import CopyStream
 from zenith.storage import validate_branch_name
@@ -79,12 +87,14 @@ class _Reporter:
 
 
 async def _connect_remote(uri: str) -> Connection:
-    info = parse_uri(uri)
+    """Connect to an origin: TLS with verify-full unless its URI says otherwise."""
+    info = parse_origin_uri(uri)
     where = f"{info.host}:{info.port}"
     try:
         return await connect(info, timeout=CONNECT_TIMEOUT)
     except ConnectionFailed as exc:
-        raise ConnectionFailed(f"cannot reach remote {where}: {exc.message}") from exc
+        raise ConnectionFailed(f"cannot reach remote {where}: {exc.message}",
+                               hint=exc.hint) from exc
     except ZenithError as exc:
         raise type(exc)(f"remote {where}: {exc.message}", detail=exc.detail,
                         hint=exc.hint) from exc
@@ -124,7 +134,7 @@ def _refuse_followed(server: Pageserver, name: str) -> None:
 async def _remote_stream(uri: str, verb: str, words: list[str]) -> AsyncIterator[ClientCopyStream]:
     """Connect to the remote pageserver, run ``words`` there (a CopyBoth command), and
     yield the stream; finished and closed on the way out. Errors name the remote."""
-    info = parse_uri(uri)
+    info = parse_origin_uri(uri)
     where = f"{info.host}:{info.port}"
     conn = await _connect_remote(uri)
     try:

@@ -20,21 +20,22 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
 from zenith.errors import (
     AlreadyExists,
+    InvalidArgument,
     InvalidState,
     NotFound,
-    SyntaxError_,
     ZenithError,
 )
 from zenith.ids import TimelineId
 from zenith.lsn import INVALID_LSN, Lsn
 from zenith.pageserver.page_service import command, expect_args, lsn_arg
 from zenith.pageserver.users import Role, require
-from zenith.pgwire.conninfo import mask_uri
+from zenith.pgwire.conninfo import mask_text, mask_uri
 from zenith.pgwire.server import Session
 from zenith.postgres.import_basebackup import import_base_backup
 from zenith.postgres.keys import RelTag
@@ -56,6 +57,7 @@ BACKOFF: Final = (0.5, 1.0, 2.0, 5.0, 10.0)
 IMPORT_TIMEOUT: Final = 600.0
 PROGRESS_EVERY: Final = 1.0
 IMPORT_FAILURES: Final = 3
+STILL_WORKING_EVERY: Final = 30.0
 
 
 @dataclass
@@ -108,7 +110,8 @@ def resume_followers(server: Pageserver) -> None:
             f = Follower(branch, TimelineId.parse(entry["timeline_id"]), entry["uri"],
                          entry["slot"], int(entry.get("pg_timeline", "1")))
         except (KeyError, ValueError) as exc:
-            log.error("config.toml: source of branch %s is malformed: %s", branch, exc)
+            log.error("config.toml: source of branch %s is malformed: %s", branch,
+                      mask_text(str(exc)))
             continue
         _start(server, f)
 
@@ -146,7 +149,7 @@ async def _follow(server: Pageserver, f: Follower) -> None:
             return
         except Exception as exc:
             f.connected = False
-            f.error = exc.message if isinstance(exc, ZenithError) else repr(exc)
+            f.error = mask_text(exc.message if isinstance(exc, ZenithError) else repr(exc))
             f.failures += 1
             delay = BACKOFF[min(failures, len(BACKOFF) - 1)]
             failures += 1
@@ -235,7 +238,7 @@ async def _import(server: Pageserver, session: Session, args: list[str]) -> None
     expect_args(args, 2, 3)
     require(session.user, Role.ADMIN, "import")
     branch, uri = validate_branch_name(args[0]), args[1]
-    timeout = _seconds(args[2]) if len(args) > 2 else IMPORT_TIMEOUT
+    timeout = _seconds(args[2], 86400.0) if len(args) > 2 else IMPORT_TIMEOUT
     if any(b.name == branch for b in server.repo.list_branches()):
         raise AlreadyExists(f'branch "{branch}" already exists')
     timeline = server.repo.create_timeline()
@@ -254,7 +257,8 @@ async def _import(server: Pageserver, session: Session, args: list[str]) -> None
             await conn.create_physical_slot(slot)
             try:
                 await session.send_notice("taking a base backup")
-                result = await import_base_backup(server.repo, timeline.timeline_id, conn)
+                async with _still_working(session, "taking a base backup"):
+                    result = await import_base_backup(server.repo, timeline.timeline_id, conn)
             except BaseException:
                 with contextlib.suppress(Exception):
                     await conn.drop_slot(slot)
@@ -277,14 +281,37 @@ async def _import(server: Pageserver, session: Session, args: list[str]) -> None
     )
 
 
-def _seconds(text: str) -> float:
+@contextlib.asynccontextmanager
+async def _still_working(session: Session, what: str) -> AsyncIterator[None]:
+    """A NOTICE every STILL_WORKING_EVERY seconds while the body runs: progress the client
+    sees, and traffic that keeps the statement timeout from cutting a long step."""
+    start = time.monotonic()
+
+    async def tick() -> None:
+        while True:
+            await asyncio.sleep(STILL_WORKING_EVERY)
+            await session.send_notice(f"{what}: {time.monotonic() - start:.0f} s")
+
+    task = asyncio.create_task(tick())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+
+
+def _seconds(text: str, cap: float) -> float:
+    """A timeout argument: a finite number of seconds above 0 (``nan``, ``inf`` and
+    negative ones are refused with 22023), at most ``cap`` (larger ones are cut to it)."""
     try:
         value = float(text)
     except ValueError:
         value = float("nan")
-    if not 0 < value <= 86400:
-        raise SyntaxError_(f"timeout must be a number of seconds in (0, 86400], got {text!r}")
-    return value
+    if not 0 < value < float("inf"):  # also false for nan
+        raise InvalidArgument(
+            f"timeout must be a finite number of seconds above 0, got {text[:40]!r}")
+    return min(value, cap)
 
 
 async def _wait_readable(server: Pageserver, session: Session, f: Follower, target: Lsn,
@@ -334,10 +361,10 @@ async def _wait_readable(server: Pageserver, session: Session, f: Follower, targ
 async def _wait(server: Pageserver, session: Session, args: list[str]) -> None:
     expect_args(args, 2, 3)
     lsn = lsn_arg(args[1])
-    try:
-        timeout = float(args[2]) if len(args) > 2 else 60.0
-    except ValueError:
-        raise SyntaxError_(f"timeout must be a number of seconds, got {args[2]!r}") from None
+    # Nothing is sent while waiting, so the statement timeout would end a longer wait:
+    # cut it to end (with its own message) just before.
+    cap = 0.95 * server.config.statement_timeout
+    timeout = _seconds(args[2], cap) if len(args) > 2 else min(60.0, cap)
     deadline = time.monotonic() + timeout
     while True:
         tl = server.repo.resolve(args[0])
@@ -378,16 +405,20 @@ async def _detach(server: Pageserver, session: Session, args: list[str]) -> None
                             "SELECT 1")
 
 
-@command("source_list", "", "attached branches: source, slot, state, lag")
+@command("source_list", "", "attached branches: source (admins only, password masked), slot, "
+         "state, lag")
 async def _source_list(server: Pageserver, session: Session, args: list[str]) -> None:
     expect_args(args, 0, 0)
+    # The source URI names a host, a replication user and maybe more: admins see it
+    # (masked), other roles a NULL in its place (the columns are the same for everyone).
+    admin = Role.parse(session.user.role) >= Role.ADMIN
     rows = []
     for f in server.followers.values():
         at = server.repo.get_timeline(f.timeline_id).last_record_lsn
         lag = max(0, int(f.source_lsn) - int(at)) if f.source_lsn else None
         state = ("streaming" if f.connected else f"stopped: {f.stopped}" if f.stopped
                  else f"reconnecting: {f.error or 'starting'}")
-        rows.append([f.branch, mask_uri(f.uri), f.slot, str(at),
+        rows.append([f.branch, mask_uri(f.uri) if admin else None, f.slot, str(at),
                      str(f.source_lsn) if f.source_lsn else None,
                      str(lag) if lag is not None else None, state])
     await session.send_rows(

@@ -30,6 +30,9 @@ from zenith.errors import AuthenticationFailed, ProtocolViolation
 
 SCRAM_MECHANISM: Final = "SCRAM-SHA-256"
 SCRAM_ITERATIONS: Final = 4096
+#: The most PBKDF2 iterations a client computes for a server (PostgreSQL makes 4096): a
+#: hostile server must not make a connection attempt cost seconds of CPU.
+SCRAM_MAX_ITERATIONS: Final = 100_000
 
 # Mock salts must be stable for a user name (a client probing twice sees the same salt) and
 # unpredictable, like PostgreSQL's mock_auth_nonce.
@@ -285,8 +288,9 @@ class ScramServerExchange:
 class ScramClientExchange:
     """The client side of SCRAM-SHA-256 without channel binding (RFC 5802/7677), as libpq
     runs it: an empty user name in the client-first message (the startup packet names the
-    user). Raises :class:`AuthenticationFailed` when the server misbehaves or cannot prove
-    that it knows the verifier."""
+    user). Raises :class:`AuthenticationFailed` when the server misbehaves, asks for more
+    than :data:`SCRAM_MAX_ITERATIONS`, or cannot prove that it knows the verifier.
+    ``client_final`` runs PBKDF2: callers on an event loop run it in a thread."""
 
     def __init__(self, password: str):
         self._password = password
@@ -303,8 +307,12 @@ class ScramClientExchange:
         nonce, salt_b64, iterations_text = attrs.get("r", ""), attrs.get("s"), attrs.get("i", "")
         if not nonce.startswith(self._nonce) or len(nonce) == len(self._nonce) or not salt_b64:
             raise AuthenticationFailed("invalid SCRAM server-first message (nonce or salt)")
-        if not iterations_text.isdigit() or not 0 < int(iterations_text) <= 10_000_000:
-            raise AuthenticationFailed("invalid SCRAM iteration count from the server")
+        if (not iterations_text.isascii() or not iterations_text.isdigit()
+                or len(iterations_text) > 12
+                or not 0 < int(iterations_text) <= SCRAM_MAX_ITERATIONS):
+            raise AuthenticationFailed(
+                f"SCRAM iteration count from the server refused: {iterations_text[:20]!r} "
+                f"(at most {SCRAM_MAX_ITERATIONS:,})")
         try:
             salt = base64.b64decode(salt_b64, validate=True)
         except binascii.Error as exc:

@@ -7,6 +7,13 @@ behaviour: the URI forms of :mod:`zenith.pgwire.conninfo` (re-exported here), ss
 disable/allow/prefer/require/verify-ca/verify-full, SCRAM-SHA-256, MD5, cleartext and trust
 authentication, and one time budget for the whole connection attempt.
 
+Trust: a password is never sent in clear or as MD5 without TLS unless the URI's
+``require_auth`` allows it (:func:`~zenith.pgwire.conninfo.allowed_auth`), checked before
+anything is sent; SCRAM must end with the server's verified signature, its iteration count
+is bounded (``SCRAM_MAX_ITERATIONS``) and its key derivation runs in a worker thread.
+Origins (other pageservers) are parsed with :func:`parse_origin_uri`: ``verify-full`` by
+default.
+
 Errors: an unreachable server or a lost connection is :class:`~zenith.errors.ConnectionFailed`
 naming ``host:port``; an ErrorResponse becomes the :class:`~zenith.errors.ZenithError` class
 registered for its SQLSTATE (so 28P01 is ``AuthenticationFailed``). After an ErrorResponse
@@ -41,8 +48,11 @@ from zenith.pgwire.auth import SCRAM_MECHANISM, ScramClientExchange, md5_client_
 from zenith.pgwire.conninfo import (
     ConnInfo,
     PgpassEntry,
+    allowed_auth,
     lookup_password,
     mask_uri,
+    parse_local_uri,
+    parse_origin_uri,
     parse_pgpass,
     parse_uri,
     read_pgpass,
@@ -98,6 +108,8 @@ __all__ = [
     "decode_bytea",
     "lookup_password",
     "mask_uri",
+    "parse_local_uri",
+    "parse_origin_uri",
     "parse_pgpass",
     "parse_uri",
     "read_pgpass",
@@ -528,7 +540,9 @@ def _ssl_context(info: ConnInfo) -> ssl.SSLContext:
         elif not os.path.exists(root):
             raise ConnectionFailed(
                 f'root certificate file "{root}" does not exist',
-                hint="Provide the file with sslrootcert, or use sslmode=require.")
+                hint="Name the CA's certificate with sslrootcert=FILE, use the system's "
+                     "trusted roots with sslrootcert=system, or change sslmode (disable "
+                     "verification only on a network you trust).")
         else:
             context.load_verify_locations(root)
         context.check_hostname = info.sslmode == "verify-full"
@@ -556,15 +570,16 @@ class _TLSFailed(ConnectionFailed):
     pass
 
 
-async def _negotiate_tls(stream: MessageStream, info: ConnInfo) -> None:
+async def _negotiate_tls(stream: MessageStream, info: ConnInfo) -> bool:
+    """SSLRequest and the TLS handshake; False when a ``prefer`` server declined."""
     context = _ssl_context(info)
     await stream.send(SSLRequest())
     answer = await stream.recv_raw(2)
     if answer == b"N":
         if info.sslmode != "prefer":
             raise ConnectionFailed(f"server at {info.address} does not support SSL, "
-                                   "but SSL was required")
-        return
+                                   f"but SSL was required (sslmode={info.sslmode})")
+        return False
     if answer[:1] == b"E":  # a server that predates SSL answers with an ErrorResponse
         stream.decoder.feed(answer)
         message = await stream.recv()
@@ -579,11 +594,41 @@ async def _negotiate_tls(stream: MessageStream, info: ConnInfo) -> None:
         await stream.writer.start_tls(context, server_hostname=server_hostname)
     except (OSError, ssl.SSLError) as exc:
         raise _TLSFailed(f"SSL error connecting to {info.address}: {exc}") from exc
+    return True
+
+
+_METHOD_NAMES: dict[str, str] = {
+    "password": "a cleartext password", "md5": "an MD5 password",
+    "scram-sha-256": "SCRAM-SHA-256 authentication", "none": "no authentication",
+}
+
+
+def _check_method(info: ConnInfo, allowed: frozenset[str], method: str, tls: bool) -> None:
+    """Refuse, before anything is sent, a method the connection does not allow."""
+    if method in allowed:
+        return
+    asked = _METHOD_NAMES[method]
+    if info.require_auth is not None:
+        raise AuthenticationFailed(
+            f'authentication method requirement "{info.require_auth}" failed: the server at '
+            f"{info.address} requested {asked}; nothing was sent")
+    assert not tls  # without require_auth every method is allowed over TLS
+    raise AuthenticationFailed(
+        f"the server at {info.address} requested {asked} over a connection without TLS: "
+        "refused, the password was not sent",
+        hint=f"Use TLS (sslmode=verify-full), or allow it explicitly with "
+             f"require_auth={method} in the URI.")
 
 
 async def _authenticate(conn_stream: MessageStream, info: ConnInfo, user: str,
-                        password: str | None, notices: list[Notice]) -> None:
+                        password: str | None, notices: list[Notice], tls: bool) -> None:
+    """Answer the server's authentication requests with the methods
+    :func:`~zenith.pgwire.conninfo.allowed_auth` allows; SCRAM must end with the server's
+    verified signature before AuthenticationOk is accepted."""
+    allowed = allowed_auth(info, tls=tls)
     scram: ScramClientExchange | None = None
+    scram_step = ""  # "first" sent, "final" sent, "verified" server signature checked
+    authenticated = False
 
     def need_password() -> str:
         if password is None:
@@ -597,23 +642,47 @@ async def _authenticate(conn_stream: MessageStream, info: ConnInfo, user: str,
         message = await conn_stream.recv()
         try:
             if isinstance(message, AuthenticationOk):
+                if scram is not None and scram_step != "verified":
+                    raise AuthenticationFailed(
+                        f"the server at {info.address} ended SCRAM authentication without "
+                        "proving that it knows the password (no valid server signature)")
+                if not authenticated:
+                    _check_method(info, allowed, "none", tls)
                 return
+            if (isinstance(message, AuthenticationCleartextPassword | AuthenticationMD5Password
+                           | AuthenticationSASL)
+                    and (authenticated or scram is not None)):
+                raise ProtocolViolation(f"the server at {info.address} asked for "
+                                        "authentication twice")
             if isinstance(message, AuthenticationCleartextPassword):
+                _check_method(info, allowed, "password", tls)
+                authenticated = True
                 await conn_stream.send(PasswordMessage(need_password()))
             elif isinstance(message, AuthenticationMD5Password):
+                _check_method(info, allowed, "md5", tls)
+                authenticated = True
                 response = md5_client_response(user, need_password(), message.salt)
                 await conn_stream.send(PasswordMessage(response))
-            elif isinstance(message, AuthenticationSASL):
+            elif isinstance(message, AuthenticationSASL) and scram is None:
+                _check_method(info, allowed, "scram-sha-256", tls)
                 if SCRAM_MECHANISM not in message.mechanisms:
                     raise FeatureNotSupported(
                         "none of the server's SASL authentication mechanisms are supported: "
                         + ", ".join(message.mechanisms))
                 scram = ScramClientExchange(need_password())
+                scram_step = "first"
                 await conn_stream.send(SASLInitialResponse(SCRAM_MECHANISM, scram.client_first()))
-            elif isinstance(message, AuthenticationSASLContinue) and scram is not None:
-                await conn_stream.send(SASLResponse(scram.client_final(message.data)))
-            elif isinstance(message, AuthenticationSASLFinal) and scram is not None:
+            elif (isinstance(message, AuthenticationSASLContinue) and scram is not None
+                  and scram_step == "first"):
+                # PBKDF2 with the server's iteration count: off the event loop.
+                final = await asyncio.to_thread(scram.client_final, message.data)
+                scram_step = "final"
+                await conn_stream.send(SASLResponse(final))
+            elif (isinstance(message, AuthenticationSASLFinal) and scram is not None
+                  and scram_step == "final"):
                 scram.check_server_final(message.data)
+                scram_step = "verified"
+                authenticated = True
             elif isinstance(message, AuthenticationOther):
                 raise FeatureNotSupported(
                     f"authentication method {message.code} requested by the server is not "
@@ -622,6 +691,10 @@ async def _authenticate(conn_stream: MessageStream, info: ConnInfo, user: str,
                 raise _error(message)
             elif isinstance(message, NoticeResponse):
                 notices.append(Notice.from_message(message))
+            elif isinstance(message, AuthenticationSASL | AuthenticationSASLContinue
+                            | AuthenticationSASLFinal):
+                raise ProtocolViolation(f"unexpected {type(message).__name__} from the server "
+                                        f"at {info.address}: SCRAM messages out of order")
             elif not isinstance(message, NegotiateProtocolVersion):
                 raise ProtocolViolation(f"unexpected {type(message).__name__} during "
                                         "authentication")
@@ -635,8 +708,7 @@ async def _connect_once(info: ConnInfo, user: str, dbname: str, password: str | 
     stream = MessageStream(reader, writer, Decoder(Sender.BACKEND),
                            peer_name=f"server at {info.address}")
     try:
-        if use_tls:
-            await _negotiate_tls(stream, info)
+        tls = await _negotiate_tls(stream, info) if use_tls else False
         params = {"user": user, "database": dbname, "client_encoding": "UTF8"}
         if info.application_name:
             params["application_name"] = info.application_name
@@ -645,7 +717,7 @@ async def _connect_once(info: ConnInfo, user: str, dbname: str, password: str | 
         params.update(extra)
         await stream.send(StartupMessage.build(params))
         notices: list[Notice] = []
-        await _authenticate(stream, info, user, password, notices)
+        await _authenticate(stream, info, user, password, notices, tls)
         parameters: dict[str, str] = {}
         key: tuple[int, int] | None = None
         while True:

@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Final
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 from zenith.errors import InvalidArgument
 
@@ -31,12 +31,18 @@ logger = logging.getLogger(__name__)
 SSL_MODES: Final = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 DEFAULT_PORT: Final = 5432
 DEFAULT_HOST: Final = "localhost"
+#: The sslmode of connections to origins (other pageservers) when their URI names none.
+ORIGIN_SSLMODE: Final = "verify-full"
+#: ``require_auth`` methods (libpq 16); gss and sspi are accepted and never offered.
+AUTH_REQUIREMENTS: Final = ("password", "md5", "scram-sha-256", "gss", "sspi", "none")
+#: What the CLI allows its own pageserver (loopback, configured by ``zenith init``).
+LOCAL_REQUIRE_AUTH: Final = "password,md5,scram-sha-256,none"
 
 _SCHEMES: Final = ("postgresql://", "postgres://")
 _SUPPORTED: Final = frozenset({
     "host", "hostaddr", "port", "dbname", "user", "password", "sslmode", "sslrootcert",
     "sslcert", "sslkey", "connect_timeout", "application_name", "fallback_application_name",
-    "options", "ssl",
+    "options", "ssl", "require_auth",
 })
 # libpq keywords that change nothing for zenith's use, accepted so that URIs written for
 # psql keep working.
@@ -68,11 +74,20 @@ class ConnInfo:
     options: str | None = None
     #: Numeric address to connect to instead of resolving ``host`` (libpq's hostaddr).
     hostaddr: str | None = None
+    #: libpq 16's ``require_auth``: the authentication methods the server may ask for
+    #: (see :func:`allowed_auth`); ``None`` is zenith's default policy.
+    require_auth: str | None = None
 
     def __post_init__(self) -> None:
         if self.sslmode not in SSL_MODES:
             raise InvalidArgument(f'invalid sslmode value: "{self.sslmode}"',
                                   hint=f"Use one of {', '.join(SSL_MODES)}.")
+        if self.sslrootcert == "system" and self.sslmode != "verify-full":
+            raise InvalidArgument(
+                f'weak sslmode "{self.sslmode}" may not be used with sslrootcert=system',
+                hint='Use sslmode=verify-full (the default with sslrootcert=system).')
+        if self.require_auth is not None:
+            parse_require_auth(self.require_auth)
         if not 1 <= self.port <= 65535:
             raise InvalidArgument(f'invalid port number: "{self.port}"')
 
@@ -103,7 +118,7 @@ class ConnInfo:
         params = []
         defaults = ConnInfo()
         for name in ("sslmode", "sslrootcert", "sslcert", "sslkey", "connect_timeout",
-                     "application_name", "options", "hostaddr"):
+                     "application_name", "options", "hostaddr", "require_auth"):
             value = getattr(self, name)
             if value != getattr(defaults, name):
                 if isinstance(value, float) and value.is_integer():
@@ -125,24 +140,94 @@ def _quote(text: str) -> str:
 _USERINFO: Final = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<rest>.*)$", re.S)
 
 
+# key=value pairs in a URI query or a libpq keyword/value string (``host=a password='x y'``);
+# the value may be single-quoted (with backslash escapes) as libpq allows.
+_PARAM: Final = re.compile(
+    r"(?P<key>[^\s=&?'\"]+)(?P<eq>\s*=\s*)(?P<value>'(?:[^'\\]|\\.)*'?|[^\s&]*)", re.S)
+
+
+def _loose_decode(text: str) -> str:
+    """Percent-decoding that never fails (for masking text that may not parse)."""
+    return unquote(text, errors="replace")
+
+
+def _secret_key(key: str) -> bool:
+    """Whether a parameter name (percent-encoded or not) names a secret: ``password``,
+    ``sslpassword``, ``pass%77ord`` and case variants all do."""
+    name = _loose_decode(key).strip().lower()
+    return "password" in name or name in ("pass", "passwd", "pwd")
+
+
+def _mask_params(text: str) -> str:
+    def repl(m: re.Match[str]) -> str:
+        if not _secret_key(m.group("key")):
+            return m.group(0)
+        return m.group("key") + m.group("eq") + "***"
+
+    return _PARAM.sub(repl, text)
+
+
 def mask_uri(uri: str) -> str:
-    """``uri`` with any password replaced by ``***``; works on text that does not parse."""
+    """``uri`` with any password replaced by ``***``; works on text that does not parse.
+
+    Masked: the userinfo password (``postgresql://user:***@host``, also when it holds an
+    unencoded ``@`` or ``/``), every query parameter whose decoded name is a password
+    (``?password=``, ``?pass%77ord=``, ``?sslpassword=``), and the same in libpq's
+    keyword/value form (``host=a password=***``), which zenith does not accept but may
+    find in an error message.
+    """
     match = _USERINFO.match(uri)
     if match is None:
-        return uri
+        return _mask_params(uri)
     scheme, rest = match.group("scheme"), match.group("rest")
     slash = rest.find("/")
     authority, tail = (rest, "") if slash < 0 else (rest[:slash], rest[slash:])
     at = authority.rfind("@")
+    if at < 0 and slash >= 0:
+        # A password holding an unencoded '/': user info runs to the last '@' before the
+        # query (libpq refuses such a URI; its error must not show the password either).
+        query = rest.find("?")
+        later = rest.rfind("@", 0, query if query >= 0 else len(rest))
+        if later >= 0 and ":" in rest[:slash]:
+            authority, tail, at = rest[:later + 1], rest[later + 1:], later
+    userinfo, hostpart = (authority[:at], authority[at:]) if at >= 0 else ("", authority)
+    if "?" in hostpart:  # postgresql://host?password=... (no path)
+        hostpart, _, query_text = hostpart.partition("?")
+        tail = "?" + query_text + tail
     if at >= 0:
-        userinfo, hostpart = authority[:at], authority[at:]
         user, sep, _password = userinfo.partition(":")
         authority = user + (":***" if sep else "") + hostpart
-    elif "?" in authority:  # postgresql://host?password=...
-        authority, _, query = authority.partition("?")
-        tail = "?" + query + tail
-    tail = re.sub(r"([?&]password=)[^&]*", r"\1***", tail)
-    return scheme + authority + tail
+    else:
+        authority = hostpart
+    path, sep, query_part = tail.partition("?")
+    return scheme + authority + path + sep + _mask_params(query_part)
+
+
+_EMBEDDED_URI: Final = re.compile(r"postgres(?:ql)?://[^\s\"'<>]*", re.I)
+
+
+def mask_text(text: str) -> str:
+    """Free text (a log line, an error message) with the password of every URI it holds
+    and every ``password=...`` parameter shown as ``***``."""
+    masked = _EMBEDDED_URI.sub(lambda m: mask_uri(m.group(0)), text)
+    return _mask_params(masked)
+
+
+class MaskSecrets(logging.Filter):
+    """A logging filter (put it on a handler) that masks passwords in every record, its
+    arguments and its traceback, whichever logger wrote it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a broken format string: let the handler report it
+            return True
+        record.msg, record.args = mask_text(message), None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = mask_text(record.exc_text)
+        return True
 
 
 def _decode(text: str, what: str, *, secret: bool = False) -> str:
@@ -173,8 +258,56 @@ def _find_any(text: str, chars: str) -> int:
     return min(positions) if positions else len(text)
 
 
-def parse_uri(uri: str) -> ConnInfo:
-    """Parse a ``postgresql://`` / ``postgres://`` URI as libpq does.
+def parse_require_auth(text: str) -> frozenset[str]:
+    """The methods a ``require_auth`` value allows, as libpq 16 reads it: a comma list of
+    methods (``password``, ``md5``, ``scram-sha-256``, ``gss``, ``sspi``, ``none`` for no
+    authentication at all), or a list of ``!method`` that allows everything else."""
+    items = [item.strip() for item in text.split(",")]
+    negated = [item.startswith("!") for item in items]
+    if any(negated) and not all(negated):
+        raise InvalidArgument(f'invalid require_auth value "{text}": negative and positive '
+                              "methods cannot be mixed")
+    names = [item[1:] if neg else item for item, neg in zip(items, negated, strict=True)]
+    for name in names:
+        if name not in AUTH_REQUIREMENTS:
+            raise InvalidArgument(f'invalid require_auth method: "{name}"',
+                                  hint=f"Use {', '.join(AUTH_REQUIREMENTS)}, or !method.")
+    if all(negated):
+        return frozenset(AUTH_REQUIREMENTS) - frozenset(names)
+    return frozenset(names)
+
+
+def allowed_auth(info: ConnInfo, *, tls: bool) -> frozenset[str]:
+    """The authentication methods the client lets the server use: ``require_auth`` when
+    given; else all of them over TLS, and without TLS only SCRAM and none -- a password is
+    never sent in clear or as MD5 without TLS unless the URI says so."""
+    if info.require_auth is not None:
+        return parse_require_auth(info.require_auth)
+    if tls:
+        return frozenset(AUTH_REQUIREMENTS)
+    return frozenset({"scram-sha-256", "none"})
+
+
+def parse_origin_uri(uri: str) -> ConnInfo:
+    """An origin's URI (another pageserver): as :func:`parse_uri`, but without an
+    ``sslmode`` it is :data:`ORIGIN_SSLMODE` (TLS with certificate and host name checks)."""
+    return parse_uri(uri, default_sslmode=ORIGIN_SSLMODE)
+
+
+def parse_local_uri(uri: str) -> ConnInfo:
+    """The CLI's URI for its own pageserver: as :func:`parse_uri` (``sslmode=prefer``), and
+    any authentication method the pageserver was configured with (``zenith init
+    --auth-method``) is allowed unless the URI has a ``require_auth``."""
+    info = parse_uri(uri)
+    if info.require_auth is None:
+        info = replace(info, require_auth=LOCAL_REQUIRE_AUTH)
+    return info
+
+
+def parse_uri(uri: str, *, default_sslmode: str = "prefer") -> ConnInfo:
+    """Parse a ``postgresql://`` / ``postgres://`` URI as libpq does (``sslmode`` is
+    ``default_sslmode`` when the URI has none, ``verify-full`` with
+    ``sslrootcert=system``).
 
     Raises :class:`InvalidArgument` naming what is wrong (the password never appears).
     """
@@ -233,6 +366,9 @@ def parse_uri(uri: str) -> ConnInfo:
         rest = rest[end:]
     if rest.startswith("?"):
         _parse_query(rest[1:], values, uri)
+    if "sslmode" not in values:
+        values["sslmode"] = ("verify-full" if values.get("sslrootcert") == "system"
+                             else default_sslmode)
     return _build(values)
 
 
@@ -249,7 +385,7 @@ def _parse_query(query: str, values: dict[str, str], uri: str) -> None:
             raise InvalidArgument(f'extra key/value separator "=" in URI query parameter: '
                                   f'"{key}"')
         key = _decode(key, "query parameter name")
-        value = _decode(value, f"value of {key}", secret=key == "password")
+        value = _decode(value, f"value of {key}", secret=_secret_key(key))
         if key == "ssl":
             if value != "true":
                 raise InvalidArgument(f'invalid value "{value}" for ssl: only "true"')
@@ -283,12 +419,26 @@ def _build(values: Mapping[str, str]) -> ConnInfo:
         # As libpq: zero or negative waits forever, and less than 2 seconds means 2.
         kwargs["connect_timeout"] = None if timeout <= 0 else float(max(timeout, 2))
     for key in ("host", "user", "password", "dbname", "sslmode", "sslrootcert", "sslcert",
-                "sslkey", "application_name", "options", "hostaddr"):
+                "sslkey", "application_name", "options", "hostaddr", "require_auth"):
         if key in values:
             kwargs[key] = values[key]
     if kwargs.get("host") == "":
         del kwargs["host"]
     return ConnInfo(**kwargs)  # type: ignore[arg-type]
+
+
+def add_password(uri: str, password: str) -> str:
+    """``uri`` with ``password`` added as a ``password=`` query parameter (which libpq lets
+    override the parts before it), for ``--password-stdin``. A URI that already carries a
+    password is refused: the password must come from one place."""
+    if not password:
+        raise InvalidArgument("the password read from standard input is empty")
+    if parse_uri(uri).password is not None:
+        raise InvalidArgument(f'the URI "{mask_uri(uri)}" already holds a password',
+                              hint="give the password either in the URI or on standard "
+                                   "input, not both")
+    sep = "&" if "?" in uri else "?"
+    return f"{uri}{sep}password={_quote(password)}"
 
 
 # ---------------------------------------------------------------------------------------

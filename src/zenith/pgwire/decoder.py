@@ -24,7 +24,7 @@ import struct
 from collections.abc import Callable, Iterator, Mapping
 from typing import Final
 
-from zenith.errors import ProtocolViolation
+from zenith.errors import ProtocolViolation, QueryTooLong
 from zenith.pgwire.messages import (
     CANCEL_REQUEST_CODE,
     DEFAULT_MAX_MESSAGE_SIZE,
@@ -285,6 +285,9 @@ _FIXED_LENGTH: Final[Mapping[Sender, Mapping[int, int]]] = {
 }
 
 
+_QUERY: Final = ord("Q")
+
+
 def _type_name(code: int) -> str:
     return repr(chr(code)) if 32 < code < 127 else str(code)
 
@@ -296,7 +299,9 @@ class Decoder:
     ``next()`` returns the next complete message or ``None`` when more bytes are needed.
     Both raise :class:`ProtocolViolation` on malformed input; the decoder is then unusable
     (the connection must be closed). ``max_message_size`` may be changed between messages
-    (the server keeps it small until the client has authenticated).
+    (the server keeps it small until the client has authenticated). ``max_query_size``
+    (frontend decoders, ``None``: no limit beyond ``max_message_size``) bounds Query
+    messages alone -- COPY data is not a query -- and raises :class:`QueryTooLong`.
     """
 
     def __init__(self, sender: Sender, *, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
@@ -304,6 +309,7 @@ class Decoder:
         self.sender = sender
         self.max_message_size = max_message_size
         self.max_startup_size = max_startup_size
+        self.max_query_size: int | None = None
         #: True while untyped startup packets are expected (frontend decoders only).
         self.in_startup = sender is Sender.FRONTEND
         self._decoders = _FRONTEND_DECODERS if sender is Sender.FRONTEND else _BACKEND_DECODERS
@@ -345,6 +351,11 @@ class Decoder:
             raise ProtocolViolation(
                 f"message of type {_type_name(code)} is too large: {length} bytes claimed, "
                 f"limit {self.max_message_size}")
+        if code == _QUERY and self.max_query_size is not None and \
+                length - 5 > self.max_query_size and self.sender is Sender.FRONTEND:
+            raise QueryTooLong(
+                f"query text is too long: {length - 5} bytes, limit {self.max_query_size}",
+                hint="the server sets it (max_query_size); COPY data is not limited by it")
         fixed = _FIXED_LENGTH[self.sender].get(code)
         if fixed is not None and length != fixed:
             raise ProtocolViolation(

@@ -7,7 +7,10 @@ nothing of storage -- the pageserver passes a :data:`QueryHandler` and a
 
 ``ServerConfig(auth_method="scram-sha-256" | "md5" | "password" | "trust", ssl_context=None,
 server_version="15.0 (zenith)", parameters={...}, max_message_size=64 MiB,
-max_startup_size=10000, auth_timeout=30.0)``
+max_startup_size=10000, auth_timeout=30.0, max_query_size=1 MiB, max_connections=256,
+max_connections_per_user=64, reserved_connections=3, reserved_role="admin",
+idle_timeout=300.0, statement_timeout=600.0)``
+    The limits are described in docs/limits.md; a ``None`` timeout means none.
     ``parameters`` are sent as ParameterStatus after authentication (``server_version``
     and the client's ``application_name`` are filled in per connection).
 
@@ -54,6 +57,7 @@ import contextlib
 import logging
 import secrets
 import ssl
+import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -66,6 +70,7 @@ from zenith.errors import (
     FeatureNotSupported,
     ProtocolViolation,
     ServerError,
+    TooManyConnections,
     ZenithError,
 )
 from zenith.pgwire.auth import (
@@ -80,6 +85,7 @@ from zenith.pgwire.auth import (
     make_md5_hash,
     make_scram_verifier,
 )
+from zenith.pgwire.conninfo import mask_text
 from zenith.pgwire.decoder import Decoder
 from zenith.pgwire.messages import (
     DEFAULT_MAX_MESSAGE_SIZE,
@@ -118,6 +124,7 @@ from zenith.pgwire.stream import MessageStream
 
 __all__ = [
     "CancelRegistry",
+    "ConnectionSlots",
     "CopyStream",
     "Credentials",
     "InMemoryCredentials",
@@ -163,6 +170,19 @@ class ServerConfig:
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
     max_startup_size: int = MAX_STARTUP_PACKET_SIZE
     auth_timeout: float = 30.0
+    #: After sign-in: the text of one Query (COPY data is bounded by max_message_size).
+    max_query_size: int = 1024 * 1024
+    #: Connections at once, signing in or signed in; one more is refused at once (53300).
+    max_connections: int = 256
+    #: Signed-in connections of one user; users of ``reserved_role`` are exempt.
+    max_connections_per_user: int = 64
+    #: Of ``max_connections``, slots only users of ``reserved_role`` may take.
+    reserved_connections: int = 3
+    reserved_role: str = "admin"
+    #: Seconds a signed-in connection may wait between commands (57P05 FATAL after).
+    idle_timeout: float | None = 300.0
+    #: Seconds a command may run with nothing read or sent (57014 after).
+    statement_timeout: float | None = 600.0
 
     def __post_init__(self) -> None:
         if self.auth_method not in AUTH_METHODS:
@@ -181,6 +201,54 @@ class ServerState(Enum):
     QUERY = auto()  # the handler is running (it may be in COPY: see SessionState)
     SKIP_TO_SYNC = auto()  # after an extended-protocol message: discard until Sync
     CLOSED = auto()
+
+
+class ConnectionSlots:
+    """Connections of one server, counted for ``max_connections`` and the per-user and
+    reserved limits (PostgreSQL's max_connections, rolconnlimit and
+    reserved_connections)."""
+
+    def __init__(self) -> None:
+        self.total = 0
+        self.per_user: dict[str, int] = {}
+        self.refused = 0  # at accept time, since the last log line about it
+        self._logged_at = float("-inf")
+
+    def note_refusal(self) -> int:
+        """Count one connection refused at accept time; returns how many to log now (at
+        most one log line every 10 s, so a flood does not flood the log), else 0."""
+        self.refused += 1
+        now = time.monotonic()
+        if now - self._logged_at < 10.0:
+            return 0
+        count, self.refused, self._logged_at = self.refused, 0, now
+        return count
+
+    def open(self, config: ServerConfig) -> None:
+        if self.total >= config.max_connections:
+            raise TooManyConnections("sorry, too many clients already")
+        self.total += 1
+
+    def sign_in(self, config: ServerConfig, user: StoredUser) -> None:
+        """Check the limits that depend on the user; on success the user's slot is held
+        until :meth:`close`."""
+        if user.role != config.reserved_role:
+            if self.total > config.max_connections - config.reserved_connections:
+                raise TooManyConnections(
+                    "remaining connection slots are reserved for users with role "
+                    f'"{config.reserved_role}"')
+            if self.per_user.get(user.name, 0) >= config.max_connections_per_user:
+                raise TooManyConnections(f'too many connections for role "{user.name}"')
+        self.per_user[user.name] = self.per_user.get(user.name, 0) + 1
+
+    def close(self, user: StoredUser | None) -> None:
+        self.total -= 1
+        if user is not None:
+            left = self.per_user.get(user.name, 0) - 1
+            if left > 0:
+                self.per_user[user.name] = left
+            else:
+                self.per_user.pop(user.name, None)
 
 
 class CancelRegistry:
@@ -220,7 +288,8 @@ def _default_tag(sql: str) -> str:
 class _Connection:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                  config: ServerConfig, credentials: Credentials, handler: QueryHandler,
-                 registry: CancelRegistry, on_cancel: Callable[[int, int], None] | None):
+                 registry: CancelRegistry, on_cancel: Callable[[int, int], None] | None,
+                 slots: ConnectionSlots):
         peer = writer.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "client")
         decoder = Decoder(Sender.FRONTEND, max_startup_size=config.max_startup_size,
@@ -232,16 +301,31 @@ class _Connection:
         self.handler = handler
         self.registry = registry
         self.on_cancel = on_cancel
+        self.slots = slots
         self.state = ServerState.STARTUP
         self.tls = False
         self.session: Session | None = None
         self._query_task: asyncio.Task[None] | None = None
         self._cancel_requested = False
+        self._timed_out = False
+        self._watchdog: asyncio.TimerHandle | None = None
 
     # -- lifecycle ------------------------------------------------------------------
 
     async def run(self) -> None:
         pid: int | None = None
+        try:
+            self.slots.open(self.config)
+        except TooManyConnections as exc:
+            # Refused before reading anything: a flood costs no buffers (libpq reports an
+            # ErrorResponse that answers its SSLRequest or startup packet alike).
+            if count := self.slots.note_refusal():
+                logger.warning("%d connection(s) refused (last from %s): %s", count,
+                               self.peer, exc.message)
+            await self._fatal(_error_from(exc, "FATAL"))
+            await self.stream.close()
+            return
+        signed_in: StoredUser | None = None
         try:
             try:
                 async with asyncio.timeout(self.config.auth_timeout):
@@ -253,6 +337,8 @@ class _Connection:
                 await self._fatal(ErrorResponse.build(
                     "57014", "canceling authentication due to timeout", severity="FATAL"))
                 return
+            self.slots.sign_in(self.config, user)
+            signed_in = user
             pid, secret = self.registry.register(self)
             await self._ready(startup, user, pid, secret)
             await self._command_loop()
@@ -271,6 +357,7 @@ class _Connection:
             await self._fatal(ErrorResponse.build("XX000", "internal error", severity="FATAL"))
         finally:
             self.state = ServerState.CLOSED
+            self.slots.close(signed_in)
             if pid is not None:
                 self.registry.unregister(pid)
             await self.stream.close()
@@ -423,8 +510,10 @@ class _Connection:
         password = (await self._auth_response()).to_password().password
         if user is None:
             return False
-        return check_password(password, scram_verifier=user.scram_verifier,
-                              md5_hash=user.md5_hash, user=name)
+        # PBKDF2 with the verifier's iteration count: off the event loop.
+        return await asyncio.to_thread(check_password, password,
+                                       scram_verifier=user.scram_verifier,
+                                       md5_hash=user.md5_hash, user=name)
 
     async def _ready(self, startup: StartupMessage, user: StoredUser, pid: int,
                      secret: int) -> None:
@@ -439,6 +528,7 @@ class _Connection:
         status["application_name"] = application_name
         status.setdefault("session_authorization", user.name)
         self.stream.decoder.max_message_size = self.config.max_message_size
+        self.stream.decoder.max_query_size = self.config.max_query_size
         self.stream.write(AuthenticationOk(),
                           *(ParameterStatus(k, v) for k, v in status.items()),
                           BackendKeyData(pid, secret), ReadyForQuery())
@@ -451,7 +541,15 @@ class _Connection:
 
     async def _command_loop(self) -> None:
         while True:
-            message = await self.stream.recv()
+            try:
+                async with asyncio.timeout(self.config.idle_timeout):
+                    message = await self.stream.recv()
+            except TimeoutError:
+                logger.info("%s: idle-session timeout", self.peer)
+                await self._fatal(ErrorResponse.build(
+                    "57P05", "terminating connection due to idle-session timeout",
+                    severity="FATAL"))
+                return
             if isinstance(message, Terminate):
                 return
             if self.state is ServerState.SKIP_TO_SYNC:
@@ -503,22 +601,31 @@ class _Connection:
         task = asyncio.current_task()
         assert task is not None
         self._query_task = task
+        self._timed_out = False
+        self._watch_statement(task, time.monotonic())
         error: ErrorResponse | None = None
         try:
             await self.handler(session, sql)
         except asyncio.CancelledError:
-            if not self._cancel_requested or task.cancelling() > 1:
+            if not (self._cancel_requested or self._timed_out) or task.cancelling() > 1:
                 raise
             task.uncancel()
-            error = ErrorResponse.build("57014", "canceling statement due to user request")
+            error = ErrorResponse.build("57014", "canceling statement due to statement timeout"
+                                        if self._timed_out else
+                                        "canceling statement due to user request")
         except ZenithError as exc:
             error = _error_from(exc, "ERROR")
         except Exception:
             if self.stream.broken is None:
-                logger.exception("internal error in query handler for %r", sql[:200])
+                # Only the command word: arguments may carry URIs with passwords.
+                logger.exception("internal error in query handler for %r command",
+                                 (sql.split(None, 1) or [""])[0][:64])
             error = ErrorResponse.build("XX000", "internal error")
         finally:
             self._query_task = None
+            if self._watchdog is not None:
+                self._watchdog.cancel()
+                self._watchdog = None
         if self.stream.broken is not None:
             raise self.stream.broken  # the client is gone or broke the protocol
         if error is not None:
@@ -530,25 +637,53 @@ class _Connection:
         await self.stream.drain()
         self.state = ServerState.IDLE
 
+    def _watch_statement(self, task: asyncio.Task[None], started: float) -> None:
+        """Cancel ``task`` once nothing was read or sent for ``statement_timeout``
+        seconds: a command that reports progress (or streams data) runs as long as it
+        needs; a stuck one does not hold the connection forever."""
+        limit = self.config.statement_timeout
+        if limit is None:
+            return
+        loop = asyncio.get_running_loop()
+
+        def check() -> None:
+            if self._query_task is not task:
+                return
+            silent = time.monotonic() - max(started, self.stream.last_activity)
+            if silent >= limit:
+                logger.info("%s: statement timeout after %.0f s of silence", self.peer, silent)
+                self._timed_out = True
+                task.cancel()
+                return
+            self._watchdog = loop.call_later(limit - silent, check)
+
+        self._watchdog = loop.call_later(limit, check)
+
 
 def _error_from(exc: ZenithError, severity: str) -> ErrorResponse:
-    return ErrorResponse.build(exc.sqlstate, exc.message, severity=severity,
-                               detail=exc.detail, hint=exc.hint)
+    # No password ever leaves in an error, whatever the handler put in it.
+    return ErrorResponse.build(
+        exc.sqlstate, mask_text(exc.message), severity=severity,
+        detail=mask_text(exc.detail) if exc.detail else exc.detail,
+        hint=mask_text(exc.hint) if exc.hint else exc.hint)
 
 
 async def serve_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
                            config: ServerConfig, credentials: Credentials,
                            handler: QueryHandler,
                            on_cancel: Callable[[int, int], None] | None = None,
-                           cancel_registry: CancelRegistry | None = None) -> None:
+                           cancel_registry: CancelRegistry | None = None,
+                           slots: ConnectionSlots | None = None) -> None:
     """Serve one client connection to its end; always closes ``writer``.
 
     ``on_cancel(pid, secret)`` is told of every CancelRequest; ``cancel_registry`` (shared
     by the connections of one server) lets such a request cancel the matching
-    connection's running query.
+    connection's running query; ``slots`` (shared likewise) counts them for the
+    connection limits.
     """
     conn = _Connection(reader, writer, config, credentials, handler,
-                       cancel_registry or CancelRegistry(), on_cancel)
+                       cancel_registry or CancelRegistry(), on_cancel,
+                       slots or ConnectionSlots())
     try:
         await conn.run()
     except Exception:
@@ -566,6 +701,7 @@ async def start_server(host: str | None, port: int, *, config: ServerConfig,
                        backlog: int = 512) -> asyncio.Server:
     """Listen on ``host:port`` (port 0: any free port, see ``server.sockets``)."""
     registry = CancelRegistry()
+    slots = ConnectionSlots()
     tasks: set[asyncio.Task[None]] = set()
 
     async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -575,7 +711,7 @@ async def start_server(host: str | None, port: int, *, config: ServerConfig,
         try:
             await serve_connection(reader, writer, config=config, credentials=credentials,
                                    handler=handler, on_cancel=on_cancel,
-                                   cancel_registry=registry)
+                                   cancel_registry=registry, slots=slots)
         except asyncio.CancelledError:
             # close_server() ended the connection. Ending the task normally matters:
             # asyncio 3.11 logs a cancelled client_connected_cb task as an error.

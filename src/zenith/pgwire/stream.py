@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import struct
+import time
 
 from zenith.errors import ConnectionFailed, ProtocolViolation
 from zenith.pgwire.decoder import Decoder
@@ -39,6 +40,9 @@ class MessageStream:
         # Messages queued by write() go out together at the next flush()/drain(): one
         # send() per answer instead of one per message (RowDescription, DataRow, ...).
         self._out = bytearray()
+        #: ``time.monotonic()`` of the last bytes read or handed to the transport: the
+        #: server's statement timeout counts silence in both directions from here.
+        self.last_activity = time.monotonic()
 
     def _lost(self, cause: OSError | None = None) -> ConnectionFailed:
         if cause is None:
@@ -76,6 +80,7 @@ class MessageStream:
                 raise self._lost(exc) from exc
             if not data:
                 raise self._lost()
+            self.last_activity = time.monotonic()
             try:
                 self.decoder.feed(data)
             except ProtocolViolation as exc:
@@ -114,6 +119,7 @@ class MessageStream:
         if self._out:
             self.writer.write(bytes(self._out))
             self._out.clear()
+            self.last_activity = time.monotonic()
 
     async def drain(self) -> None:
         """Flush, then wait until the transport's buffer is below its high-water mark

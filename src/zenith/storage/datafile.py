@@ -115,7 +115,7 @@ class DataFiles:
         self._lock = threading.Lock()
         self._cache: dict[str, DataFile] = {}
         if not directory.is_dir():
-            directory.mkdir(parents=True, exist_ok=True)
+            directory.mkdir(parents=True, exist_ok=True, mode=0o700)
             if durable:
                 _fsync_dir(directory.parent)
 
@@ -136,7 +136,7 @@ class DataFiles:
             except FileNotFoundError:
                 if not create:
                     raise
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
                 created = True
                 if self.durable:  # the new name must be durable before the index cites it
                     _fsync_dir(self.directory)

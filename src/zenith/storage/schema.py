@@ -8,6 +8,8 @@ durability: a commit is on disk when ``COMMIT`` returns.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sqlite3
 import threading
 import uuid
@@ -113,7 +115,10 @@ _MIGRATE_2_TO_3: Final = (
 
 def connect(path: Path, *, durable: bool) -> sqlite3.Connection:
     """A connection in autocommit mode (transactions are explicit), usable from any thread
-    that the caller gives it to."""
+    that the caller gives it to. A new database file is created 0600 (SQLite gives its
+    ``-wal`` and ``-shm`` files the database file's mode)."""
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=60.0)
     conn.execute(f"PRAGMA page_size={PAGE_SIZE}")
     conn.execute("PRAGMA journal_mode=WAL")

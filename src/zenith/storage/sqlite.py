@@ -41,6 +41,7 @@ from typing import Final
 from zenith.errors import (
     AlreadyExists,
     InvalidArgument,
+    LimitExceeded,
     LsnOutOfRange,
     ObjectInUse,
     UnknownBranch,
@@ -427,9 +428,12 @@ class SqliteRepository:
         return self._get_value(conn, self._row_by_tid(conn, timeline_id), key, lsn,
                                before_readable=before_readable)
 
-    def get_value_of(self, name_or_id: str, key: bytes, lsn: Lsn) -> bytes | None:
+    def get_value_of(self, name_or_id: str, key: bytes, lsn: Lsn, *,
+                     max_deltas: int | None = None) -> bytes | None:
         """:meth:`get_value` for a branch name or timeline id, with one lookup for the
-        timeline instead of resolving it first (GetPage's hot path)."""
+        timeline instead of resolving it first (GetPage's hot path). More than
+        ``max_deltas`` deltas to apply is :class:`LimitExceeded`, found from the index
+        before any payload is read."""
         _check_key(key)
         conn = self._conn()
         if not isinstance(name_or_id, str):
@@ -438,11 +442,11 @@ class SqliteRepository:
             row = self._row_by_tid(conn, TimelineId.parse(name_or_id))
         else:
             row = self._row_by_name(conn, name_or_id)
-        return self._get_value(conn, row, key, lsn)
+        return self._get_value(conn, row, key, lsn, max_deltas=max_deltas)
 
     def _get_value(
         self, conn: sqlite3.Connection, first: Row, key: bytes, lsn: Lsn, *,
-        before_readable: bool = False,
+        before_readable: bool = False, max_deltas: int | None = None,
     ) -> bytes | None:
         self._check_readable(first, check_lsn(lsn), before_readable=before_readable)
         row: Row | None = first
@@ -458,6 +462,10 @@ class SqliteRepository:
             ):
                 if kind == _DELTA:
                     deltas.append((row, off, length))
+                    if max_deltas is not None and len(deltas) > max_deltas:
+                        raise LimitExceeded(
+                            f"key {key.hex()} at {lsn} needs more than {max_deltas} deltas "
+                            "applied: refused")
                     continue
                 base = (row, off, length) if kind == _IMAGE else None
                 found = True
