@@ -6,15 +6,19 @@ nor trusts a directory the user owns, tar members checked by zenith itself)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import logging
 import os
 import pwd
+import socket
 import stat
+import struct
 import subprocess
 import tarfile
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,9 +27,22 @@ import pytest
 
 from tests.fixtures import PageserverProc, make_pageserver
 from tests.pgcluster import PgCluster
-from zenith.cli.export import give_to
+from zenith.cli.export import (
+    MAX_TAR_HEADER,
+    UnsafeTar,
+    _BoundedTarInfo,
+    _unpack,
+    give_to,
+    open_target,
+)
 from zenith.errors import ZenithError
-from zenith.pgwire.auth import InMemoryCredentials, StoredUser
+from zenith.pageserver.config import RepoConfig, secure_repository
+from zenith.pgwire.auth import (
+    InMemoryCredentials,
+    StoredUser,
+    make_md5_hash,
+    md5_client_response,
+)
 from zenith.pgwire.client import connect
 from zenith.pgwire.conninfo import MaskSecrets, add_password, mask_text, mask_uri
 from zenith.pgwire.server import ServerConfig, Session, close_server, start_server
@@ -270,6 +287,90 @@ def test_modes_after_init_and_start(tmp_path: Path) -> None:
         os.umask(old)
 
 
+def _repo_before_private_modes(tmp_path: Path) -> tuple[PageserverProc, Path]:
+    """A repository as made before files were private (0644, directories 0755), with a
+    victim file outside it and links to it planted inside."""
+    ps = make_pageserver(tmp_path / "repo")
+    victim = tmp_path / "victim"
+    victim.write_text("not zenith's")
+    os.chmod(victim, 0o644)
+    for name in ["config.toml", "users.json"]:
+        os.chmod(ps.path / name, 0o644)
+    os.chmod(ps.path / "zenith.db", 0o754)  # the owner's execute bit is kept
+    os.chmod(ps.path / "zenith.db.d", 0o755)
+    os.chmod(ps.path, 0o755)
+    (ps.path / "config.toml.lock").symlink_to(victim)  # one of zenith's names
+    (ps.path / "zenith.db.d" / "planted").symlink_to(victim)
+    (ps.path / "notes.txt").write_text("the user's own")
+    os.chmod(ps.path / "notes.txt", 0o644)
+    return ps, victim
+
+
+def test_start_fixes_an_old_repository_and_never_follows_a_link(tmp_path: Path) -> None:
+    ps, victim = _repo_before_private_modes(tmp_path)
+    res = ps.cli("start")
+    try:
+        assert res.returncode == 0, res.stderr
+        assert "Traceback" not in res.stderr
+        assert "had mode 0755, open to other users; changed to 0700" in res.stderr
+        assert f"{ps.path / 'config.toml.lock'} is a symbolic link; left alone" in res.stderr
+        assert "planted is a symbolic link; left alone" in res.stderr
+        assert "group and other access removed" in res.stderr
+        assert stat.S_IMODE(victim.stat().st_mode) == 0o644  # never followed
+        assert (ps.path / "config.toml.lock").is_symlink()
+        for name, want in [("config.toml", 0o600), ("users.json", 0o600),
+                           ("zenith.db", 0o700), ("zenith.db.d", 0o700), (".", 0o700)]:
+            assert stat.S_IMODE((ps.path / name).lstat().st_mode) == want, name
+        # not zenith's: left as it is
+        assert stat.S_IMODE((ps.path / "notes.txt").stat().st_mode) == 0o644
+        ps.cli("generate", "main", "--pages", "8", check=True)
+    finally:
+        ps.stop()
+
+
+def test_secure_repository_uses_no_chmod_without_following(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """glibc < 2.32 has no fchmodat(AT_SYMLINK_NOFOLLOW): Python raises
+    NotImplementedError from ``os.chmod(..., follow_symlinks=False)``. No chmod by name
+    is used at all now; and a file swapped for a link during the check is left alone."""
+    ps, victim = _repo_before_private_modes(tmp_path)
+
+    def no_chmod(*args: object, **kw: object) -> None:
+        raise NotImplementedError("chmod: follow_symlinks unavailable on this platform")
+
+    monkeypatch.setattr(os, "chmod", no_chmod)
+    monkeypatch.setattr(os, "lchmod", no_chmod, raising=False)
+    real_open = os.open
+
+    def swapping_open(path: object, flags: int, *args: object, **kw: object) -> int:
+        if path == "users.json":  # swapped between the check and the open
+            os.unlink(ps.path / "users.json")
+            os.symlink(victim, ps.path / "users.json")
+        return real_open(path, flags, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "open", swapping_open)
+    warnings = secure_repository(ps.path)
+    monkeypatch.undo()
+    assert any("users.json changed while it was checked" in w for w in warnings), warnings
+    assert stat.S_IMODE(victim.stat().st_mode) == 0o644
+    assert stat.S_IMODE((ps.path / "config.toml").stat().st_mode) == 0o600
+    assert stat.S_IMODE(ps.path.stat().st_mode) == 0o700
+
+
+def test_init_leaves_a_non_empty_directory_mode_alone(tmp_path: Path) -> None:
+    busy, empty = tmp_path / "busy", tmp_path / "empty"
+    busy.mkdir(mode=0o755)
+    empty.mkdir(mode=0o755)
+    os.chmod(busy, 0o755)
+    os.chmod(empty, 0o755)
+    (busy / "other").write_text("x")
+    RepoConfig.create(busy)
+    RepoConfig.create(empty)
+    assert stat.S_IMODE(busy.stat().st_mode) == 0o755
+    assert stat.S_IMODE(empty.stat().st_mode) == 0o700
+    assert stat.S_IMODE((busy / "config.toml").stat().st_mode) == 0o600
+
+
 def test_storage_creates_private_files(tmp_path: Path) -> None:
     old = os.umask(0o022)
     try:
@@ -324,6 +425,111 @@ def test_export_owner_refuses_a_directory_the_user_owns(tmp_path: Path) -> None:
         assert res.returncode == 1 and "no user" in res.stderr
     finally:
         subprocess.run(["rm", "-rf", str(base)], check=False)
+
+
+@needs_root
+def test_export_owner_refuses_races_and_open_ancestors(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    nobody = pwd.getpwnam("nobody")
+    ps = make_pageserver(tmp_path / "repo")
+    base = Path(tempfile.mkdtemp(prefix="zenith-owner-"))
+    try:
+        # made by the user between the check and the export's mkdir: refused, not adopted
+        early = base / "early"
+        early.mkdir(mode=0o700)
+        os.chown(early, nobody.pw_uid, nobody.pw_gid)
+        res = ps.cli("export", "main", str(early), "--owner", "nobody")
+        assert res.returncode == 1 and f"{early} is owned by nobody" in res.stderr, \
+            res.stderr
+        # root's, but others may write into it
+        shared = base / "shared"
+        shared.mkdir()
+        os.chmod(shared, 0o777)
+        res = ps.cli("export", "main", str(shared), "--owner", "nobody")
+        assert res.returncode == 1 and "writable by its group or by others" in res.stderr
+        # an ancestor writable by its group (no sticky bit)
+        group = base / "group"
+        group.mkdir()
+        os.chmod(group, 0o775)
+        res = ps.cli("export", "main", str(group / "data"), "--owner", "nobody")
+        assert res.returncode == 1, res.stderr
+        assert f"{group} is writable by its group or by others" in res.stderr, res.stderr
+        # a symlinked ancestor resolving into a directory the user owns
+        owned = base / "owned"
+        owned.mkdir()
+        os.chown(owned, nobody.pw_uid, -1)
+        (base / "via").symlink_to(owned)
+        res = ps.cli("export", "main", str(base / "via" / "data"), "--owner", "nobody")
+        assert res.returncode == 1 and f"{owned} is owned by nobody" in res.stderr, \
+            res.stderr
+        # without --owner too: an empty target another user owns is refused
+        res = ps.cli("export", "main", str(early))
+        assert res.returncode == 1 and "is owned by nobody" in res.stderr, res.stderr
+        assert [list(p.iterdir()) for p in (early, shared, group, owned)] == [[]] * 4
+        # the race itself: the directory appears between the check and the mkdir
+        real_mkdir = os.mkdir
+
+        def racing_mkdir(path: str, mode: int = 0o777, **kw: object) -> None:
+            real_mkdir(path, 0o700, **kw)  # type: ignore[arg-type]
+            real_mkdir(path, mode, **kw)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(os, "mkdir", racing_mkdir)
+        with pytest.raises(ZenithError, match="appeared while the export was creating it"):
+            open_target(base / "late" / "data", owner="nobody")
+    finally:
+        subprocess.run(["rm", "-rf", str(base)], check=False)
+
+
+def _bounded(data: bytes) -> tarfile.TarFile:
+    return tarfile.open(fileobj=io.BytesIO(data), mode="r|", tarinfo=_BoundedTarInfo)
+
+
+def test_unpack_refuses_a_directory_it_did_not_create(tmp_path: Path) -> None:
+    target = tmp_path / "data"
+    (target / "base").mkdir(parents=True)  # there before the member that goes through it
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (target / "global").symlink_to(victim)
+    fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for name, message in [("base/1/1259", "'base' is a directory this export did not "
+                                              "create"),
+                              ("global/pg_control", "'global' is not a directory")]:
+            with _bounded(_tar((_member(name), b"x"))) as tar, \
+                    pytest.raises(UnsafeTar, match=message):
+                _unpack(tar, fd)
+        assert list((target / "base").iterdir()) == [] and list(victim.iterdir()) == []
+        # its own directories, in any order, are fine
+        with _bounded(_tar(_member_dir("new"), (_member("new/a/f"), b"1"),
+                           (_member("new/g"), b"2"), (_member("new/a/h"), b"3"))) as tar:
+            _unpack(tar, fd)
+        assert (target / "new" / "a" / "h").read_bytes() == b"3"
+    finally:
+        os.close(fd)
+
+
+def test_tar_extended_headers_are_bounded() -> None:
+    huge = "d/" + "n" * (MAX_TAR_HEADER + 10)
+    for fmt in (tarfile.PAX_FORMAT, tarfile.GNU_FORMAT):
+        out = io.BytesIO()
+        with tarfile.open(fileobj=out, mode="w", format=fmt) as tar:
+            tar.addfile(_member(huge), io.BytesIO(b""))
+        with pytest.raises(UnsafeTar, match="an extended header of"):
+            _bounded(out.getvalue())
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT,
+                      pax_headers={"comment": "x"}) as tar:
+        tar.addfile(_member("f"), io.BytesIO(b""))
+    with pytest.raises(UnsafeTar, match="a pax global header"):
+        _bounded(out.getvalue())
+    # a long name within the bound is read as usual
+    fine = "d/" + "n" * 300
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        info = _member(fine)
+        tar.addfile(info, io.BytesIO(b""))
+    with _bounded(out.getvalue()) as tar:
+        assert [m.name for m in tar] == [fine]
 
 
 # -- tar members from a hostile origin --------------------------------------------------------
@@ -399,6 +605,7 @@ HOSTILE = {
     "fifo": ([(_member("fifo", tarfile.FIFOTYPE), b"")], "a FIFO"),
     "twice": ([(_member("PG_VERSION"), b"15\n"), (_member("PG_VERSION"), b"16\n")],
               "appears twice"),
+    "pax-huge": ([(_member("base/" + "x" * 70000), b"x")], "an extended header of"),
 }
 
 
@@ -443,3 +650,83 @@ def test_plain_tar_from_an_origin_is_written_private(tmp_path: Path) -> None:
         assert _wide(target) == []
     finally:
         fake.close()
+
+
+# -- the CLI's connection to its own pageserver ---------------------------------------------
+
+
+class Impostor:
+    """Holds a pageserver's port before it starts: declines TLS, asks the CLI for
+    ``method`` (cleartext, MD5 or nothing) and records every byte it receives."""
+
+    def __init__(self, port: int, method: str):
+        self.method = method
+        self.received = bytearray()
+        self.listener = socket.create_server(("127.0.0.1", port))
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                sock, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(sock,), daemon=True).start()
+
+    def _read_packet(self, sock: socket.socket) -> bytes:
+        head = self._exact(sock, 4)
+        return self._exact(sock, struct.unpack("!i", head)[0] - 4)
+
+    def _exact(self, sock: socket.socket, n: int) -> bytes:
+        out = b""
+        while len(out) < n:
+            chunk = sock.recv(n - len(out))
+            if not chunk:
+                raise EOFError
+            self.received += chunk
+            out += chunk
+        return out
+
+    def _serve(self, sock: socket.socket) -> None:
+        sock.settimeout(10)
+        with sock, contextlib.suppress(OSError, EOFError):
+            body = self._read_packet(sock)
+            if struct.unpack("!i", body[:4])[0] == 80877103:  # SSLRequest
+                sock.sendall(b"N")
+                self._read_packet(sock)
+            if self.method == "password":
+                sock.sendall(b"R" + struct.pack("!ii", 8, 3))
+            elif self.method == "md5":
+                sock.sendall(b"R" + struct.pack("!ii", 12, 5) + b"salt")
+            sock.sendall(b"R" + struct.pack("!ii", 8, 0) + b"Z" + struct.pack("!i", 5) + b"I")
+            while chunk := sock.recv(65536):
+                self.received += chunk
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+@pytest.mark.parametrize("auth_method", ["scram-sha-256", "md5", "trust"])
+@pytest.mark.parametrize("asked", ["password", "md5", "none"])
+def test_an_impostor_on_the_local_port_gets_no_password(tmp_path: Path, auth_method: str,
+                                                         asked: str) -> None:
+    """The CLI allows its pageserver only the configured method: never cleartext, and
+    never no authentication when the pageserver is configured to ask for a password."""
+    ps = make_pageserver(tmp_path / "repo", "--auth-method", auth_method)
+    user, password = ps.config.cli_credentials
+    impostor = Impostor(ps.port, asked)
+    try:
+        res = ps.cli("status")
+    finally:
+        impostor.close()
+    time.sleep(0.1)
+    assert password.encode() not in impostor.received
+    assert make_md5_hash(user, password)[3:].encode() not in impostor.received
+    allowed = {"scram-sha-256": "scram-sha-256", "md5": "md5", "trust": "none"}[auth_method]
+    if asked != allowed:
+        assert res.returncode != 0
+        assert "authentication method requirement" in res.stderr, res.stderr
+        assert password not in res.stderr + res.stdout
+    if asked == "md5" and auth_method == "md5":  # allowed: the response to its salt only
+        assert md5_client_response(user, password, b"salt").encode() in impostor.received

@@ -325,8 +325,7 @@ def test_long_delta_chain_stays_off_the_loop(limited: PageserverProc) -> None:
     assert _state(limited) == before
 
 
-@pytest.mark.parametrize("timeout", ["nan", "NaN", "inf", "-inf", "1e999", "-1", "0", "-0",
-                                     "x"])
+@pytest.mark.parametrize("timeout", ["nan", "NaN", "inf", "-inf", "1e999", "-1", "x"])
 def test_wait_refuses_bad_timeouts(limited: PageserverProc, timeout: str) -> None:
     async def main() -> None:
         err = await _expect(limited.uri(), f"wait main FFFFFFFF/FFFFFFFF {timeout}",
@@ -343,16 +342,156 @@ def test_wait_refuses_bad_timeouts(limited: PageserverProc, timeout: str) -> Non
     assert _state(limited) == before
 
 
-def test_wait_is_capped_by_the_statement_timeout(impatient: PageserverProc) -> None:
-    async def main() -> None:
-        async with await connect(impatient.uri(), timeout=30) as conn:
+@pytest.fixture(scope="module")
+def patient(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PageserverProc]:
+    """No idle timeout (0), statement timeout 1 s."""
+    ps = make_pageserver(tmp_path_factory.mktemp("patient") / "ps")
+    _configure(ps, idle_timeout=0, statement_timeout=1)
+    ps.start()
+    ps.cli("generate", "main", "--pages", "1", check=True)
+    try:
+        yield ps
+    finally:
+        ps.stop()
+
+
+def _last_lsn(ps: PageserverProc) -> Lsn:
+    return Lsn.parse(str(ps.branch("main")["last_record_lsn"]))
+
+
+def test_wait_outlasts_the_statement_timeout(patient: PageserverProc) -> None:
+    """A wait longer than statement_timeout keeps the user's timeout: progress NOTICEs
+    keep the connection, and WAL arriving after 2.5 s (statement timeout 1 s) ends it."""
+    target = Lsn(int(_last_lsn(patient)) + 1)
+
+    async def main() -> tuple[float, int, str]:
+        async with await connect(patient.uri(), timeout=30) as conn:
             start = time.monotonic()
-            with pytest.raises(ZenithError, match=r"timed out after 1\.9 s") as info:
-                await conn.simple_query("wait main FFFFFFFF/FFFFFFFF 1e12")
-            assert info.value.sqlstate == "55000"
-            assert time.monotonic() - start < 5
+            waiting = asyncio.create_task(conn.simple_query(f"wait main {target} 30"))
+            await asyncio.sleep(2.5)
+            assert not waiting.done()
+            async with await connect(patient.uri(), timeout=30) as writer:
+                await writer.simple_query("generate main 1 1")
+            result = await asyncio.wait_for(waiting, 20)
+            took = time.monotonic() - start
+            return took, len(result.notices), str(result.rows[0][1])
+
+    took, notices, reached = asyncio.run(main())
+    assert 2.4 < took < 15
+    assert notices >= 3  # every half statement timeout
+    assert Lsn.parse(reached) >= target
+
+
+def test_wait_zero_checks_once(patient: PageserverProc) -> None:
+    at = _last_lsn(patient)
+
+    async def main() -> None:
+        async with await connect(patient.uri(), timeout=30) as conn:
+            for zero in ("0", "-0", "0.0"):
+                res = await conn.simple_query(f"wait main {at} {zero}")
+                assert Lsn.parse(str(res.rows[0][1])) >= at
+                start = time.monotonic()
+                with pytest.raises(ZenithError, match=r"timed out after 0 s") as info:
+                    await conn.simple_query(f"wait main FFFFFFFF/FFFFFFFF {zero}")
+                assert info.value.sqlstate == "55000"
+                assert time.monotonic() - start < 1
+        for zero in ("0", "-0"):  # import's timeout must still be above 0
+            err = await _expect(patient.uri(), f"import nb postgresql://127.0.0.1:1/x {zero}",
+                                InvalidArgument)
+            assert "finite number of seconds above 0" in err.message
 
     asyncio.run(main())
+
+
+def test_idle_timeout_zero_is_off(patient: PageserverProc) -> None:
+    async def main() -> None:
+        async with await connect(patient.uri(), timeout=30) as conn:
+            await conn.simple_query("status")
+            await asyncio.sleep(3)  # idle, and past the statement timeout too
+            await conn.simple_query("status")
+
+    asyncio.run(main())
+
+
+def _longest_run(text: str, char: str) -> int:
+    best = run = 0
+    for c in text:
+        run = run + 1 if c == char else 0
+        best = max(best, run)
+    return best
+
+
+def test_long_input_is_echoed_truncated(limited: PageserverProc) -> None:
+    """Errors quote at most ~200 characters of what a client sent, however long it is."""
+    long = "q" * 100_000
+    cases = [long, f"digest {long}", f"digest {long}@0/1", f"wait {long} 0/1 0",
+             f"branch_create {long}", f"branch_create x {long}@0/1",
+             f"get_page {long} 0/1 00", f"generate main {long} 1", f"detach {long}",
+             f"timeline_delete {long}", f"wait main {long}", f"user_add {long} read x"]
+
+    async def main() -> None:
+        async with await connect(limited.uri(), timeout=30) as conn:
+            for sql in cases:
+                with pytest.raises(ZenithError) as info:
+                    await conn.simple_query(sql)
+                err = info.value
+                for text in (err.message, err.detail or "", err.hint or ""):
+                    assert _longest_run(text, "q") <= 200, (sql[:30], text[:300])
+                    assert len(text) < 1000, (sql[:30], text[:300])
+
+    before = _state(limited)
+    asyncio.run(main())
+    assert _state(limited) == before
+
+
+async def _refused_from_header(uri: str, kind: bytes, size: int) -> ErrorResponse:
+    conn = await connect(uri, timeout=30)
+    stream = conn._stream  # type: ignore[attr-defined]
+    try:
+        stream.write_raw(kind + struct.pack("!I", size + 4) + bytes(1000))
+        await stream.drain()
+        answer = await asyncio.wait_for(stream.recv(), 10)
+        assert isinstance(answer, ErrorResponse)
+        with pytest.raises(ConnectionFailed):
+            await asyncio.wait_for(stream.recv(), 10)
+        return answer
+    finally:
+        await conn.close()
+
+
+def test_big_messages_after_sign_in_are_not_buffered(limited: PageserverProc) -> None:
+    """Parse/Bind over max_query_size (4 MiB here) are refused from the header; 60 MiB
+    CopyData outside a COPY, sent whole on 8 connections at once, is dropped as it arrives:
+    the server's RSS does not grow by what they sent."""
+    uri = limited.uri(user="r1", password="pw-r1-secret")
+    rss_before = _rss_kib(limited)
+
+    async def flood(big: bytes) -> None:
+        async with await connect(uri, timeout=30) as conn:
+            stream = conn._stream  # type: ignore[attr-defined]
+            stream.write_copy_data(big)
+            await stream.drain()
+            await conn.simple_query("status")  # answered after all of it: usable
+
+    async def main() -> int:
+        for kind in (b"P", b"B"):
+            answer = await _refused_from_header(uri, kind, 60 * 1024 * 1024)
+            assert (answer.severity, answer.code) == ("FATAL", LimitExceeded.sqlstate)
+            assert "limit 4194304" in answer.message
+        answer = await _refused_from_header(uri, b"D", 1024 * 1024)
+        assert answer.code == "08P01" and "limit 65535" in answer.message
+        big = bytes(60 * 1024 * 1024)
+        await asyncio.gather(*(flood(big) for _ in range(8)))
+        return _rss_kib(limited)
+
+    before = _state(limited)
+    with Prober(limited) as prober:
+        rss_after = asyncio.run(main())
+    print(f"480 MiB of CopyData outside COPY: rss {rss_before} -> {rss_after} KiB; other "
+          f"client's status round trip: {prober.figures()}")
+    assert rss_after - rss_before < 40 * 1024
+    assert prober.worst < MAX_DELAY
+    assert _state(limited) == before
 
 
 def test_idle_timeout_closes_a_signed_in_connection(impatient: PageserverProc) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -10,9 +11,12 @@ from hypothesis import strategies as st
 
 from zenith.errors import InvalidArgument
 from zenith.pgwire.conninfo import (
+    MASK_LIMIT,
     ConnInfo,
     PgpassEntry,
+    _mask_params,
     lookup_password,
+    mask_text,
     mask_uri,
     parse_pgpass,
     parse_uri,
@@ -75,7 +79,7 @@ def test_parse_uri(uri: str, expected: ConnInfo) -> None:
     ("POSTGRESQL://host", "must start with postgresql://"),
     ("host=localhost dbname=x", "must start with postgresql://"),
     ("", "must start with postgresql://"),
-    ("postgresql://host:port", 'invalid port number: "port"'),
+    ("postgresql://host:port", r"invalid port number \(percent-encode"),
     ("postgresql://host:99999", "invalid port number"),
     ("postgresql://host:0", "invalid port number"),
     ("postgresql://host:-1", "invalid port number"),
@@ -127,9 +131,81 @@ def test_parse_uri_rejects_non_strings() -> None:
     ("postgresql://host?password=secret", "postgresql://host?password=***"),
     ("postgres://u:se:cret@h", "postgres://u:***@h"),
     ("nonsense", "nonsense"),
+    # '@' in the query and no path: the user info ends at the '@' before the host
+    ("postgresql://alice@cloud.example:64000?application_name=me@laptop&password=secret",
+     "postgresql://alice@cloud.example:64000?application_name=me@laptop&password=***"),
+    ("postgresql://alice@cloud.example:64000?password=hunter2@corp",
+     "postgresql://alice@cloud.example:64000?password=***"),
+    ("postgresql://cloud.example:64000?password=hunter2@corp",  # libpq: user info
+     "postgresql://cloud.example:***@corp"),
+    ("postgresql://host:5432/db?application_name=me@laptop",
+     "postgresql://host:5432/db?application_name=me@laptop"),
+    # unencoded '@', '/', '?' in the password
+    ("postgresql://u:p@ss@h/db?x=1", "postgresql://u:***@h/db?x=1"),
+    ("postgresql://u:pa/ss@h/db", "postgresql://u:***@h/db"),
+    ("postgresql://u:pa?ss@h/db", "postgresql://u:***@h/db"),
+    # "user:password" without '@': not a port
+    ("postgresql://alice:s3cret", "postgresql://alice:***"),
+    ("postgresql://alice:s3cret/db?x=1", "postgresql://alice:***/db?x=1"),
+    ("postgresql://host:5432", "postgresql://host:5432"),
 ])
 def test_mask_uri(uri: str, masked: str) -> None:
     assert mask_uri(uri) == masked
+    assert mask_text(f"error: {uri} failed") == f"error: {masked} failed"
+
+
+@pytest.mark.parametrize("uri", [
+    "postgresql://u:my secret@h/db", "postgresql://h/db?password=my secret",
+    "postgresql://u:ab'secret@h/db", 'postgresql://u:ab"secret@h/db',
+    "postgresql://u:ab<secret@h/db", "postgresql://u:pa\tsecret@h/db",
+    "postgresql://u:pa\nsecret@h/db", "postgresql://u:pa\x01secret@h/db",
+    "postgresql://h/db?password='quoted secret'",
+])
+def test_unencoded_unsafe_characters_are_refused(uri: str) -> None:
+    with pytest.raises(InvalidArgument, match="unencoded") as info:
+        parse_uri(uri)
+    assert "secret" not in str(info.value) and "postgresql://" in str(info.value)
+
+
+@pytest.mark.parametrize("uri", [
+    "postgresql://alice:ab/cd@db/postgres", "postgresql://alice:s3cret",
+    "postgresql://alice:123456", "postgresql://alice:s%zzcret",
+])
+def test_port_errors_never_echo_the_port(uri: str) -> None:
+    with pytest.raises(InvalidArgument) as info:
+        parse_uri(uri)
+    text = str(info.value)
+    assert not any(secret in text for secret in ("ab", "s3cret", "123456", "zzcret")), text
+
+
+ADVERSARIAL = {
+    "a": "a" * 2**20, "=": "=" * 2**20, "'": "'" * 2**20, "a=": "a=" * 2**19,
+    "a ": "a " * 2**19, "a='": "a='" * 350_000, "pw": "password=" * 120_000,
+    "spaces": "a" + " " * 2**20 + "=", "a\\": "a='\\" * 260_000, "&": "a&" * 2**19,
+    "uri": "postgresql://" * 80_000, "uri@": "postgresql://u:p@" * 60_000,
+}
+
+
+@pytest.mark.parametrize("name", ADVERSARIAL)
+def test_masking_is_linear(name: str) -> None:
+    """1 MiB of hostile text is masked fast (it is what a client sends before it has
+    authenticated), by the capped entry points and by the parameter pattern itself."""
+    text = ADVERSARIAL[name]
+    start = time.perf_counter()
+    _mask_params(text)
+    mask_text(text)
+    mask_uri(text)
+    assert time.perf_counter() - start < 1.0
+
+
+def test_masking_is_capped() -> None:
+    text = "password=secret " + "x" * (2 * MASK_LIMIT)
+    masked = mask_text(text)
+    assert masked.startswith("password=*** x") and "secret" not in masked
+    assert len(masked) < MASK_LIMIT + 100 and masked.endswith(f"[{len(text) - MASK_LIMIT} "
+                                                                "characters cut]")
+    assert mask_uri("postgresql://h/?x=" + "y" * 2 * MASK_LIMIT).endswith("characters cut]")
+    assert mask_text("short") == "short"
 
 
 def test_conninfo_masks_and_round_trips() -> None:

@@ -33,7 +33,12 @@ from tests.fixtures import PageserverProc
 from zenith.errors import AuthenticationFailed, ConnectionFailed, InvalidArgument, ProtocolViolation
 from zenith.pgwire.auth import SCRAM_MAX_ITERATIONS, make_md5_hash, md5_client_response
 from zenith.pgwire.client import connect, parse_origin_uri, parse_uri
-from zenith.pgwire.conninfo import allowed_auth, parse_local_uri, parse_require_auth
+from zenith.pgwire.conninfo import (
+    allowed_auth,
+    certificate_verified,
+    parse_local_uri,
+    parse_require_auth,
+)
 from zenith.pgwire.messages import (
     AuthenticationCleartextPassword,
     AuthenticationMD5Password,
@@ -408,6 +413,38 @@ async def test_over_verified_tls_every_method_is_allowed(pg_server: ServerFactor
         pass
 
 
+@pytest.mark.parametrize("method", ["password", "md5"])
+@pytest.mark.parametrize("query", ["sslmode=require", "sslmode=prefer", "sslmode=allow"])
+async def test_over_unverified_tls_cleartext_and_md5_are_refused(
+        pg_server: ServerFactory, pki: Pki, method: str, query: str) -> None:
+    """TLS that checks no certificate may be an impostor's: it does not count."""
+    server = await pg_server(ssl_context=_server_context(pki.good), auth_method=method)
+    with pytest.raises((AuthenticationFailed, ConnectionFailed)) as info:
+        await connect(_origin(server.port, query))
+    assert "without TLS that verified its certificate" in str(info.value) or (
+        query == "sslmode=allow" and "password authentication failed" not in str(info.value))
+    asked = "a cleartext password" if method == "password" else "an MD5 password"
+    if query != "sslmode=allow":
+        assert f"requested {asked}" in str(info.value)
+    # a root certificate makes require verified; require_auth allows it explicitly
+    async with await connect(_origin(server.port, f"sslmode=require&sslrootcert={pki.ca}")):
+        pass
+    async with await connect(_origin(server.port, f"{query}&require_auth={method}")):
+        pass
+
+
+async def test_a_raised_scram_iteration_count_is_accepted(
+        fake_server: Callable[[Script], FakeServer]) -> None:
+    """A PostgreSQL source with scram_iterations raised is not refused for it (up to
+    SCRAM_MAX_ITERATIONS): the exchange goes on to the server signature, which this fake
+    server cannot give."""
+    assert SCRAM_MAX_ITERATIONS == 1_000_000
+    server = fake_server(ScramScript("wrong-signature", iterations=200_000))
+    with pytest.raises(AuthenticationFailed, match="SCRAM signature is wrong"):
+        await connect(server.uri("sslmode=disable"))
+    server.assert_no_secret()
+
+
 # ---------------------------------------------------------------------------------------
 # Parsing
 
@@ -425,8 +462,19 @@ def test_require_auth_parsing() -> None:
     assert "password" in allowed_auth(parse_uri("postgresql://h/"), tls=True)
     assert parse_uri("postgresql://h/").sslmode == "prefer"  # not an origin
     assert parse_origin_uri("postgresql://h/?sslmode=disable").sslmode == "disable"
-    local = parse_local_uri("postgresql://u:p@127.0.0.1:5/zenith")
-    assert local.sslmode == "prefer" and "md5" in allowed_auth(local, tls=False)
+    for method, allowed in (("scram-sha-256", {"scram-sha-256"}), ("md5", {"md5"}),
+                            ("trust", {"none"})):
+        local = parse_local_uri("postgresql://u:p@127.0.0.1:5/zenith", auth_method=method)
+        assert local.sslmode == "prefer"
+        assert allowed_auth(local, tls=False) == allowed_auth(local, tls=True) == allowed
+    with pytest.raises(InvalidArgument, match="unknown auth_method"):
+        parse_local_uri("postgresql://u:p@127.0.0.1:5/zenith", auth_method="password")
+    explicit = parse_local_uri("postgresql://u:p@h:5/z?require_auth=md5", auth_method="trust")
+    assert allowed_auth(explicit, tls=False) == {"md5"}
+    assert certificate_verified(parse_uri("postgresql://h/?sslmode=verify-ca"))
+    assert certificate_verified(parse_uri("postgresql://h/?sslmode=require&sslrootcert=x"))
+    assert not certificate_verified(parse_uri("postgresql://h/?sslmode=require"))
+    assert not certificate_verified(parse_uri("postgresql://h/?sslmode=prefer"))
 
 
 # ---------------------------------------------------------------------------------------

@@ -25,7 +25,10 @@ class Answer:
 
 async def _run(config: RepoConfig, sql: str, on_notice: NoticeFn | None, timeout: float) -> Answer:
     try:
-        conn = await connect(parse_local_uri(config.local_uri()), timeout=timeout)
+        # Only the method the pageserver was configured with (never cleartext), so that
+        # an impostor bound on its port cannot collect the admin password.
+        info = parse_local_uri(config.local_uri(), auth_method=config.auth_method)
+        conn = await connect(info, timeout=timeout)
     except ConnectionFailed as exc:
         raise ConnectionFailed(
             f"cannot reach the pageserver at {config.listen}: {exc.message}",

@@ -41,17 +41,19 @@ def _warn_without_tls(name: str, uri: str) -> None:
     info = parse_origin_uri(uri)
     if info.password is None:
         return
+    clear = allowed_auth(info, tls=False) & {"password", "md5"}
+    how = (("it may be sent in clear" if "password" in clear else "it may be sent as MD5")
+           + " (require_auth allows it)" if clear else
+           "it is used by SCRAM only: cleartext and MD5 requests are refused without a "
+           "verified certificate, TLS or not")
     if info.sslmode in ("disable", "allow", "prefer"):
-        clear = allowed_auth(info, tls=False) & {"password", "md5"}
-        how = ("it may be sent in clear" if "password" in clear else "it may be sent as MD5"
-               ) if clear else "by SCRAM only: cleartext and MD5 requests are refused"
         click.echo(f"warning: origin {name}: with sslmode={info.sslmode} the password may "
-                   f"be used without TLS ({how}) and no certificate authenticates the server; "
+                   f"be used without TLS and no certificate authenticates the server ({how}); "
                    "remove sslmode to get verify-full", err=True)
     elif info.sslmode == "require" and info.sslrootcert is None:
         click.echo(f"warning: origin {name}: sslmode=require does not check the server's "
-                   "certificate, so the password may go to an impostor "
-                   "(use sslmode=verify-full with sslrootcert)", err=True)
+                   f"certificate, so an impostor may answer ({how}); use sslmode=verify-full "
+                   "with sslrootcert", err=True)
 
 
 @origin.command("list")

@@ -18,6 +18,7 @@ one private again when the pageserver starts, with a warning; docs/security.md).
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import re
@@ -67,7 +68,7 @@ LIMIT_COMMENTS: Final = (
     "max_connections = 256  # connections at once; more are refused (53300)",
     "max_connections_per_user = 64  # signed-in connections of one non-admin user",
     "reserved_connections = 3  # of max_connections, slots only admins may take",
-    "idle_timeout = 300  # seconds between commands before a connection is closed",
+    "idle_timeout = 300  # seconds between commands before a connection is closed; 0: never",
     "statement_timeout = 600  # seconds a command may go without reading or sending",
     "max_delta_chain = 10000  # deltas get_page applies before it refuses (54000)",
 )
@@ -107,37 +108,122 @@ def write_private(path: Path, text: str) -> None:
 
 
 def private_opener(path: str, flags: int) -> int:
-    """``open(..., opener=private_opener)``: a file created by it has mode 0600."""
-    return os.open(path, flags, 0o600)
+    """``open(..., opener=private_opener)``: a file created by it has mode 0600, and a
+    symbolic link in its place is refused, never followed."""
+    try:
+        return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise InvalidArgument(f"{path} is a symbolic link; zenith does not write through "
+                                  "one", hint=f"remove {path}") from None
+        raise
+
+
+#: zenith's own files in the repository directory, the ones :func:`secure_repository`
+#: makes private (a user's own file there, e.g. a TLS certificate, is left alone).
+OWN_FILES: Final = (CONFIG_FILE, CONFIG_FILE + ".lock", USERS_FILE, PID_FILE, LOG_FILE,
+                    DB_FILE, DB_FILE + "-wal", DB_FILE + "-shm", DB_FILE + "-journal")
+#: The directory of data files beside the database (every regular file in it is zenith's).
+DATA_DIR: Final = DB_FILE + ".d"
+
+
+def _private(dir_fd: int, name: str, shown: str, *, directory: bool,
+             warnings: list[str]) -> bool | None:
+    """Clear the group/other bits of ``name`` (relative to ``dir_fd``) through a descriptor
+    opened ``O_NOFOLLOW``, never through a path: True if it was changed, False if it was
+    private already, None if it is missing or was skipped (a symbolic link, not the kind
+    expected, or swapped during the check: with a warning)."""
+    try:
+        before = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+    kind_ok = stat.S_ISDIR if directory else stat.S_ISREG
+    if stat.S_ISLNK(before.st_mode):
+        warnings.append(f"{shown} is a symbolic link; left alone (not followed)")
+        return None
+    if not kind_ok(before.st_mode):
+        warnings.append(f"{shown} is not a {'directory' if directory else 'regular file'}; "
+                        "left alone")
+        return None
+    if not stat.S_IMODE(before.st_mode) & 0o077:
+        return False
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(name, flags | (os.O_DIRECTORY if directory else 0), dir_fd=dir_fd)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):  # swapped since the stat
+            warnings.append(f"{shown} changed while it was checked; left alone")
+            return None
+        warnings.append(f"{shown} has mode {stat.S_IMODE(before.st_mode):04o}, open to other "
+                        f"users, and cannot be opened to fix it: {exc.strerror}")
+        return None
+    try:
+        info = os.fstat(fd)
+        if (info.st_dev, info.st_ino) != (before.st_dev, before.st_ino) or \
+                not kind_ok(info.st_mode):
+            warnings.append(f"{shown} changed while it was checked; left alone")
+            return None
+        mode = stat.S_IMODE(info.st_mode)
+        if not mode & 0o077:
+            return False
+        os.fchmod(fd, mode & ~0o077)
+        return True
+    finally:
+        os.close(fd)
 
 
 def secure_repository(path: Path) -> list[str]:
-    """Make the repository directory 0700 and everything in it private (directories 0700,
-    files 0600), never following a symlink; returns a warning for each kind of fix."""
-    warnings = []
-    mode = stat.S_IMODE(path.stat().st_mode)
-    if mode & 0o077:
-        try:
-            os.chmod(path, 0o700)
-        except PermissionError as exc:
-            raise InvalidArgument(
-                f"repository directory {path} has mode {mode:04o}, open to other users, "
-                f"and cannot be made 0700: {exc.strerror}",
-                hint=f"chmod 700 {path} as its owner") from None
-        warnings.append(f"repository directory {path} had mode {mode:04o}, open to other "
-                        "users; changed to 0700")
-    fixed = 0
-    for root, dirs, files in os.walk(path):
-        for name, want in [(d, 0o700) for d in dirs] + [(f, 0o600) for f in files]:
-            child = os.path.join(root, name)
-            info = os.lstat(child)
-            if stat.S_ISLNK(info.st_mode) or not stat.S_IMODE(info.st_mode) & 0o077:
-                continue
-            os.chmod(child, want, follow_symlinks=False)
-            fixed += 1
+    """Clear the group/other permission bits (the owner's are kept) of the repository
+    directory and of zenith's own files in it (:data:`OWN_FILES`, the data files directory
+    and the regular files in it); returns the warnings to show. Everything inside is
+    opened relative to a directory descriptor with ``O_NOFOLLOW`` and changed with
+    ``fchmod`` (no ``chmod(..., follow_symlinks=False)``, which older glibc lacks): a
+    symbolic link is never followed, only named in a warning; anything else in the
+    directory is not touched."""
+    warnings: list[str] = []
+    try:
+        top = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise RepoNotFound(f"no zenith repository at {path}") from None
+    try:
+        mode = stat.S_IMODE(os.fstat(top).st_mode)
+        if mode & 0o077:
+            try:
+                os.fchmod(top, mode & ~0o077)
+            except PermissionError as exc:
+                raise InvalidArgument(
+                    f"repository directory {path} has mode {mode:04o}, open to other users, "
+                    f"and cannot be made private: {exc.strerror}",
+                    hint=f"chmod go-rwx {path} as its owner") from None
+            warnings.append(f"repository directory {path} had mode {mode:04o}, open to other "
+                            f"users; changed to {mode & ~0o077:04o}")
+        fixed = 0
+        for name in OWN_FILES:
+            fixed += bool(_private(top, name, str(path / name), directory=False,
+                                   warnings=warnings))
+        data = path / DATA_DIR
+        changed = _private(top, DATA_DIR, str(data), directory=True, warnings=warnings)
+        if changed is not None:
+            fixed += changed
+            try:
+                data_fd = os.open(DATA_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW |
+                                  os.O_CLOEXEC, dir_fd=top)
+            except OSError as exc:
+                warnings.append(f"{data} cannot be opened to check its files: {exc.strerror}")
+            else:
+                try:
+                    for name in sorted(os.listdir(data_fd)):
+                        fixed += bool(_private(data_fd, name, str(data / name),
+                                               directory=False, warnings=warnings))
+                finally:
+                    os.close(data_fd)
+    finally:
+        os.close(top)
     if fixed:
-        warnings.append(f"{fixed} files or directories in {path} were open to other users; "
-                        "changed to 0600 (directories 0700)")
+        warnings.append(f"{fixed} of zenith's files or directories in {path} were open to "
+                        "other users; group and other access removed")
     return warnings
 
 
@@ -168,8 +254,18 @@ class RepoConfig:
             raise InvalidArgument(f"unknown auth method {auth_method!r}: one of {AUTH_METHODS}")
         if (path / CONFIG_FILE).exists():
             raise InvalidArgument(f"{path} already holds a zenith repository")
-        path.mkdir(parents=True, exist_ok=True, mode=0o700)
-        os.chmod(path, 0o700)  # also an existing, empty directory
+        try:
+            path.mkdir(parents=True, mode=0o700)
+        except FileExistsError:
+            # An existing directory is made private only when it is empty: one holding
+            # other things keeps its mode (`zenith start` then removes group/other access
+            # from the directory itself, with a warning).
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                if not os.listdir(fd):
+                    os.fchmod(fd, 0o700)
+            finally:
+                os.close(fd)
         password = secrets.token_urlsafe(24)
         doc = tomlkit.document()
         doc.add(tomlkit.comment("zenith pageserver configuration"))
@@ -290,9 +386,10 @@ class RepoConfig:
         return value
 
     @property
-    def idle_timeout(self) -> float:
-        """Seconds a signed-in connection may wait between commands."""
-        return float(self._limit("idle_timeout", 0.001, 7 * 86400))
+    def idle_timeout(self) -> float | None:
+        """Seconds a signed-in connection may wait between commands; 0 (``None``): no
+        limit, as PostgreSQL's idle_session_timeout = 0."""
+        return float(self._limit("idle_timeout", 0, 7 * 86400)) or None
 
     @property
     def statement_timeout(self) -> float:

@@ -11,19 +11,20 @@ documents each command and its answer; a handler checks the caller's role before
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import re
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
 from zenith import __version__
-from zenith.errors import InvalidState, LimitExceeded, SyntaxError_, UnknownBranch
+from zenith.errors import InvalidState, LimitExceeded, SyntaxError_, UnknownBranch, ZenithError
 from zenith.ids import TimelineId
 from zenith.lsn import Lsn
 from zenith.pageserver.users import Role, require
-from zenith.pgwire.server import Session
+from zenith.pgwire.server import ECHO_LIMIT, Session, clip
 from zenith.postgres.keys import DEFAULTTABLESPACE_OID, RelTag, rel_block_key
 from zenith.storage import KEY_SIZE, BranchInfo, Record, RecordKind, TimelineInfo
 
@@ -61,6 +62,9 @@ _PIECE: Final = re.compile(r"""([^\s'"\\]++)|'([^']*+)'|(\s++)|\\(.)|(")""", re.
 _DQ_PIECE: Final = re.compile(r"""([^"\\]++)|\\(.)|(")""", re.S)
 #: Commands longer than this are split in a worker thread.
 _SPLIT_IN_THREAD: Final = 64 * 1024
+#: Seconds between the progress NOTICEs of a long silent step (at most half the
+#: statement timeout, which they keep from cutting the command).
+STILL_WORKING_EVERY: Final = 30.0
 
 
 def split_words(text: str, *, in_thread: bool = False) -> list[str]:
@@ -168,13 +172,62 @@ async def dispatch(server: Pageserver, session: Session, query: str) -> None:
     cmd = COMMANDS.get(name)
     if cmd is None:
         raise SyntaxError_(
-            f'unknown command "{words[0]}"',
+            f'unknown command "{clip(words[0])}"',
             hint="commands: " + ", ".join(sorted(COMMANDS)),
         )
     try:
-        await cmd.handler(server, session, words[1:])
-    except _Usage as exc:
-        raise SyntaxError_(f"{exc}", hint=f"usage: {cmd.usage}") from None
+        try:
+            await cmd.handler(server, session, words[1:])
+        except _Usage as exc:
+            raise SyntaxError_(f"{exc}", hint=f"usage: {cmd.usage}") from None
+    except ZenithError as exc:
+        _clip_echoes(exc, words[1:])
+        raise
+
+
+def _clip_echoes(exc: ZenithError, args: list[str]) -> None:
+    """Cut every long argument an error quotes (a branch name in "does not exist", a
+    value in "invalid ...": raised here or in storage) to ECHO_LIMIT characters, so an
+    error carries at most a few hundred bytes of what the client sent."""
+    forms: set[str] = set()
+    for arg in args:
+        if len(arg) > ECHO_LIMIT:
+            # As written, as repr() shows it, and the NAME of NAME@LSN.
+            forms.update(f for f in (arg, repr(arg)[1:-1], arg.partition("@")[0])
+                         if len(f) > ECHO_LIMIT)
+    if not forms:
+        return
+    for field in ("message", "detail", "hint"):
+        text = getattr(exc, field)
+        if text:
+            for form in sorted(forms, key=len, reverse=True):
+                if form in text:
+                    text = text.replace(form, clip(form))
+            setattr(exc, field, text)
+
+
+@contextlib.asynccontextmanager
+async def still_working(server: Pageserver, session: Session, what: str
+                        ) -> AsyncIterator[None]:
+    """A NOTICE every STILL_WORKING_EVERY seconds (or half the statement timeout, if
+    shorter) while the body runs: progress the client sees, and traffic that keeps the
+    statement timeout from cutting a long step that has nothing else to say."""
+    start = time.monotonic()
+    limit = server.config.statement_timeout
+    every = min(STILL_WORKING_EVERY, limit / 2) if limit else STILL_WORKING_EVERY
+
+    async def tick() -> None:
+        while True:
+            await asyncio.sleep(every)
+            await session.send_notice(f"{what}: {time.monotonic() - start:.0f} s")
+
+    task = asyncio.create_task(tick())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
 
 
 class _Usage(Exception):
@@ -199,7 +252,7 @@ def _int(text: str, what: str, low: int, high: int) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise _Usage(f"{what} must be an integer, got {text!r}") from None
+        raise _Usage(f"{what} must be an integer, got {clip(text, 40)!r}") from None
     if not low <= value <= high:
         raise _Usage(f"{what} must be in {low}..{high}, got {value}")
     return value
@@ -209,7 +262,7 @@ def split_at(text: str) -> tuple[str, Lsn | None]:
     """``NAME[@LSN]`` to its parts."""
     name, sep, lsn = text.partition("@")
     if not name or (sep and not lsn):
-        raise _Usage(f"expected NAME[@LSN], got {text!r}")
+        raise _Usage(f"expected NAME[@LSN], got {clip(text)!r}")
     return name, lsn_arg(lsn) if sep else None
 
 
@@ -290,8 +343,10 @@ async def _timeline_delete(server: Pageserver, session: Session, args: list[str]
     expect_args(args, 1, 1)
     require(session.user, Role.ADMIN, "delete timelines")
     if not TimelineId.looks_like(args[0]):
-        raise SyntaxError_(f"expected a timeline id (32 hex digits), got {args[0]!r}")
-    await asyncio.to_thread(server.repo.delete_timeline, TimelineId.parse(args[0]))
+        raise SyntaxError_(f"expected a timeline id (32 hex digits), got {clip(args[0], 40)!r}")
+    # Deleting a long timeline's records takes a while: progress keeps the connection.
+    async with still_working(server, session, "deleting the timeline's records"):
+        await asyncio.to_thread(server.repo.delete_timeline, TimelineId.parse(args[0]))
     await session.send_command_complete("TIMELINE_DELETE")
 
 
@@ -321,7 +376,10 @@ async def _digest(server: Pageserver, session: Session, args: list[str]) -> None
     name, lsn = split_at(args[0])
     tl = server.repo.resolve(name)
     at = tl.last_record_lsn if lsn is None else lsn
-    digest = await asyncio.to_thread(server.repo.digest, tl.timeline_id, at)
+    # Hashing a large state takes minutes and sends nothing: progress keeps the
+    # statement timeout from cutting it (`zenith digest` waits an hour).
+    async with still_working(server, session, f"digest of {clip(name)} at {at}"):
+        digest = await asyncio.to_thread(server.repo.digest, tl.timeline_id, at)
     await session.send_rows(
         ["name", "timeline_id", "lsn", "digest"], [[name, str(tl.timeline_id), str(at), digest]],
         "SELECT 1",
@@ -360,9 +418,11 @@ async def _generate(server: Pageserver, session: Session, args: list[str]) -> No
     start = tl.last_record_lsn
     total = 0
     for r in range(rounds):
-        written = await asyncio.to_thread(
-            generate_round, server, tl.timeline_id, pages, seed, r, page_size, one_lsn
-        )
+        # One round of 2^24 pages takes long: progress within it too.
+        async with still_working(server, session, f"round {r + 1}/{rounds}"):
+            written = await asyncio.to_thread(
+                generate_round, server, tl.timeline_id, pages, seed, r, page_size, one_lsn
+            )
         total += written
         await session.send_notice(f"round {r + 1}/{rounds}: {total} records")
     end = repo.get_timeline(tl.timeline_id).last_record_lsn

@@ -33,10 +33,10 @@ from zenith.errors import (
 )
 from zenith.ids import TimelineId
 from zenith.lsn import INVALID_LSN, Lsn
-from zenith.pageserver.page_service import command, expect_args, lsn_arg
+from zenith.pageserver.page_service import command, expect_args, lsn_arg, still_working
 from zenith.pageserver.users import Role, require
 from zenith.pgwire.conninfo import mask_text, mask_uri
-from zenith.pgwire.server import Session
+from zenith.pgwire.server import Session, clip
 from zenith.postgres.import_basebackup import import_base_backup
 from zenith.postgres.keys import RelTag
 from zenith.postgres.replication import connect_replication
@@ -58,6 +58,8 @@ IMPORT_TIMEOUT: Final = 600.0
 PROGRESS_EVERY: Final = 1.0
 IMPORT_FAILURES: Final = 3
 STILL_WORKING_EVERY: Final = 30.0
+#: ``wait``: seconds it waits by default.
+WAIT_TIMEOUT: Final = 60.0
 
 
 @dataclass
@@ -301,16 +303,20 @@ async def _still_working(session: Session, what: str) -> AsyncIterator[None]:
             await task
 
 
-def _seconds(text: str, cap: float) -> float:
-    """A timeout argument: a finite number of seconds above 0 (``nan``, ``inf`` and
-    negative ones are refused with 22023), at most ``cap`` (larger ones are cut to it)."""
+def _seconds(text: str, cap: float, *, zero_ok: bool = False) -> float:
+    """A timeout argument: a finite number of seconds above 0 (or 0 itself with
+    ``zero_ok``; ``nan``, ``inf`` and negative ones are refused with 22023), at most
+    ``cap`` (larger ones are cut to it)."""
     try:
         value = float(text)
     except ValueError:
         value = float("nan")
+    if zero_ok and value == 0:
+        return 0.0  # also -0
     if not 0 < value < float("inf"):  # also false for nan
         raise InvalidArgument(
-            f"timeout must be a finite number of seconds above 0, got {text[:40]!r}")
+            f"timeout must be a finite number of seconds above 0"
+            f"{' (or 0: check once)' if zero_ok else ''}, got {text[:40]!r}")
     return min(value, cap)
 
 
@@ -361,26 +367,28 @@ async def _wait_readable(server: Pageserver, session: Session, f: Follower, targ
 async def _wait(server: Pageserver, session: Session, args: list[str]) -> None:
     expect_args(args, 2, 3)
     lsn = lsn_arg(args[1])
-    # Nothing is sent while waiting, so the statement timeout would end a longer wait:
-    # cut it to end (with its own message) just before.
-    cap = 0.95 * server.config.statement_timeout
-    timeout = _seconds(args[2], cap) if len(args) > 2 else min(60.0, cap)
+    # The user's timeout as given (0: check once): the progress NOTICEs sent while waiting
+    # keep the statement timeout from cutting a longer wait.
+    timeout = (_seconds(args[2], float("inf"), zero_ok=True) if len(args) > 2
+               else WAIT_TIMEOUT)
+    name = clip(args[0])
     deadline = time.monotonic() + timeout
-    while True:
-        tl = server.repo.resolve(args[0])
-        if tl.last_record_lsn >= lsn:
-            break
-        f = server.followers.get(args[0])
-        if f is not None and f.stopped and f.task is not None and f.task.done():
-            raise InvalidState(f"{args[0]} stopped at {tl.last_record_lsn}, before {lsn}: "
-                               f"{f.stopped}")
-        if time.monotonic() >= deadline:
-            why = f" (source: {f.error})" if f and f.error else ""
-            raise InvalidState(
-                f"timed out after {timeout:g} s waiting for {args[0]} to reach {lsn}: it is at "
-                f"{tl.last_record_lsn}{why}"
-            )
-        await asyncio.sleep(0.02)
+    async with still_working(server, session, f"waiting for {name} to reach {lsn}"):
+        while True:
+            tl = server.repo.resolve(args[0])
+            if tl.last_record_lsn >= lsn:
+                break
+            f = server.followers.get(args[0])
+            if f is not None and f.stopped and f.task is not None and f.task.done():
+                raise InvalidState(f"{name} stopped at {tl.last_record_lsn}, before {lsn}: "
+                                   f"{f.stopped}")
+            if time.monotonic() >= deadline:
+                why = f" (source: {f.error})" if f and f.error else ""
+                raise InvalidState(
+                    f"timed out after {timeout:g} s waiting for {name} to reach {lsn}: it "
+                    f"is at {tl.last_record_lsn}{why}"
+                )
+            await asyncio.sleep(0.02)
     await session.send_rows(["name", "last_record_lsn"], [[args[0], str(tl.last_record_lsn)]],
                             "SELECT 1")
 

@@ -30,9 +30,13 @@ from zenith.errors import AuthenticationFailed, ProtocolViolation
 
 SCRAM_MECHANISM: Final = "SCRAM-SHA-256"
 SCRAM_ITERATIONS: Final = 4096
-#: The most PBKDF2 iterations a client computes for a server (PostgreSQL makes 4096): a
-#: hostile server must not make a connection attempt cost seconds of CPU.
-SCRAM_MAX_ITERATIONS: Final = 100_000
+#: The most PBKDF2 iterations a client computes for a server (PostgreSQL makes 4096 by
+#: default, and its scram_iterations may be raised): enough for sources with a raised
+#: count, while a hostile server cannot make a connection attempt cost more than about a
+#: second of CPU (in a worker thread, off the event loop). The least is 1, PostgreSQL's
+#: minimum: a fake server may ask for it (it only makes the client proof it receives
+#: cheaper to attack offline; the connection still needs the server's signature).
+SCRAM_MAX_ITERATIONS: Final = 1_000_000
 
 # Mock salts must be stable for a user name (a client probing twice sees the same salt) and
 # unpredictable, like PostgreSQL's mock_auth_nonce.

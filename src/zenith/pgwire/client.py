@@ -7,10 +7,15 @@ behaviour: the URI forms of :mod:`zenith.pgwire.conninfo` (re-exported here), ss
 disable/allow/prefer/require/verify-ca/verify-full, SCRAM-SHA-256, MD5, cleartext and trust
 authentication, and one time budget for the whole connection attempt.
 
-Trust: a password is never sent in clear or as MD5 without TLS unless the URI's
-``require_auth`` allows it (:func:`~zenith.pgwire.conninfo.allowed_auth`), checked before
-anything is sent; SCRAM must end with the server's verified signature, its iteration count
-is bounded (``SCRAM_MAX_ITERATIONS``) and its key derivation runs in a worker thread.
+Trust: a password is never sent in clear or as MD5 unless the connection is TLS that
+verified the server's certificate (verify-ca, verify-full, or require with sslrootcert) or
+the URI's ``require_auth`` allows it (:func:`~zenith.pgwire.conninfo.allowed_auth`),
+checked before anything is sent; SCRAM must end with the server's verified signature, its
+iteration count is bounded (``SCRAM_MAX_ITERATIONS``) and its key derivation runs in a
+worker thread. (A server may ask for as few as 1 iteration, PostgreSQL's minimum: that
+only makes the client's proof cheaper to attack offline, which a fake server can do anyway
+with any count; the proof is useless without the password, and the connection fails
+without the server's signature.)
 Origins (other pageservers) are parsed with :func:`parse_origin_uri`: ``verify-full`` by
 default.
 
@@ -49,6 +54,7 @@ from zenith.pgwire.conninfo import (
     ConnInfo,
     PgpassEntry,
     allowed_auth,
+    certificate_verified,
     lookup_password,
     mask_uri,
     parse_local_uri,
@@ -531,9 +537,7 @@ class ClientCopyStream:
 
 def _ssl_context(info: ConnInfo) -> ssl.SSLContext:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    verify = info.sslmode in ("verify-ca", "verify-full") or (
-        info.sslmode == "require" and info.sslrootcert is not None)
-    if verify:
+    if certificate_verified(info):
         root = info.sslrootcert or str(Path.home() / ".postgresql" / "root.crt")
         if root == "system":
             context.load_default_certs()
@@ -603,7 +607,8 @@ _METHOD_NAMES: dict[str, str] = {
 }
 
 
-def _check_method(info: ConnInfo, allowed: frozenset[str], method: str, tls: bool) -> None:
+def _check_method(info: ConnInfo, allowed: frozenset[str], method: str,
+                  verified: bool) -> None:
     """Refuse, before anything is sent, a method the connection does not allow."""
     if method in allowed:
         return
@@ -612,11 +617,12 @@ def _check_method(info: ConnInfo, allowed: frozenset[str], method: str, tls: boo
         raise AuthenticationFailed(
             f'authentication method requirement "{info.require_auth}" failed: the server at '
             f"{info.address} requested {asked}; nothing was sent")
-    assert not tls  # without require_auth every method is allowed over TLS
+    assert not verified  # without require_auth every method is allowed over verified TLS
     raise AuthenticationFailed(
-        f"the server at {info.address} requested {asked} over a connection without TLS: "
-        "refused, the password was not sent",
-        hint=f"Use TLS (sslmode=verify-full), or allow it explicitly with "
+        f"the server at {info.address} requested {asked} over a connection without TLS "
+        "that verified its certificate: refused, the password was not sent",
+        hint=f"Use TLS with a checked certificate (sslmode=verify-full, or verify-ca or "
+             f"require with sslrootcert), or allow it explicitly with "
              f"require_auth={method} in the URI.")
 
 
@@ -625,7 +631,10 @@ async def _authenticate(conn_stream: MessageStream, info: ConnInfo, user: str,
     """Answer the server's authentication requests with the methods
     :func:`~zenith.pgwire.conninfo.allowed_auth` allows; SCRAM must end with the server's
     verified signature before AuthenticationOk is accepted."""
-    allowed = allowed_auth(info, tls=tls)
+    # TLS counts only when it checked the server's certificate: without that, anyone in
+    # the middle may be the other end of the encrypted connection.
+    verified = tls and certificate_verified(info)
+    allowed = allowed_auth(info, tls=verified)
     scram: ScramClientExchange | None = None
     scram_step = ""  # "first" sent, "final" sent, "verified" server signature checked
     authenticated = False
@@ -647,7 +656,7 @@ async def _authenticate(conn_stream: MessageStream, info: ConnInfo, user: str,
                         f"the server at {info.address} ended SCRAM authentication without "
                         "proving that it knows the password (no valid server signature)")
                 if not authenticated:
-                    _check_method(info, allowed, "none", tls)
+                    _check_method(info, allowed, "none", verified)
                 return
             if (isinstance(message, AuthenticationCleartextPassword | AuthenticationMD5Password
                            | AuthenticationSASL)
@@ -655,16 +664,16 @@ async def _authenticate(conn_stream: MessageStream, info: ConnInfo, user: str,
                 raise ProtocolViolation(f"the server at {info.address} asked for "
                                         "authentication twice")
             if isinstance(message, AuthenticationCleartextPassword):
-                _check_method(info, allowed, "password", tls)
+                _check_method(info, allowed, "password", verified)
                 authenticated = True
                 await conn_stream.send(PasswordMessage(need_password()))
             elif isinstance(message, AuthenticationMD5Password):
-                _check_method(info, allowed, "md5", tls)
+                _check_method(info, allowed, "md5", verified)
                 authenticated = True
                 response = md5_client_response(user, need_password(), message.salt)
                 await conn_stream.send(PasswordMessage(response))
             elif isinstance(message, AuthenticationSASL) and scram is None:
-                _check_method(info, allowed, "scram-sha-256", tls)
+                _check_method(info, allowed, "scram-sha-256", verified)
                 if SCRAM_MECHANISM not in message.mechanisms:
                     raise FeatureNotSupported(
                         "none of the server's SASL authentication mechanisms are supported: "

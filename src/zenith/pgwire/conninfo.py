@@ -9,7 +9,9 @@ host is ``localhost`` and an empty port 5432, so a URI means the same thing ever
 Only the password falls back to the environment (:func:`lookup_password`).
 
 Passwords never reach a log: ``ConnInfo``'s repr, :meth:`ConnInfo.masked` and
-:func:`mask_uri` show them as ``***``.
+:func:`mask_uri` show them as ``***``; :func:`mask_text` masks free text in linear time
+and at most :data:`MASK_LIMIT` characters of it (it runs on what unauthenticated clients
+send). Unencoded whitespace, quotes and control characters are refused in a URI.
 """
 
 from __future__ import annotations
@@ -35,8 +37,16 @@ DEFAULT_HOST: Final = "localhost"
 ORIGIN_SSLMODE: Final = "verify-full"
 #: ``require_auth`` methods (libpq 16); gss and sspi are accepted and never offered.
 AUTH_REQUIREMENTS: Final = ("password", "md5", "scram-sha-256", "gss", "sspi", "none")
-#: What the CLI allows its own pageserver (loopback, configured by ``zenith init``).
-LOCAL_REQUIRE_AUTH: Final = "password,md5,scram-sha-256,none"
+#: What the CLI allows its own pageserver, by the repository's ``auth_method`` (``zenith
+#: init --auth-method``): only the method the pageserver was configured with, so that an
+#: impostor bound on its port gets neither a cleartext password nor a way round SCRAM's
+#: server signature (see :func:`parse_local_uri`).
+LOCAL_REQUIRE_AUTH: Final[Mapping[str, str]] = {
+    "scram-sha-256": "scram-sha-256", "md5": "md5", "trust": "none"}
+#: The most text one :func:`mask_text` / :func:`mask_uri` call masks; the rest is cut off
+#: (with :data:`MASK_TRUNCATED`), so that masking any input costs bounded time.
+MASK_LIMIT: Final = 64 * 1024
+MASK_TRUNCATED: Final = "... [{} characters cut]"
 
 _SCHEMES: Final = ("postgresql://", "postgres://")
 _SUPPORTED: Final = frozenset({
@@ -141,9 +151,13 @@ _USERINFO: Final = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<rest>
 
 
 # key=value pairs in a URI query or a libpq keyword/value string (``host=a password='x y'``);
-# the value may be single-quoted (with backslash escapes) as libpq allows.
+# the value may be single-quoted (with backslash escapes) as libpq allows. Linear time on any
+# input (it runs on what unauthenticated clients send, in every error): a key starts only at
+# a token boundary (the lookbehind), and every quantifier is possessive, so no position is
+# scanned again after a failed attempt.
 _PARAM: Final = re.compile(
-    r"(?P<key>[^\s=&?'\"]+)(?P<eq>\s*=\s*)(?P<value>'(?:[^'\\]|\\.)*'?|[^\s&]*)", re.S)
+    r"(?<![^\s=&?'\"])(?P<key>[^\s=&?'\"]++)(?P<eq>\s*+=\s*+)"
+    r"(?P<value>'(?:[^'\\]|\\.)*+'?|[^\s&]*+)", re.S)
 
 
 def _loose_decode(text: str) -> str:
@@ -167,40 +181,59 @@ def _mask_params(text: str) -> str:
     return _PARAM.sub(repl, text)
 
 
+def _cap(text: str) -> str:
+    """``text`` cut to :data:`MASK_LIMIT` characters (with a marker saying how many more)."""
+    if len(text) <= MASK_LIMIT:
+        return text
+    return text[:MASK_LIMIT] + MASK_TRUNCATED.format(len(text) - MASK_LIMIT)
+
+
+def _userinfo_end(rest: str) -> int:
+    """Where the user info of a URI's ``rest`` (after the scheme) ends: the index of its
+    ``@``, or -1. As libpq: the ``@`` before the host, i.e. before the first ``/`` or ``?``
+    (the last such one, so an unencoded ``@`` in a password stays in it). Without one, a
+    password holding an unencoded ``?`` or ``/`` may end at a later ``@``: libpq's own rule
+    (the first ``@`` before any ``/``), else the last ``@`` before the query."""
+    end = _find_any(rest, "/?")
+    at = rest.rfind("@", 0, end)
+    if at >= 0 or ":" not in rest[:end]:
+        return at
+    slash = rest.find("/")
+    at = rest.find("@", 0, slash if slash >= 0 else len(rest))
+    if at >= 0:
+        return at
+    query = rest.find("?", end)
+    return rest.rfind("@", 0, query if query >= 0 else len(rest))
+
+
 def mask_uri(uri: str) -> str:
     """``uri`` with any password replaced by ``***``; works on text that does not parse.
 
     Masked: the userinfo password (``postgresql://user:***@host``, also when it holds an
-    unencoded ``@`` or ``/``), every query parameter whose decoded name is a password
-    (``?password=``, ``?pass%77ord=``, ``?sslpassword=``), and the same in libpq's
-    keyword/value form (``host=a password=***``), which zenith does not accept but may
-    find in an error message.
+    unencoded ``@``, ``/`` or ``?``), a "port" that is not a number (``postgresql://user:pw``
+    without ``@`` is a password to a reader), every parameter whose decoded name is a
+    password (``?password=``, ``?pass%77ord=``, ``?sslpassword=``) anywhere after the user
+    info, and the same in libpq's keyword/value form (``host=a password=***``), which zenith
+    does not accept but may find in an error message. At most :data:`MASK_LIMIT`
+    characters are kept.
     """
+    uri = _cap(uri)
     match = _USERINFO.match(uri)
     if match is None:
         return _mask_params(uri)
     scheme, rest = match.group("scheme"), match.group("rest")
-    slash = rest.find("/")
-    authority, tail = (rest, "") if slash < 0 else (rest[:slash], rest[slash:])
-    at = authority.rfind("@")
-    if at < 0 and slash >= 0:
-        # A password holding an unencoded '/': user info runs to the last '@' before the
-        # query (libpq refuses such a URI; its error must not show the password either).
-        query = rest.find("?")
-        later = rest.rfind("@", 0, query if query >= 0 else len(rest))
-        if later >= 0 and ":" in rest[:slash]:
-            authority, tail, at = rest[:later + 1], rest[later + 1:], later
-    userinfo, hostpart = (authority[:at], authority[at:]) if at >= 0 else ("", authority)
-    if "?" in hostpart:  # postgresql://host?password=... (no path)
-        hostpart, _, query_text = hostpart.partition("?")
-        tail = "?" + query_text + tail
+    at = _userinfo_end(rest)
     if at >= 0:
-        user, sep, _password = userinfo.partition(":")
-        authority = user + (":***" if sep else "") + hostpart
-    else:
-        authority = hostpart
-    path, sep, query_part = tail.partition("?")
-    return scheme + authority + path + sep + _mask_params(query_part)
+        user, sep, _password = rest[:at].partition(":")
+        return (scheme + _mask_params(user) + (":***" if sep else "") + "@"
+                + _mask_params(rest[at + 1:]))
+    end = _find_any(rest, "/?")
+    authority, tail = rest[:end], rest[end:]
+    if not authority.startswith("["):
+        host, sep, port = authority.partition(":")
+        if sep and not port.isdigit():  # not a port: maybe "user:password" without '@'
+            authority = host + ":***"
+    return scheme + authority + _mask_params(tail)
 
 
 _EMBEDDED_URI: Final = re.compile(r"postgres(?:ql)?://[^\s\"'<>]*", re.I)
@@ -208,8 +241,9 @@ _EMBEDDED_URI: Final = re.compile(r"postgres(?:ql)?://[^\s\"'<>]*", re.I)
 
 def mask_text(text: str) -> str:
     """Free text (a log line, an error message) with the password of every URI it holds
-    and every ``password=...`` parameter shown as ``***``."""
-    masked = _EMBEDDED_URI.sub(lambda m: mask_uri(m.group(0)), text)
+    and every ``password=...`` parameter shown as ``***``; linear time, and at most
+    :data:`MASK_LIMIT` characters are kept (the rest is cut, with a marker)."""
+    masked = _EMBEDDED_URI.sub(lambda m: mask_uri(m.group(0)), _cap(text))
     return _mask_params(masked)
 
 
@@ -258,6 +292,24 @@ def _find_any(text: str, chars: str) -> int:
     return min(positions) if positions else len(text)
 
 
+# Characters a URI never holds unencoded (RFC 3986), which zenith refuses: whitespace,
+# quotes, angle brackets and control characters. Text that holds them ends a URI embedded
+# in a message (see _EMBEDDED_URI), so a password holding them could not be masked there.
+_UNSAFE: Final = re.compile(r"[\s\"'<>\x00-\x1f\x7f]")
+_BAD_PORT: Final = ("invalid port number (percent-encode '/', '@', ':' in the password: "
+                    "%2F, %40, %3A)")
+
+
+def _describe(char: str) -> str:
+    if char.isspace():
+        return "whitespace"
+    if char in "\"'":
+        return "quote"
+    if char in "<>":
+        return f'"{char}"'
+    return f"control character U+{ord(char):04X}"
+
+
 def parse_require_auth(text: str) -> frozenset[str]:
     """The methods a ``require_auth`` value allows, as libpq 16 reads it: a comma list of
     methods (``password``, ``md5``, ``scram-sha-256``, ``gss``, ``sspi``, ``none`` for no
@@ -277,10 +329,20 @@ def parse_require_auth(text: str) -> frozenset[str]:
     return frozenset(names)
 
 
+def certificate_verified(info: ConnInfo) -> bool:
+    """Whether a TLS connection with ``info`` checks the server's certificate: verify-ca,
+    verify-full, or require with an ``sslrootcert`` (as libpq)."""
+    return info.sslmode in ("verify-ca", "verify-full") or (
+        info.sslmode == "require" and info.sslrootcert is not None)
+
+
 def allowed_auth(info: ConnInfo, *, tls: bool) -> frozenset[str]:
     """The authentication methods the client lets the server use: ``require_auth`` when
-    given; else all of them over TLS, and without TLS only SCRAM and none -- a password is
-    never sent in clear or as MD5 without TLS unless the URI says so."""
+    given; else all of them over TLS that verified the server's certificate (``tls`` is
+    true only then: see :func:`certificate_verified`), and otherwise only SCRAM and none --
+    a password is never sent in clear or as MD5 to a server whose certificate was not
+    checked (without TLS, or with sslmode=require/prefer/allow and no root certificate,
+    where anyone in the middle could read it) unless the URI says so."""
     if info.require_auth is not None:
         return parse_require_auth(info.require_auth)
     if tls:
@@ -294,13 +356,21 @@ def parse_origin_uri(uri: str) -> ConnInfo:
     return parse_uri(uri, default_sslmode=ORIGIN_SSLMODE)
 
 
-def parse_local_uri(uri: str) -> ConnInfo:
-    """The CLI's URI for its own pageserver: as :func:`parse_uri` (``sslmode=prefer``), and
-    any authentication method the pageserver was configured with (``zenith init
-    --auth-method``) is allowed unless the URI has a ``require_auth``."""
+def parse_local_uri(uri: str, *, auth_method: str) -> ConnInfo:
+    """The CLI's URI for its own pageserver: as :func:`parse_uri` (``sslmode=prefer``),
+    allowing only the method the repository's pageserver is configured with
+    (``auth_method``, set by ``zenith init --auth-method``) unless the URI has a
+    ``require_auth``: ``scram-sha-256`` requires SCRAM (an impostor bound on the port cannot
+    produce the server signature, and learns nothing usable), ``md5`` requires MD5 (an
+    impostor gets an MD5 response to its own salt, never the password: the CLI's password
+    is 192 random bits, and the response is good for that salt only), ``trust`` requires
+    none (a password is never sent). Cleartext is never allowed."""
     info = parse_uri(uri)
     if info.require_auth is None:
-        info = replace(info, require_auth=LOCAL_REQUIRE_AUTH)
+        if auth_method not in LOCAL_REQUIRE_AUTH:
+            raise InvalidArgument(f"unknown auth_method {auth_method!r} for the local "
+                                  f"pageserver: one of {', '.join(LOCAL_REQUIRE_AUTH)}")
+        info = replace(info, require_auth=LOCAL_REQUIRE_AUTH[auth_method])
     return info
 
 
@@ -309,18 +379,30 @@ def parse_uri(uri: str, *, default_sslmode: str = "prefer") -> ConnInfo:
     ``default_sslmode`` when the URI has none, ``verify-full`` with
     ``sslrootcert=system``).
 
-    Raises :class:`InvalidArgument` naming what is wrong (the password never appears).
+    Unlike libpq, unencoded whitespace, quotes, ``<``, ``>`` and control characters are
+    refused (they are never part of a URI, and would end it in a message where it could
+    not be masked whole). Raises :class:`InvalidArgument` naming what is wrong (the
+    password never appears; neither does a bad port, which may be a password).
     """
     if not isinstance(uri, str):
         raise InvalidArgument(f"a connection URI is a string, not {type(uri).__name__}")
+    bad = _UNSAFE.search(uri)
+    # Only the part before such a character is shown: what follows may be the rest of a
+    # password that masking cannot tell from the text around it.
+    shown = mask_uri(uri) if bad is None else mask_uri(uri[:bad.start()]) + "..."
     for scheme in _SCHEMES:
         if uri.startswith(scheme):
             rest = uri[len(scheme):]
             break
     else:
         raise InvalidArgument(
-            f'invalid connection URI "{mask_uri(uri)}": it must start with postgresql:// '
+            f'invalid connection URI "{shown}": it must start with postgresql:// '
             "or postgres://")
+    if bad is not None:
+        raise InvalidArgument(
+            f'invalid connection URI "{shown}": unencoded {_describe(bad.group(0))} at '
+            f"position {bad.start()}",
+            hint="Percent-encode it (a space is %20, a quote %27 or %22).")
     values: dict[str, str] = {}
 
     # user info: up to the first '@' that comes before any '/'
@@ -355,7 +437,7 @@ def parse_uri(uri: str, *, default_sslmode: str = "prefer") -> ConnInfo:
     if rest.startswith(":"):
         end = _find_any(rest, "/?,")
         if end > 1:
-            values["port"] = _decode(rest[1:end], "port")
+            values["port"] = _decode(rest[1:end], "port", secret=True)
         rest = rest[end:]
     if rest.startswith(","):
         raise InvalidArgument(f'multiple hosts are not supported: "{mask_uri(uri)}"')
@@ -406,7 +488,9 @@ def _build(values: Mapping[str, str]) -> ConnInfo:
     port_text = values.get("port")
     if port_text is not None:
         if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
-            raise InvalidArgument(f'invalid port number: "{port_text}"')
+            # Not echoed: "user:password" without '@' (or a password holding an unencoded
+            # '/') reads as host "user" and port "password".
+            raise InvalidArgument(_BAD_PORT)
         kwargs["port"] = int(port_text)
     timeout_text = values.get("connect_timeout")
     if timeout_text is not None:

@@ -9,7 +9,11 @@ a hostile peer harmless:
   body is buffered, so a header claiming 2 GiB fails at once instead of making us wait for,
   or allocate, 2 GiB;
 * every body is parsed with bounds checks and must be consumed exactly; any mismatch is a
-  :class:`~zenith.errors.ProtocolViolation` (SQLSTATE 08P01).
+  :class:`~zenith.errors.ProtocolViolation` (SQLSTATE 08P01);
+* once the server sets ``max_query_size`` (after sign-in) every message is bounded by it
+  or by a small constant, but CopyData while a COPY IN/BOTH is open (``copy_in``); CopyData
+  outside one (the tail of a COPY that failed on the server's side) is discarded as it
+  arrives, never buffered.
 
 A connection starts in the *startup* phase, where frontend packets have no type byte
 (StartupMessage, SSLRequest, GSSENCRequest, CancelRequest); the decoder of frontend
@@ -286,6 +290,11 @@ _FIXED_LENGTH: Final[Mapping[Sender, Mapping[int, int]]] = {
 
 
 _QUERY: Final = ord("Q")
+_COPY_DATA: Final = ord("d")
+#: After sign-in, messages that carry a query's text or its parameters: bounded by
+#: ``max_query_size`` (54000); any other but CopyData by SMALL_MESSAGE_SIZE (08P01).
+_QUERY_SIZED: Final = frozenset((FrontendType.QUERY, FrontendType.PARSE, FrontendType.BIND))
+SMALL_MESSAGE_SIZE: Final = 65535
 
 
 def _type_name(code: int) -> str:
@@ -300,8 +309,12 @@ class Decoder:
     Both raise :class:`ProtocolViolation` on malformed input; the decoder is then unusable
     (the connection must be closed). ``max_message_size`` may be changed between messages
     (the server keeps it small until the client has authenticated). ``max_query_size``
-    (frontend decoders, ``None``: no limit beyond ``max_message_size``) bounds Query
-    messages alone -- COPY data is not a query -- and raises :class:`QueryTooLong`.
+    (frontend decoders, ``None``: no limit beyond ``max_message_size``; the server sets it
+    at sign-in) bounds Query, Parse and Bind messages (:class:`QueryTooLong`, from the
+    header) and puts every other message under ``SMALL_MESSAGE_SIZE`` -- but CopyData:
+    while ``copy_in`` is true (the server is in COPY IN/BOTH) a CopyData may take
+    ``max_message_size``; while it is false the CopyData messages are skipped, their bytes
+    dropped as they arrive and nothing returned for them.
     """
 
     def __init__(self, sender: Sender, *, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
@@ -310,6 +323,9 @@ class Decoder:
         self.max_message_size = max_message_size
         self.max_startup_size = max_startup_size
         self.max_query_size: int | None = None
+        #: True while the server reads COPY data (frontend decoders, after sign-in).
+        self.copy_in = False
+        self._skip = 0  # bytes still to drop of a skipped CopyData
         #: True while untyped startup packets are expected (frontend decoders only).
         self.in_startup = sender is Sender.FRONTEND
         self._decoders = _FRONTEND_DECODERS if sender is Sender.FRONTEND else _BACKEND_DECODERS
@@ -322,11 +338,32 @@ class Decoder:
         return len(self._buf) - self._pos
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
+        if self._skip:
+            dropped = min(self._skip, len(data))
+            self._skip -= dropped
+            data = memoryview(data)[dropped:]
         if self._pos:
             del self._buf[: self._pos]
             self._pos = 0
         self._buf += data
-        self._header()
+        self._drop_skipped()
+
+    def _skipped(self, code: int | None) -> bool:
+        return code == _COPY_DATA and self.max_query_size is not None and not self.copy_in \
+            and self.sender is Sender.FRONTEND
+
+    def _drop_skipped(self) -> None:
+        """Check the next header; drop what has arrived of CopyData messages outside COPY
+        (the rest of such a message is dropped by feed() as it comes)."""
+        while (header := self._header()) is not None and self._skipped(header[0]):
+            size = header[1]
+            avail = len(self._buf) - self._pos
+            self._pos += min(size, avail)
+            if avail < size:
+                self._skip = size - avail
+                del self._buf[: self._pos]
+                self._pos = 0
+                return
 
     def _header(self) -> tuple[int | None, int] | None:
         """Validate the next message's header if it has arrived: (type byte, total size)."""
@@ -351,18 +388,38 @@ class Decoder:
             raise ProtocolViolation(
                 f"message of type {_type_name(code)} is too large: {length} bytes claimed, "
                 f"limit {self.max_message_size}")
-        if code == _QUERY and self.max_query_size is not None and \
-                length - 5 > self.max_query_size and self.sender is Sender.FRONTEND:
-            raise QueryTooLong(
-                f"query text is too long: {length - 5} bytes, limit {self.max_query_size}",
-                hint="the server sets it (max_query_size); COPY data is not limited by it")
+        if self.max_query_size is not None and self.sender is Sender.FRONTEND:
+            self._check_signed_in(code, length)
         fixed = _FIXED_LENGTH[self.sender].get(code)
         if fixed is not None and length != fixed:
             raise ProtocolViolation(
                 f"invalid length {length} for message type {_type_name(code)}")
         return code, length + 1
 
+    def _check_signed_in(self, code: int, length: int) -> None:
+        """The bounds after sign-in, from the header (``max_query_size`` is set)."""
+        assert self.max_query_size is not None
+        if code == _QUERY:
+            if length - 5 > self.max_query_size:
+                raise QueryTooLong(
+                    f"query text is too long: {length - 5} bytes, limit {self.max_query_size}",
+                    hint="the server sets it (max_query_size); COPY data is not limited by it")
+        elif code in _QUERY_SIZED:
+            if length - 4 > self.max_query_size:
+                raise QueryTooLong(
+                    f"message of type {_type_name(code)} is too long: {length - 4} bytes, "
+                    f"limit {self.max_query_size}", hint="the server sets it (max_query_size)")
+        elif code != _COPY_DATA and length - 4 > SMALL_MESSAGE_SIZE:
+            raise ProtocolViolation(
+                f"message of type {_type_name(code)} is too large: {length} bytes claimed, "
+                f"limit {SMALL_MESSAGE_SIZE}")
+
     def next(self) -> Message | None:
+        if self._skip:
+            return None
+        self._drop_skipped()
+        if self._skip:
+            return None
         header = self._header()
         if header is None:
             return None

@@ -133,6 +133,7 @@ __all__ = [
     "ServerState",
     "Session",
     "StoredUser",
+    "clip",
     "close_server",
     "make_md5_hash",
     "make_scram_verifier",
@@ -146,6 +147,18 @@ AUTH_METHODS: Final = ("scram-sha-256", "md5", "password", "trust")
 # Until a client has authenticated, no message may be larger than this (PostgreSQL's
 # PG_MAX_AUTH_TOKEN_LENGTH): an anonymous peer cannot make us buffer 64 MiB.
 PRE_AUTH_MAX_MESSAGE_SIZE: Final = 65535
+#: Client-supplied text an error quotes (a name, a command word) is cut to this length.
+ECHO_LIMIT: Final = 200
+#: No field of an ErrorResponse is longer (a net under the clip() of every known echo).
+MAX_ERROR_FIELD: Final = 2000
+
+
+def clip(text: str, limit: int = ECHO_LIMIT) -> str:
+    """``text`` as an error may quote it: its first ``limit`` characters, and how many
+    more there were, so an error never carries much of what a client sent."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}...({len(text) - limit} more characters)"
 
 
 def default_parameters() -> dict[str, str]:
@@ -179,7 +192,8 @@ class ServerConfig:
     #: Of ``max_connections``, slots only users of ``reserved_role`` may take.
     reserved_connections: int = 3
     reserved_role: str = "admin"
-    #: Seconds a signed-in connection may wait between commands (57P05 FATAL after).
+    #: Seconds a signed-in connection may wait between commands (57P05 FATAL after);
+    #: ``None`` or 0: no limit (PostgreSQL's idle_session_timeout = 0).
     idle_timeout: float | None = 300.0
     #: Seconds a command may run with nothing read or sent (57014 after).
     statement_timeout: float | None = 600.0
@@ -448,11 +462,12 @@ class _Connection:
         if not name:
             raise ServerError("no PostgreSQL user name specified in startup packet",
                               sqlstate="28000")
+        shown = clip(name)  # the startup packet may carry a 10,000-byte name
         user = self.credentials.lookup(name)
         method = self.config.auth_method
         if method == "trust":
             if user is None:
-                raise ServerError(f'role "{name}" does not exist', sqlstate="28000")
+                raise ServerError(f'role "{shown}" does not exist', sqlstate="28000")
             return user
         if method == "md5" and user is not None and user.md5_hash is None:
             method = "scram-sha-256"  # as PostgreSQL does for a SCRAM-only user under md5
@@ -463,7 +478,7 @@ class _Connection:
         else:
             ok = await self._auth_password(name, user)
         if not ok or user is None:
-            raise AuthenticationFailed(f'password authentication failed for user "{name}"')
+            raise AuthenticationFailed(f'password authentication failed for user "{shown}"')
         return user
 
     async def _auth_response(self) -> AuthenticationResponse:
@@ -489,7 +504,8 @@ class _Connection:
         if initial.mechanism != SCRAM_MECHANISM:
             raise ProtocolViolation(
                 "client selected an invalid SASL authentication mechanism",
-                detail=f"Mechanism {initial.mechanism!r}; this server offers {SCRAM_MECHANISM}.")
+                detail=f"Mechanism {clip(initial.mechanism)!r}; this server offers "
+                       f"{SCRAM_MECHANISM}.")
         if initial.data is None:
             raise ProtocolViolation("malformed SCRAM message: empty client-first message")
         await self.stream.send(AuthenticationSASLContinue(exchange.client_first(initial.data)))
@@ -542,7 +558,7 @@ class _Connection:
     async def _command_loop(self) -> None:
         while True:
             try:
-                async with asyncio.timeout(self.config.idle_timeout):
+                async with asyncio.timeout(self.config.idle_timeout or None):  # 0: off
                     message = await self.stream.recv()
             except TimeoutError:
                 logger.info("%s: idle-session timeout", self.peer)
@@ -661,11 +677,12 @@ class _Connection:
 
 
 def _error_from(exc: ZenithError, severity: str) -> ErrorResponse:
-    # No password ever leaves in an error, whatever the handler put in it.
+    # No password ever leaves in an error, whatever the handler put in it; and no field is
+    # longer than MAX_ERROR_FIELD (masked first: a cut could hide a URI from the mask).
     return ErrorResponse.build(
-        exc.sqlstate, mask_text(exc.message), severity=severity,
-        detail=mask_text(exc.detail) if exc.detail else exc.detail,
-        hint=mask_text(exc.hint) if exc.hint else exc.hint)
+        exc.sqlstate, clip(mask_text(exc.message), MAX_ERROR_FIELD), severity=severity,
+        detail=clip(mask_text(exc.detail), MAX_ERROR_FIELD) if exc.detail else exc.detail,
+        hint=clip(mask_text(exc.hint), MAX_ERROR_FIELD) if exc.hint else exc.hint)
 
 
 async def serve_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,

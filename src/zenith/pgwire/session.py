@@ -137,6 +137,7 @@ class CopyStream:
 
     def _close_in(self) -> None:
         self._in_open = False
+        self._stream.decoder.copy_in = False  # later CopyData: dropped unbuffered
         self._check_finished()
 
     def _check_finished(self) -> None:
@@ -208,6 +209,7 @@ class Session:
         self._end()
 
     def _end(self) -> None:
+        self._stream.decoder.copy_in = False
         self.state = SessionState.INACTIVE
         self._copy = None
         self._result_open = False
@@ -285,6 +287,9 @@ class Session:
         stream = CopyStream(self, kind)
         self._copy = stream
         self.state = SessionState.COPY
+        # Only now may the client's CopyData be large (max_message_size, e.g. a transfer's
+        # DATA frames); outside COPY IN/BOTH it is dropped as it arrives.
+        self._stream.decoder.copy_in = kind is not CopyKind.OUT
         self._result_open = True
         await self._stream.send(response)
         return stream
