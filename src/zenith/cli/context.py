@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import sys
 from pathlib import Path
 from typing import Any
@@ -57,5 +58,8 @@ pass_repo = click.make_pass_decorator(Repo)
 
 def read_password_stdin() -> str:
     """The first line of standard input, without its line end (``--password-stdin``: a
-    secret never on a command line, where every user of the machine can read it)."""
+    secret never on a command line, where every user of the machine can read it). From a
+    terminal it is read without echo, as a password prompt does."""
+    if sys.stdin.isatty():
+        return getpass.getpass("password: ")
     return sys.stdin.readline().rstrip("\r\n")

@@ -424,8 +424,10 @@ async def _source_list(server: Pageserver, session: Session, args: list[str]) ->
     for f in server.followers.values():
         at = server.repo.get_timeline(f.timeline_id).last_record_lsn
         lag = max(0, int(f.source_lsn) - int(at)) if f.source_lsn else None
-        state = ("streaming" if f.connected else f"stopped: {f.stopped}" if f.stopped
-                 else f"reconnecting: {f.error or 'starting'}")
+        # Why a stream fails names the source's host and user: for admins only, too.
+        state = ("streaming" if f.connected
+                 else (f"stopped: {f.stopped}" if admin else "stopped") if f.stopped
+                 else f"reconnecting: {f.error or 'starting'}" if admin else "reconnecting")
         rows.append([f.branch, mask_uri(f.uri) if admin else None, f.slot, str(at),
                      str(f.source_lsn) if f.source_lsn else None,
                      str(lag) if lag is not None else None, state])
