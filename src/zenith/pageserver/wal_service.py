@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
@@ -57,7 +56,6 @@ BACKOFF: Final = (0.5, 1.0, 2.0, 5.0, 10.0)
 IMPORT_TIMEOUT: Final = 600.0
 PROGRESS_EVERY: Final = 1.0
 IMPORT_FAILURES: Final = 3
-STILL_WORKING_EVERY: Final = 30.0
 #: ``wait``: seconds it waits by default.
 WAIT_TIMEOUT: Final = 60.0
 
@@ -259,7 +257,7 @@ async def _import(server: Pageserver, session: Session, args: list[str]) -> None
             await conn.create_physical_slot(slot)
             try:
                 await session.send_notice("taking a base backup")
-                async with _still_working(session, "taking a base backup"):
+                async with still_working(server, session, "taking a base backup"):
                     result = await import_base_backup(server.repo, timeline.timeline_id, conn)
             except BaseException:
                 with contextlib.suppress(Exception):
@@ -281,26 +279,6 @@ async def _import(server: Pageserver, session: Session, args: list[str]) -> None
           str(result.records), str(result.bytes), slot]],
         "SELECT 1",
     )
-
-
-@contextlib.asynccontextmanager
-async def _still_working(session: Session, what: str) -> AsyncIterator[None]:
-    """A NOTICE every STILL_WORKING_EVERY seconds while the body runs: progress the client
-    sees, and traffic that keeps the statement timeout from cutting a long step."""
-    start = time.monotonic()
-
-    async def tick() -> None:
-        while True:
-            await asyncio.sleep(STILL_WORKING_EVERY)
-            await session.send_notice(f"{what}: {time.monotonic() - start:.0f} s")
-
-    task = asyncio.create_task(tick())
-    try:
-        yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(BaseException):
-            await task
 
 
 def _seconds(text: str, cap: float, *, zero_ok: bool = False) -> float:

@@ -708,12 +708,7 @@ def _dbase(ing: WalIngest, rec: DecodedRecord, out: dict[bytes, Record]) -> None
     info, lsn = rec.rmgr_info & 0x70, rec.end_lsn
     if info == pgc.XLOG_DBASE_CREATE_FILE_COPY:
         cp = wr.parse_dbase_create_file_copy(rec.main_data)
-        stored = ing.repo.get_timeline(ing.timeline_id)
-        if stored.last_record_lsn < ing.ingested_lsn:
-            raise InvalidState(
-                f"CREATE DATABASE at {rec.lsn} reads storage, which has records up to "
-                f"{stored.last_record_lsn} of the {ing.ingested_lsn} ingested: flush first"
-            )
+        _require_stored(ing, rec)
         # dbase_redo removes the destination directory first: whatever is stored there
         # (a database dropped without its record reaching us) is not part of the copy.
         for key, _value in ing.read_range(*db_key_range(cp.tablespace_id, cp.db_id)):
