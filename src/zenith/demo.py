@@ -1,7 +1,9 @@
 """``make demo``: a guided run of zenith on embedded defaults, in a temporary directory.
 
 Three real pageserver processes on free loopback ports (a laptop, a cloud, a colleague),
-driven by the real ``zenith`` command as a user would: generate history, push it, push
+driven by the real ``zenith`` command as a user would: the cloud speaks TLS with its own
+CA (``init --tls``) and signs the others in by client certificate (mutual TLS, no
+password); generate history, push it, push
 more, branch and push the branch, pull into a third repository, write a received branch
 (it forks a timeline of its own), see a diverged push refused and forced, and compare
 digests on both sides. Every step and its output is printed; every
@@ -50,18 +52,27 @@ class Node:
             raise DemoFailed(f"demo failed: `{shown}` exited with {proc.returncode}")
         return proc.stdout
 
-    def up(self) -> None:
-        self.zenith("init", "--listen", f"127.0.0.1:{self.port}")
+    def up(self, *, cert_port: int | None = None) -> None:
+        """``init`` and ``start``; with ``cert_port``, TLS (``init --tls``) and a second
+        address where users sign in with client certificates (``auth_method = cert``)."""
+        if cert_port is None:
+            self.zenith("init", "--listen", f"127.0.0.1:{self.port}")
+        else:
+            self.zenith("init", "--listen", f"127.0.0.1:{self.port}", "--tls")
+            listener = (f'\n[[listeners]]\nlisten = "127.0.0.1:{cert_port}"\n'
+                        'auth_method = "cert"\n')
+            print(f"[{self.name}]$ cat >> config.toml{listener}".replace("\n", "\n    "))
+            with open(self.repo / "config.toml", "a", encoding="utf-8") as f:
+                f.write(listener)
         self.zenith("start")
         self.started = True
 
-    def uri(self) -> str:
-        text = (self.repo / "config.toml").read_text()
-        password = text.split('password = "', 1)[1].split('"', 1)[0]
-        # Loopback, pageservers without certificates: origins default to verify-full, so
-        # the demo says plainly that this connection is not encrypted (and SCRAM never
-        # sends the password itself).
-        return f"postgresql://admin:{password}@127.0.0.1:{self.port}/zenith?sslmode=disable"
+    def cert_uri(self, cert_port: int, user: str, certs: Path) -> str:
+        """An origin URI for ``user`` with the client certificate ``zenith tls client-cert``
+        made: verify-full against this node's CA, no password."""
+        return (f"postgresql://{user}@127.0.0.1:{cert_port}/zenith?sslrootcert="
+                f"{self.repo / 'tls' / 'ca.crt'}&sslcert={certs / (user + '.crt')}"
+                f"&sslkey={certs / (user + '.key')}")
 
     def digest(self, target: str) -> str:
         return self.zenith("digest", target).split()[0]
@@ -81,11 +92,22 @@ def run(base: Path) -> None:
     laptop, cloud, colleague = Node(base, "laptop"), Node(base, "cloud"), Node(base, "colleague")
     nodes = (laptop, cloud, colleague)
     try:
-        step("Three pageservers, each with its own repository, on free loopback ports")
-        for node in nodes:
-            node.up()
-        laptop.zenith("origin", "add", "cloud", cloud.uri())
-        colleague.zenith("origin", "add", "cloud", cloud.uri())
+        step("Three pageservers, each with its own repository, on free loopback ports; "
+             "the cloud speaks TLS and signs users in by client certificate")
+        cert_port = _free_port()
+        laptop.up()
+        colleague.up()
+        cloud.up(cert_port=cert_port)
+        certs = base / "certs"
+        for user in ("laptop", "colleague"):
+            cloud.zenith("user", "add", user, "--role", "push", "--no-password")
+            cloud.zenith("tls", "client-cert", user, "--out", str(certs))
+
+        step("Origins over mutual TLS: each side checks the other's certificate; "
+             "no password anywhere")
+        laptop.zenith("origin", "add", "cloud", cloud.cert_uri(cert_port, "laptop", certs))
+        colleague.zenith("origin", "add", "cloud",
+                         cloud.cert_uri(cert_port, "colleague", certs))
         laptop.zenith("origin", "list")
 
         step("History on the laptop: 2,000 pages of 8 KiB, rewritten in 2 rounds")

@@ -134,6 +134,14 @@ class ConnectionFailed(ZenithError):
     sqlstate = "08006"  # connection_failure
 
 
+class Cancelled(ZenithError):
+    """Work stopped because its command was cancelled (client gone, CancelRequest, statement
+    timeout): raised in the worker thread, which then frees its slot. Not registered for
+    decoding: a 57014 from a server stays a plain ServerError."""
+
+    sqlstate = "57014"  # query_canceled
+
+
 class ServerError(ZenithError):
     """An ErrorResponse whose SQLSTATE has no class of its own here."""
 

@@ -307,3 +307,18 @@ def test_default_pgpass_is_in_home(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("HOME", str(tmp_path))
     write_pgpass(tmp_path / ".pgpass", "*:*:*:*:home-file\n", 0o600)
     assert lookup_password(parse_uri("postgresql://h"), "u", "d", {}) == "home-file"
+
+
+def test_relative_certificate_files_become_absolute(tmp_path) -> None:
+    from zenith.pgwire.conninfo import absolute_file_parameters, parse_uri
+
+    uri = ("postgresql://u:p%26w@h:5/db?sslrootcert=ca.crt&sslcert=c%20d/me.crt"
+           "&sslkey=/abs/me.key&sslmode=verify-full&application_name=ca.crt")
+    out = parse_uri(absolute_file_parameters(uri, tmp_path))
+    assert out.sslrootcert == str(tmp_path / "ca.crt")
+    assert out.sslcert == str(tmp_path / "c d" / "me.crt")
+    assert out.sslkey == "/abs/me.key"
+    assert out.application_name == "ca.crt" and out.password == "p&w"
+    system = "postgresql://h/db?sslrootcert=system"
+    assert absolute_file_parameters(system, tmp_path) == system
+    assert absolute_file_parameters("postgresql://h/db", tmp_path) == "postgresql://h/db"

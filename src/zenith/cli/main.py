@@ -22,6 +22,7 @@ from zenith.cli.context import Repo, ZenithGroup, pass_repo
 from zenith.cli.export import export
 from zenith.cli.remote import origin, pull, push
 from zenith.cli.source import detach, import_, wait
+from zenith.cli.tls import tls
 from zenith.cli.user import user
 from zenith.errors import InvalidArgument, ZenithError
 from zenith.pageserver.config import (
@@ -60,26 +61,61 @@ def main(ctx: click.Context, repo_dir: Path | None) -> None:
     type=click.Choice(AUTH_METHODS),
     default="scram-sha-256",
     show_default=True,
-    help="How clients authenticate (trust: no password, only for trusted networks).",
+    help="How clients authenticate (trust: no password, only for trusted networks; cert: a "
+         "client certificate whose CN is the user name; scram+cert: both; these two need "
+         "--tls).",
 )
+@click.option("--tls", is_flag=True,
+              help="Create a CA, a server certificate it signs and a client certificate for "
+                   "the local CLI in DIR/tls, and turn TLS on.")
+@click.option("--tls-host", "tls_hosts", multiple=True, metavar="NAME",
+              help="A host name or IP address the server certificate is also for "
+                   "(repeatable), besides localhost, 127.0.0.1, ::1, this machine's name and "
+                   "the listen host.")
 @pass_repo
-def init(repo: Repo, listen: str, auth_method: str) -> None:
+def init(repo: Repo, listen: str, auth_method: str, tls: bool,
+         tls_hosts: tuple[str, ...]) -> None:
     """Create a repository with an admin user for the local CLI."""
+    from zenith.pageserver.config import CONFIG_FILE, parse_listen
     from zenith.pageserver.users import Role, UserStore
     from zenith.pgwire.auth import StoredUser
     from zenith.storage import open_repository
 
     os.umask(0o077)  # every file of the repository is private
-    config, password = RepoConfig.create(repo.path, listen=listen, auth_method=auth_method)
+    if tls_hosts and not tls:
+        raise click.UsageError("--tls-host needs --tls")
+    if (repo.path / CONFIG_FILE).exists():
+        raise InvalidArgument(f"{repo.path} already holds a zenith repository")
+    tls_dir = None
+    if tls:
+        from zenith.pageserver import tls as tls_files
+
+        # The loopback names always: the local CLI checks the certificate against them.
+        hosts = list(dict.fromkeys([*tls_files.default_hosts(parse_listen(listen)[0]),
+                                    *tls_hosts]))
+        for host in hosts:
+            tls_files.parse_san(host)  # a bad name is refused before anything is written
+        tls_dir = tls_files.TLS_DIR
+        repo.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        ca, _server = tls_files.create_ca_and_server(repo.path / tls_dir, hosts,
+                                                     label=repo.path.resolve().name)
+        tls_files.issue_client_cert(ca, "admin", tls_files.TlsFiles(
+            repo.path / tls_dir / "admin.crt", repo.path / tls_dir / "admin.key"))
+    config, password = RepoConfig.create(repo.path, listen=listen, auth_method=auth_method,
+                                         tls_dir=tls_dir)
     open_repository(config.db_path).close()
     admin = StoredUser.from_password(config.cli_credentials[0], password, str(Role.ADMIN),
                                      md5=auth_method == "md5")
     UserStore(config.users_path).add(admin.name, Role.ADMIN, admin.scram_verifier or "",
                                      admin.md5_hash)
     click.echo(f"Initialized zenith repository in {repo.path}")
-    click.echo(f"  listen address: {config.listen} (auth {auth_method})")
+    click.echo(f"  listen address: {config.listen} (auth {auth_method}"
+               f"{', TLS' if tls else ''})")
     click.echo(f"  admin user \"{admin.name}\": password kept in {config.path / 'config.toml'} "
                "(mode 0600) for the local CLI")
+    if tls:
+        click.echo(f"  TLS: CA {repo.path / 'tls' / 'ca.crt'} (give it to clients as "
+                   f"sslrootcert), server certificate for {', '.join(hosts)}")
 
 
 @main.command()
@@ -216,6 +252,7 @@ def digest(repo: Repo, target: str) -> None:
 main.add_command(branch)
 main.add_command(timeline)
 main.add_command(user)
+main.add_command(tls)
 main.add_command(origin)
 main.add_command(push)
 main.add_command(pull)

@@ -5,11 +5,18 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 
 import click
 
 from zenith.cli.context import Repo, pass_repo, read_password_stdin
-from zenith.pgwire.conninfo import add_password, allowed_auth, mask_uri, parse_origin_uri
+from zenith.pgwire.conninfo import (
+    absolute_file_parameters,
+    add_password,
+    allowed_auth,
+    mask_uri,
+    parse_origin_uri,
+)
 from zenith.transfer.messages import Progress, Status, TransferArgs, TransferResult
 
 
@@ -30,6 +37,8 @@ def add(repo: Repo, name: str, uri: str, password_stdin: bool) -> None:
     --password-stdin, or postgresql://user:password@host:port)."""
     if password_stdin:
         uri = add_password(uri, read_password_stdin())
+    # The pageserver opens the certificate files: from its own working directory.
+    uri = absolute_file_parameters(uri, Path.cwd())
     repo.config.add_origin(name, uri)
     click.echo(f"added origin {name}: {mask_uri(uri)}")
     _warn_without_tls(name, uri)

@@ -3,10 +3,13 @@ PostgreSQL 15 cluster (the pageserver does the work; see docs/ingest.md)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from zenith.cli.context import Repo, pass_repo, read_password_stdin
-from zenith.pgwire.conninfo import add_password, mask_uri
+from zenith.errors import InvalidArgument
+from zenith.pgwire.conninfo import add_password, map_file_parameters, mask_uri
 
 
 @click.command("import")
@@ -33,6 +36,7 @@ def import_(repo: Repo, branch: str, uri: str, timeout: float, password_stdin: b
     """
     if password_stdin:
         uri = add_password(uri, read_password_stdin())
+    uri = _copy_certificate_files(repo, branch, uri)
     row = repo.query("import", branch, uri, str(timeout),
                      on_notice=lambda m: click.echo(m, err=True), timeout=30.0).dicts()[0]
     click.echo(f"imported {branch} from {mask_uri(uri)}: base backup {row['start_lsn']}.."
@@ -59,3 +63,27 @@ def detach(repo: Repo, branch: str) -> None:
     """Stop following BRANCH's source and drop its replication slot; the data stays."""
     row = repo.query("detach", branch).dicts()[0]
     click.echo(f"detached {branch} ({row['outcome']})")
+
+
+def _copy_certificate_files(repo: Repo, branch: str, uri: str) -> str:
+    """The pageserver opens a source's certificate files itself, and only from its
+    repository's ``certs/`` directory (a URI from the wire may not name any file the
+    process can read): copy them to ``certs/BRANCH/`` (0600) and name the copies."""
+    from zenith.pageserver.config import write_private
+    from zenith.storage import validate_branch_name
+
+    validate_branch_name(branch)
+    target = repo.config.certs_dir / branch
+
+    def copy(name: str, path: str) -> str:
+        try:
+            text = Path(path).expanduser().read_text(encoding="ascii")
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = getattr(exc, "strerror", None) or "not a PEM file"
+            raise InvalidArgument(f"cannot read the {name} file {path}: {reason}") from None
+        target.mkdir(mode=0o700, parents=True, exist_ok=True)
+        copied = target / f"{name}.pem"
+        write_private(copied, text)
+        return str(copied.resolve())
+
+    return map_file_parameters(uri, copy)

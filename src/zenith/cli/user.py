@@ -21,9 +21,18 @@ def user() -> None:
 @click.option("--role", type=click.Choice(["admin", "push", "read"]), default="read",
               show_default=True, help="read: read and pull; push: also push; admin: all.")
 @click.option("--password-stdin", is_flag=True, help="Read the password from standard input.")
+@click.option("--no-password", is_flag=True,
+              help="No password: the user signs in with a client certificate whose CN is "
+                   "NAME (auth_method cert; see `zenith tls client-cert`).")
 @pass_repo
-def add(repo: Repo, name: str, role: str, password_stdin: bool) -> None:
-    """Add user NAME (password from a prompt, or --password-stdin)."""
+def add(repo: Repo, name: str, role: str, password_stdin: bool, no_password: bool) -> None:
+    """Add user NAME (password from a prompt, or --password-stdin, or --no-password)."""
+    if no_password:
+        if password_stdin:
+            raise click.UsageError("--no-password and --password-stdin exclude each other")
+        repo.query("user_add", name, role, "-")
+        click.echo(f"added user {name} ({role}, no password: client certificate only)")
+        return
     if password_stdin:
         password = sys.stdin.readline().rstrip("\r\n")
     else:

@@ -4,6 +4,7 @@ Layout of a repository directory (``./.zenith`` unless ``-D``/``ZENITH_REPO_DIR`
 otherwise)::
 
     config.toml      listen address, authentication, TLS, the local CLI's credentials (0600)
+    tls/             with ``zenith init --tls``: a CA, the server's and the CLI's certificates
     zenith.db        the repository's index and metadata (storage)
     zenith.db.d/     the repository's data files, one per timeline
     users.json       users and their SCRAM/MD5 verifiers, never passwords (0600)
@@ -33,17 +34,20 @@ from typing import Any, Final
 import tomlkit
 import tomlkit.exceptions
 
-from zenith.errors import AlreadyExists, InvalidArgument, NotFound
-from zenith.pgwire.conninfo import mask_uri, parse_uri
+from zenith.errors import AlreadyExists, InvalidArgument, NotFound, PermissionDenied
+from zenith.pgwire.conninfo import file_parameters, mask_uri, parse_uri
 from zenith.transfer.messages import DEFAULT_TIMEOUT
 
 DEFAULT_LISTEN: Final = "127.0.0.1:64000"
-AUTH_METHODS: Final = ("scram-sha-256", "md5", "trust")
+AUTH_METHODS: Final = ("scram-sha-256", "md5", "trust", "cert", "scram+cert")
+#: Methods that need TLS and a client certificate whose CN is the user name.
+CERT_METHODS: Final = ("cert", "scram+cert")
 CONFIG_FILE: Final = "config.toml"
 DB_FILE: Final = "zenith.db"
 USERS_FILE: Final = "users.json"
 PID_FILE: Final = "pageserver.pid"
 LOG_FILE: Final = "pageserver.log"
+CERTS_DIR: Final = "certs"
 ADMIN_USER: Final = "admin"
 
 _HOST_PORT: Final = re.compile(
@@ -60,6 +64,10 @@ LIMITS: Final[dict[str, float]] = {
     "idle_timeout": 300.0,
     "statement_timeout": 600.0,
     "max_delta_chain": 10_000,
+    "worker_short_threads": 8,
+    "worker_long_threads": 4,
+    "worker_wal_threads": 4,
+    "long_jobs_per_user": 2,
 }
 
 LIMIT_COMMENTS: Final = (
@@ -71,6 +79,10 @@ LIMIT_COMMENTS: Final = (
     "idle_timeout = 300  # seconds between commands before a connection is closed; 0: never",
     "statement_timeout = 600  # seconds a command may go without reading or sending",
     "max_delta_chain = 10000  # deltas get_page applies before it refuses (54000)",
+    "worker_short_threads = 8  # threads for quick steps (get_page, branch changes)",
+    "worker_long_threads = 4  # threads for digest, export, push/pull steps",
+    "worker_wal_threads = 4  # threads for WAL ingest and base-backup imports",
+    "long_jobs_per_user = 2  # long jobs one non-admin user runs at once; more wait",
 )
 
 _ORIGIN_NAME: Final = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,62}")
@@ -245,13 +257,20 @@ class RepoConfig:
 
     @classmethod
     def create(
-        cls, path: Path, *, listen: str = DEFAULT_LISTEN, auth_method: str = "scram-sha-256"
+        cls, path: Path, *, listen: str = DEFAULT_LISTEN, auth_method: str = "scram-sha-256",
+        tls_dir: str | None = None,
     ) -> tuple[RepoConfig, str]:
         """Create the directory and ``config.toml``; returns the config and the admin
-        password generated for the local CLI."""
+        password generated for the local CLI. ``tls_dir``: the directory (relative to the
+        repository) where ``zenith init --tls`` put ``ca.crt``, ``server.crt``/``.key``
+        and ``admin.crt``/``.key``: TLS is on, client certificates of that CA are
+        accepted, and the local CLI checks the server's certificate and has one."""
         parse_listen(listen)
         if auth_method not in AUTH_METHODS:
             raise InvalidArgument(f"unknown auth method {auth_method!r}: one of {AUTH_METHODS}")
+        if auth_method in CERT_METHODS and tls_dir is None:
+            raise InvalidArgument(f"auth method {auth_method} needs TLS and a CA for client "
+                                  "certificates", hint="add --tls")
         if (path / CONFIG_FILE).exists():
             raise InvalidArgument(f"{path} already holds a zenith repository")
         try:
@@ -272,9 +291,18 @@ class RepoConfig:
         doc.add("listen", listen)
         doc["listen"].comment("HOST:PORT the pageserver listens on")
         doc.add("auth_method", auth_method)
-        doc["auth_method"].comment("scram-sha-256 | md5 | trust")
-        doc.add(tomlkit.comment('tls_cert_file = "server.crt"  # TLS when both are set'))
-        doc.add(tomlkit.comment('tls_key_file = "server.key"'))
+        doc["auth_method"].comment("scram-sha-256 | md5 | trust | cert | scram+cert")
+        if tls_dir is None:
+            doc.add(tomlkit.comment('tls_cert_file = "server.crt"  # TLS when both are set'))
+            doc.add(tomlkit.comment('tls_key_file = "server.key"'))
+            doc.add(tomlkit.comment('tls_ca_file = "ca.crt"  # CA of client certificates '
+                                    "(cert, scram+cert)"))
+        else:
+            doc.add("tls_cert_file", f"{tls_dir}/server.crt")
+            doc["tls_cert_file"].comment("TLS: this server's certificate and key")
+            doc.add("tls_key_file", f"{tls_dir}/server.key")
+            doc.add("tls_ca_file", f"{tls_dir}/ca.crt")
+            doc["tls_ca_file"].comment("CA of client certificates (cert, scram+cert)")
         doc.add(tomlkit.comment("transfer_timeout = 60  # seconds before a silent peer of a "
                                 "push or pull is dropped"))
         for line in LIMIT_COMMENTS:
@@ -284,7 +312,17 @@ class RepoConfig:
         cli.add(tomlkit.comment("credentials the local `zenith` command uses to reach it"))
         cli.add("user", ADMIN_USER)
         cli.add("password", password)
+        if tls_dir is not None:
+            cli.add("sslrootcert", f"{tls_dir}/ca.crt")
+            cli.add("sslcert", f"{tls_dir}/admin.crt")
+            cli.add("sslkey", f"{tls_dir}/admin.key")
         doc.add("cli", cli)
+        doc.add(tomlkit.nl())
+        doc.add(tomlkit.comment("more addresses, each with its own method (docs/pgwire.md); "
+                                "they never take the reserved_connections slots:"))
+        doc.add(tomlkit.comment("[[listeners]]"))
+        doc.add(tomlkit.comment('listen = "0.0.0.0:64443"'))
+        doc.add(tomlkit.comment('auth_method = "cert"'))
         config = cls(path, doc)
         config.save()
         return config, password
@@ -307,6 +345,7 @@ class RepoConfig:
         parse_listen(config.listen)  # refuse a bad address now, not when it is used
         if config.auth_method not in AUTH_METHODS:
             raise InvalidArgument(f"{file}: auth_method must be one of {AUTH_METHODS}")
+        config.listeners  # noqa: B018 - checks [[listeners]] and the TLS files they need
         return config
 
     def save(self) -> None:
@@ -403,6 +442,13 @@ class RepoConfig:
         return int(self._limit("max_delta_chain", 1, 10_000_000, integer=True))
 
     @property
+    def workers(self) -> dict[str, int]:
+        """Thread pool sizes and the per-user cap of long jobs (docs/limits.md)."""
+        return {name: int(self._limit(name, 1, 256, integer=True)) for name in (
+            "worker_short_threads", "worker_long_threads", "worker_wal_threads",
+            "long_jobs_per_user")}
+
+    @property
     def tls_files(self) -> tuple[Path, Path] | None:
         cert, key = self._get("tls_cert_file"), self._get("tls_key_file")
         if not cert or not key:
@@ -410,12 +456,66 @@ class RepoConfig:
         return self.path / str(cert), self.path / str(key)
 
     @property
+    def tls_ca_file(self) -> Path | None:
+        """The CA whose certificates clients sign in with (``cert`` and ``scram+cert``)."""
+        ca = self._get("tls_ca_file")
+        return self.path / str(ca) if ca else None
+
+    @property
+    def listeners(self) -> list[tuple[str, str]]:
+        """Every address the pageserver listens on, with its authentication method:
+        ``listen``/``auth_method`` first (the local CLI's), then each ``[[listeners]]``
+        table's ``listen`` and ``auth_method`` (default: the top-level one)."""
+        where = self.path / CONFIG_FILE
+        found = [(self.listen, self.auth_method)]
+        extra = self._get("listeners") or []
+        if not isinstance(extra, list) or not all(isinstance(t, dict) for t in extra):
+            raise InvalidArgument(f"{where}: listeners must be an array of tables "
+                                  "([[listeners]] with listen and auth_method)")
+        for table in extra:
+            unknown = set(table) - {"listen", "auth_method"}
+            if unknown or "listen" not in table:
+                raise InvalidArgument(f"{where}: each [[listeners]] table has listen = "
+                                      '"HOST:PORT" and optionally auth_method'
+                                      + (f" (unknown: {', '.join(sorted(unknown))})"
+                                         if unknown else ""))
+            listen, method = str(table["listen"]), str(table.get("auth_method",
+                                                                 self.auth_method))
+            parse_listen(listen)
+            if method not in AUTH_METHODS:
+                raise InvalidArgument(f"{where}: auth_method of listener {listen} must be "
+                                      f"one of {', '.join(AUTH_METHODS)}")
+            found.append((listen, method))
+        addresses = [parse_listen(listen) for listen, _ in found]
+        for i, (host, port) in enumerate(addresses):
+            for other, other_port in addresses[:i]:
+                if port == other_port and (host == other or
+                                           {host, other} & {"0.0.0.0", "::", ""}):
+                    raise InvalidArgument(f"{where}: listen addresses {other}:{port} and "
+                                          f"{host}:{port} overlap (a wildcard address holds "
+                                          "the port on every address)")
+        if any(method in CERT_METHODS for _, method in found) and (
+                self.tls_files is None or self.tls_ca_file is None):
+            raise InvalidArgument(
+                f"{where}: auth_method cert and scram+cert need tls_cert_file, tls_key_file "
+                "and tls_ca_file (the CA that signs client certificates)",
+                hint="`zenith init --tls` creates them for a new repository")
+        return found
+
+    @property
     def cli_credentials(self) -> tuple[str, str]:
         cli = self._get("cli") or {}
         return str(cli.get("user", ADMIN_USER)), str(cli.get("password", ""))
 
+    def _cli_file(self, name: str) -> str | None:
+        cli = self._get("cli") or {}
+        value = cli.get(name)
+        return str(self.path / str(value)) if value else None
+
     def local_uri(self) -> str:
-        """The URI the local CLI connects to (password included: never print it)."""
+        """The URI the local CLI connects to (password included: never print it). With
+        ``[cli]`` ``sslrootcert`` (``zenith init --tls``) the CLI checks the server's
+        certificate (verify-full); ``sslcert``/``sslkey`` sign it in under ``cert``."""
         from urllib.parse import quote
 
         host, port = self.listen_address
@@ -426,9 +526,52 @@ class RepoConfig:
         user, password = self.cli_credentials
         shown = f"[{host}]" if ":" in host else host
         auth = f"{quote(user, safe='')}:{quote(password, safe='')}"
-        return f"postgresql://{auth}@{shown}:{port}/zenith"
+        params: list[tuple[str, str]] = []
+        root = self._cli_file("sslrootcert")
+        if root is not None:
+            params += [("sslmode", "verify-full"), ("sslrootcert", root)]
+        elif self.auth_method in CERT_METHODS:
+            # Nothing would authenticate the server: whoever holds the port would get the
+            # CLI's commands (verifiers, origin URIs).
+            raise InvalidArgument(
+                f"{self.path / CONFIG_FILE}: with auth_method {self.auth_method} the local "
+                "CLI needs [cli] sslrootcert (the CA of the server's certificate) to check "
+                "whom it talks to", hint="`zenith init --tls` sets it up")
+        for name in ("sslcert", "sslkey"):
+            value = self._cli_file(name)
+            if value is not None:
+                params.append((name, value))
+        query = "&".join(f"{k}={quote(v, safe='/')}" for k, v in params)
+        return f"postgresql://{auth}@{shown}:{port}/zenith" + (f"?{query}" if query else "")
 
     # -- origins ---------------------------------------------------------------------------
+
+    @property
+    def certs_dir(self) -> Path:
+        """Where ``zenith import`` copies a source URI's certificate files."""
+        return self.path / CERTS_DIR
+
+    def check_wire_files(self, uri: str) -> None:
+        """A URI a client sent (``perform_push``/``perform_pull``, ``import``) is opened by
+        the pageserver's OS user: it may name certificate files (``sslrootcert``,
+        ``sslcert``, ``sslkey``) only when it is one of this repository's origins as
+        ``config.toml`` lists them (only the repository's owner adds origins: the CLI
+        writes the file), or when every file is inside the repository's ``certs/``
+        directory (where ``zenith import`` copies them). Otherwise an admin of this
+        server could sign in elsewhere with any key the process can read."""
+        files = file_parameters(parse_uri(uri))
+        if not files:
+            return
+        if uri in RepoConfig.load(self.path).origins().values():
+            return
+        certs = os.path.realpath(self.certs_dir) + os.sep
+        if all(os.path.realpath(f).startswith(certs) for f in files):
+            return
+        raise PermissionDenied(
+            "a URI sent to the pageserver may name certificate files only if it is one of "
+            "the repository's origins or the files are in its certs/ directory",
+            hint="add it with `zenith origin add` (or import with `zenith import`, which "
+                 "copies the files) on the pageserver's machine")
 
     def origins(self) -> dict[str, str]:
         """Origin name -> URI (with its password: never print it unmasked)."""

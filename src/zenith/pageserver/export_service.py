@@ -4,23 +4,26 @@
 the directory; :mod:`zenith.postgres.export` builds it (pg_control and WAL start included).
 Settings that would make the copy act for its source (archiving, standby, synchronous
 standbys) are turned off unless the trailing word ``keep_config`` is given; a NOTICE before
-the COPY names those it turned off.
+the COPY names those it turned off. The tar is made in the long worker pool, as one long
+job of the user (``workers.py``): a reader's exports and digests share its cap, and a
+cancelled export stops at its next chunk.
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from zenith.errors import SyntaxError_
 from zenith.pageserver.page_service import command, expect_args, split_at
 from zenith.pageserver.users import Role, require
+from zenith.pageserver.workers import job_of
 from zenith.pgwire.server import Session
 from zenith.postgres.export import disabled_settings, export_entries, tar_chunks
 
 if TYPE_CHECKING:
     from zenith.pageserver.daemon import Pageserver
+    from zenith.pageserver.workers import LongJob
 
 
 @command("fullbackup", "<branch-or-timeline>[@<lsn>] [keep_config]",
@@ -39,24 +42,29 @@ async def _fullbackup(server: Pageserver, session: Session, args: list[str]) -> 
     # Validation happens here, before CopyOut starts, so a bad LSN is a plain ErrorResponse.
     chunks: Iterator[bytes] = tar_chunks(
         export_entries(server.repo, tl.timeline_id, at, keep_config=keep_config))
-    if not keep_config:
-        off = await asyncio.to_thread(disabled_settings, server.repo, tl.timeline_id, at)
-        if off:
-            await session.send_notice(
-                f"disabled {', '.join(off)}",
-                detail="the export's configuration has them commented out "
-                       "(postgresql.conf) or removed (postgresql.auto.conf), so that a copy "
-                       "started next to its source neither archives into the source's "
-                       "archive, nor acts as its standby, nor waits for its synchronous "
-                       "standbys",
-                hint="the keep_config argument (zenith export --keep-config) keeps them")
-    first = await asyncio.to_thread(next, chunks, b"")
+    async with job_of(server, session.user) as job:
+        await _send_tar(session, job, chunks, None if keep_config else
+                        await job.run(disabled_settings, server.repo, tl.timeline_id, at))
+
+
+async def _send_tar(session: Session, job: LongJob, chunks: Iterator[bytes],
+                    off: list[str] | None) -> None:
+    if off:
+        await session.send_notice(
+            f"disabled {', '.join(off)}",
+            detail="the export's configuration has them commented out "
+                   "(postgresql.conf) or removed (postgresql.auto.conf), so that a copy "
+                   "started next to its source neither archives into the source's "
+                   "archive, nor acts as its standby, nor waits for its synchronous "
+                   "standbys",
+            hint="the keep_config argument (zenith export --keep-config) keeps them")
+    first = await job.run(next, chunks, b"")
     copy = await session.copy_out()
     chunk: bytes = first
     sent = 0
     while chunk:
         await copy.write(chunk)
         sent += len(chunk)
-        chunk = await asyncio.to_thread(next, chunks, b"")
+        chunk = await job.run(next, chunks, b"")
     await copy.done()
     await session.send_command_complete(f"COPY {sent}")

@@ -24,6 +24,7 @@ from zenith.errors import InvalidState, LimitExceeded, SyntaxError_, UnknownBran
 from zenith.ids import TimelineId
 from zenith.lsn import Lsn
 from zenith.pageserver.users import Role, require
+from zenith.pageserver.workers import WORKER_COLUMNS, job_of, short, workers_of
 from zenith.pgwire.server import ECHO_LIMIT, Session, clip
 from zenith.postgres.keys import DEFAULTTABLESPACE_OID, RelTag, rel_block_key
 from zenith.storage import KEY_SIZE, BranchInfo, Record, RecordKind, TimelineInfo
@@ -164,7 +165,7 @@ async def dispatch(server: Pageserver, session: Session, query: str) -> None:
     if len(text) < _SPLIT_IN_THREAD:
         words = _split(text)
     else:
-        words = await asyncio.to_thread(_split, text, in_thread=True)
+        words = await short(server).run(_split, text, in_thread=True)
     if not words:
         await session.send_command_complete("")
         return
@@ -302,6 +303,14 @@ async def _branch_list(server: Pageserver, session: Session, args: list[str]) ->
     await session.send_rows(BRANCH_COLUMNS, rows, f"SELECT {len(rows)}")
 
 
+@command("workers", "", "worker pools (threads, busy, queued) and users' long jobs")
+async def _workers(server: Pageserver, session: Session, args: list[str]) -> None:
+    expect_args(args, 0, 0)
+    require(session.user, Role.ADMIN, "see the worker pools")
+    rows = workers_of(server).rows()
+    await session.send_rows(WORKER_COLUMNS, rows, f"SELECT {len(rows)}")
+
+
 @command("timeline_list", "", "every timeline, named or not, with its branch names")
 async def _timeline_list(server: Pageserver, session: Session, args: list[str]) -> None:
     expect_args(args, 0, 0)
@@ -325,7 +334,7 @@ async def _branch_create(server: Pageserver, session: Session, args: list[str]) 
     expect_args(args, 1, 2)
     require(session.user, Role.ADMIN, "create branches")
     source, lsn = split_at(args[1]) if len(args) == 2 else (None, None)
-    info = await asyncio.to_thread(server.repo.create_branch, args[0], source, lsn)
+    info = await short(server).run(server.repo.create_branch, args[0], source, lsn)
     await session.send_rows(BRANCH_COLUMNS, branch_rows([info]), "SELECT 1")
 
 
@@ -333,7 +342,7 @@ async def _branch_create(server: Pageserver, session: Session, args: list[str]) 
 async def _branch_delete(server: Pageserver, session: Session, args: list[str]) -> None:
     expect_args(args, 1, 1)
     require(session.user, Role.ADMIN, "delete branches")
-    await asyncio.to_thread(server.repo.delete_branch, args[0])
+    await short(server).run(server.repo.delete_branch, args[0])
     await session.send_command_complete("BRANCH_DELETE")
 
 
@@ -345,8 +354,9 @@ async def _timeline_delete(server: Pageserver, session: Session, args: list[str]
     if not TimelineId.looks_like(args[0]):
         raise SyntaxError_(f"expected a timeline id (32 hex digits), got {clip(args[0], 40)!r}")
     # Deleting a long timeline's records takes a while: progress keeps the connection.
-    async with still_working(server, session, "deleting the timeline's records"):
-        await asyncio.to_thread(server.repo.delete_timeline, TimelineId.parse(args[0]))
+    async with still_working(server, session, "deleting the timeline's records"), \
+            job_of(server, session.user) as job:
+        await job.run(server.repo.delete_timeline, TimelineId.parse(args[0]))
     await session.send_command_complete("TIMELINE_DELETE")
 
 
@@ -360,9 +370,10 @@ async def _get_page(server: Pageserver, session: Session, args: list[str]) -> No
         raise _Usage(f"key must be {KEY_SIZE} bytes in hex, got {args[2]!r:.60}") from None
     if len(key) != KEY_SIZE:
         raise _Usage(f"key must be {KEY_SIZE} bytes in hex, got {len(key)} bytes")
-    # In a worker thread: a long delta chain means redo, which must not stall the loop.
+    # In a worker thread: a long delta chain means redo, which must not stall the loop;
+    # in the short pool, which whole-state work (digest, export) never fills.
     try:
-        value = await asyncio.to_thread(server.repo.get_value_of, args[0], key, lsn,
+        value = await short(server).run(server.repo.get_value_of, args[0], key, lsn,
                                         max_deltas=server.config.max_delta_chain)
     except LimitExceeded as exc:
         raise LimitExceeded(exc.message, hint="the bound is max_delta_chain in the "
@@ -377,9 +388,11 @@ async def _digest(server: Pageserver, session: Session, args: list[str]) -> None
     tl = server.repo.resolve(name)
     at = tl.last_record_lsn if lsn is None else lsn
     # Hashing a large state takes minutes and sends nothing: progress keeps the
-    # statement timeout from cutting it (`zenith digest` waits an hour).
-    async with still_working(server, session, f"digest of {clip(name)} at {at}"):
-        digest = await asyncio.to_thread(server.repo.digest, tl.timeline_id, at)
+    # statement timeout from cutting it (`zenith digest` waits an hour). A long job: a
+    # reader's digests wait for its own earlier ones, and stop when the command ends.
+    async with still_working(server, session, f"digest of {clip(name)} at {at}"), \
+            job_of(server, session.user) as job:
+        digest = await job.run(server.repo.digest, tl.timeline_id, at, cancel=job.cancel)
     await session.send_rows(
         ["name", "timeline_id", "lsn", "digest"], [[name, str(tl.timeline_id), str(at), digest]],
         "SELECT 1",
@@ -412,15 +425,16 @@ async def _generate(server: Pageserver, session: Session, args: list[str]) -> No
     else:
         try:
             # One writer per timeline: a received branch forks a child timeline first.
-            tl = await asyncio.to_thread(repo.branch_for_writing, args[0])
+            tl = await short(server).run(repo.branch_for_writing, args[0])
         except UnknownBranch:
-            tl = (await asyncio.to_thread(repo.create_branch, args[0])).timeline
+            tl = (await short(server).run(repo.create_branch, args[0])).timeline
     start = tl.last_record_lsn
     total = 0
     for r in range(rounds):
         # One round of 2^24 pages takes long: progress within it too.
-        async with still_working(server, session, f"round {r + 1}/{rounds}"):
-            written = await asyncio.to_thread(
+        async with still_working(server, session, f"round {r + 1}/{rounds}"), \
+                job_of(server, session.user) as job:
+            written = await job.run(
                 generate_round, server, tl.timeline_id, pages, seed, r, page_size, one_lsn
             )
         total += written
@@ -470,8 +484,9 @@ def generate_round(
 
 
 
-@command("user_add", "<name> <admin|push|read> <scram-verifier> [<md5-hash>]",
-         "add a user by its password verifier (never the password)")
+@command("user_add", "<name> <admin|push|read> <scram-verifier>|- [<md5-hash>]",
+         "add a user by its password verifier (never the password); - : no password "
+         "(client certificate only)")
 async def _user_add(server: Pageserver, session: Session, args: list[str]) -> None:
     expect_args(args, 3, 4)
     require(session.user, Role.ADMIN, "manage users")
@@ -479,7 +494,8 @@ async def _user_add(server: Pageserver, session: Session, args: list[str]) -> No
     # An MD5 hash is as good as the password to an attacker: keep it only when this
     # pageserver authenticates with md5; otherwise only the SCRAM verifier is stored.
     md5 = args[3] if len(args) > 3 and server.config.auth_method == "md5" else None
-    user = await asyncio.to_thread(server.users.add, args[0], role, args[2], md5)
+    verifier = None if args[2] == "-" else args[2]
+    user = await short(server).run(server.users.add, args[0], role, verifier, md5)
     await session.send_rows(["name", "role"], [[user.name, user.role]], "SELECT 1")
 
 
@@ -495,5 +511,5 @@ async def _user_list(server: Pageserver, session: Session, args: list[str]) -> N
 async def _user_remove(server: Pageserver, session: Session, args: list[str]) -> None:
     expect_args(args, 1, 1)
     require(session.user, Role.ADMIN, "manage users")
-    await asyncio.to_thread(server.users.remove, args[0])
+    await short(server).run(server.users.remove, args[0])
     await session.send_command_complete("USER_REMOVE")

@@ -23,6 +23,7 @@ from zenith.errors import ConnectionFailed, PeerTimeout, PushRejected, ZenithErr
 from zenith.pageserver.page_service import command, expect_args
 from zenith.pageserver.quoting import command_text
 from zenith.pageserver.users import Role, require
+from zenith.pageserver.workers import LongJob, job_of
 from zenith.pgwire.client import (
     ClientCopyStream,
     Connection,
@@ -151,12 +152,14 @@ async def _perform_push(server: Pageserver, session: Session, args: list[str]) -
     require(session.user, Role.ADMIN, "start a push")
     a = TransferArgs.parse_perform(args)
     validate_branch_name(a.remote_branch)
+    server.config.check_wire_files(a.uri)
     timeline = server.repo.resolve(a.branch)
     chain = server.repo.ancestry(timeline.timeline_id)
     words = ["branch_push", a.remote_branch, *a.flag_words()]
-    async with _remote_stream(a.uri, "push", words) as stream, _Reporter(session) as reporter:
+    async with _remote_stream(a.uri, "push", words) as stream, _Reporter(session) as reporter, \
+            _long_job(server, session) as job:
         result = await send_branch(stream, server.repo, chain, progress=reporter.update,
-                                   timeout=server.config.transfer_timeout)
+                                   timeout=server.config.transfer_timeout, offload=job.run)
         await reporter.flush()
     await _send_result(session, a.branch, f"{mask_uri(a.uri)} {a.remote_branch}", result)
 
@@ -167,13 +170,14 @@ async def _perform_pull(server: Pageserver, session: Session, args: list[str]) -
     require(session.user, Role.ADMIN, "start a pull")
     a = TransferArgs.parse_perform(args)
     validate_branch_name(a.branch)
+    server.config.check_wire_files(a.uri)
     _refuse_followed(server, a.branch)
     async with _remote_stream(a.uri, "pull", ["branch_pull", a.remote_branch]) as stream, \
-            _Reporter(session) as reporter:
+            _Reporter(session) as reporter, _long_job(server, session) as job:
         result = await receive_branch(
             stream, server.repo, a.branch, pushing=False, force=a.force, dry_run=a.dry_run,
             progress=reporter.update, timeout=server.config.transfer_timeout,
-            locks=server.transfer_locks)
+            locks=server.transfer_locks, offload=job.run)
         await reporter.flush()
     await _send_result(session, a.branch, f"{mask_uri(a.uri)} {a.remote_branch}", result)
 
@@ -188,8 +192,10 @@ async def _branch_push(server: Pageserver, session: Session, args: list[str]) ->
     _refuse_followed(server, name)
     copy = await session.copy_both()
     timeout = server.config.transfer_timeout
-    await receive_branch(copy, server.repo, name, pushing=True, force=force, dry_run=dry_run,
-                         timeout=timeout, locks=server.transfer_locks)
+    async with _long_job(server, session) as job:
+        await receive_branch(copy, server.repo, name, pushing=True, force=force,
+                             dry_run=dry_run, timeout=timeout, locks=server.transfer_locks,
+                             offload=job.run)
     await _end_copy(copy, timeout, ours_first=False)
 
 
@@ -201,8 +207,15 @@ async def _branch_pull(server: Pageserver, session: Session, args: list[str]) ->
     chain = server.repo.ancestry(timeline.timeline_id)
     copy = await session.copy_both()
     timeout = server.config.transfer_timeout
-    await send_branch(copy, server.repo, chain, timeout=timeout)
+    async with _long_job(server, session) as job:
+        await send_branch(copy, server.repo, chain, timeout=timeout, offload=job.run)
     await _end_copy(copy, timeout, ours_first=True)
+
+
+def _long_job(server: Pageserver, session: Session) -> LongJob:
+    """A transfer is one long job of its user: its storage steps run in the long worker
+    pool, and a non-admin user's transfers share its cap with its digests and exports."""
+    return job_of(server, session.user)
 
 
 async def _end_copy(copy: CopyStream, timeout: float, *, ours_first: bool) -> None:

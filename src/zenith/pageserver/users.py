@@ -79,16 +79,23 @@ class UserStore:
         self,
         name: str,
         role: Role,
-        scram_verifier: str,
+        scram_verifier: str | None,
         md5_hash: str | None = None,
         *,
         replace: bool = False,
     ) -> StoredUser:
+        """Add (or with ``replace`` change) a user. ``scram_verifier`` None: the user has no
+        password and signs in only with a client certificate (``cert``) or where
+        ``trust`` lets anyone in."""
         validate_user_name(name)
-        try:
-            ScramVerifier.parse(scram_verifier)
-        except ValueError:
-            raise InvalidArgument("the password verifier is not a SCRAM-SHA-256 verifier") from None
+        if scram_verifier is None:
+            md5_hash = None
+        else:
+            try:
+                ScramVerifier.parse(scram_verifier)
+            except ValueError:
+                raise InvalidArgument(
+                    "the password verifier is not a SCRAM-SHA-256 verifier") from None
         if md5_hash is not None and _MD5_HASH.fullmatch(md5_hash) is None:
             raise InvalidArgument("the md5 hash is not of the form md5<32 hex digits>")
         with self._lock:

@@ -11,7 +11,8 @@ hold it back.) Following is START_REPLICATION on the slot
 from the branch's ``last_record_lsn``, records decoded and ingested in batches, standby
 status updates after each batch so the source can recycle WAL, reconnection with backoff
 after either side restarts. Attachments live in ``config.toml`` (``[sources.<branch>]``),
-so a restarted pageserver resumes following.
+so a restarted pageserver resumes following. Ingest and the base-backup import run in the
+``wal`` worker pool (``workers.py``), which readers' long work never fills.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from zenith.ids import TimelineId
 from zenith.lsn import INVALID_LSN, Lsn
 from zenith.pageserver.page_service import command, expect_args, lsn_arg, still_working
 from zenith.pageserver.users import Role, require
+from zenith.pageserver.workers import workers_of
 from zenith.pgwire.conninfo import mask_text, mask_uri
 from zenith.pgwire.server import Session, clip
 from zenith.postgres.import_basebackup import import_base_backup
@@ -122,8 +124,11 @@ def _start(server: Pageserver, f: Follower) -> None:
 
 
 async def stop_followers(server: Pageserver) -> None:
+    """Stop every follower, and let an ingest step still in its thread finish (a stopped
+    follower's task no longer waits for it) before the server closes the repository."""
     for f in list(server.followers.values()):
         await _stop(f)
+    await workers_of(server).idle(workers_of(server).wal, 30.0)
 
 
 async def _stop(f: Follower) -> None:
@@ -161,7 +166,8 @@ async def _follow(server: Pageserver, f: Follower) -> None:
 async def _stream_once(server: Pageserver, f: Follower) -> None:
     repo = server.repo
     start = repo.get_timeline(f.timeline_id).last_record_lsn
-    ingest = await asyncio.to_thread(WalIngest, repo, f.timeline_id, f.rel_sizes)
+    wal = workers_of(server).wal
+    ingest = await wal.run(WalIngest, repo, f.timeline_id, f.rel_sizes)
     f.rel_sizes = None
     decoder = WalStreamDecoder(start)
     async with await connect_replication(f.uri, application_name="zenith") as conn:
@@ -202,16 +208,16 @@ async def _stream_once(server: Pageserver, f: Follower) -> None:
                             break
                         batch.append(more)
                     try:
-                        await asyncio.to_thread(_ingest_chunks, decoder, ingest, batch)
+                        await wal.run(_ingest_chunks, decoder, ingest, batch)
                     except MissingPageImage:
                         # Keep everything before the refused record: the branch ends there.
-                        await asyncio.to_thread(ingest.flush)
+                        await wal.run(ingest.flush)
                         raise
                 f.source_lsn = max(f.source_lsn, stream.server_wal_end)
                 now = time.monotonic()
                 if now - last_flush >= FLUSH_EVERY:
                     last_flush = now
-                    await asyncio.to_thread(ingest.flush)
+                    await wal.run(ingest.flush)
                     done = repo.get_timeline(f.timeline_id).last_record_lsn
                     await stream.send_status(done, done, done)
         finally:
@@ -238,6 +244,7 @@ async def _import(server: Pageserver, session: Session, args: list[str]) -> None
     expect_args(args, 2, 3)
     require(session.user, Role.ADMIN, "import")
     branch, uri = validate_branch_name(args[0]), args[1]
+    server.config.check_wire_files(uri)
     timeout = _seconds(args[2], 86400.0) if len(args) > 2 else IMPORT_TIMEOUT
     if any(b.name == branch for b in server.repo.list_branches()):
         raise AlreadyExists(f'branch "{branch}" already exists')
@@ -258,7 +265,9 @@ async def _import(server: Pageserver, session: Session, args: list[str]) -> None
             try:
                 await session.send_notice("taking a base backup")
                 async with still_working(server, session, "taking a base backup"):
-                    result = await import_base_backup(server.repo, timeline.timeline_id, conn)
+                    result = await import_base_backup(
+                        server.repo, timeline.timeline_id, conn,
+                        executor=workers_of(server).wal)
             except BaseException:
                 with contextlib.suppress(Exception):
                     await conn.drop_slot(slot)

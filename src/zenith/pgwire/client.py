@@ -550,13 +550,37 @@ def _ssl_context(info: ConnInfo) -> ssl.SSLContext:
         else:
             context.load_verify_locations(root)
         context.check_hostname = info.sslmode == "verify-full"
+        # Only subjectAltName names the server (no fallback to the CN, which a client
+        # certificate from the same CA may carry).
+        context.hostname_checks_common_name = False
         context.verify_mode = ssl.CERT_REQUIRED
     else:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
-    if info.sslcert:
-        context.load_cert_chain(info.sslcert, info.sslkey)
+    if info.sslcert or info.sslkey:
+        _load_client_certificate(context, info)
     return context
+
+
+def _load_client_certificate(context: ssl.SSLContext, info: ConnInfo) -> None:
+    """``sslcert``/``sslkey``: the certificate a server's ``cert`` authentication checks.
+    As libpq, a key file that group or others may read is refused."""
+    if not info.sslcert:
+        raise ConnectionFailed("sslkey is given without sslcert",
+                               hint="name the client certificate with sslcert=FILE")
+    key = info.sslkey or info.sslcert  # a PEM file may hold both
+    for what, path in (("certificate", info.sslcert), ("private key", key)):
+        if not os.path.exists(path):
+            raise ConnectionFailed(f'{what} file "{path}" does not exist')
+    if os.stat(key).st_mode & 0o077:
+        raise ConnectionFailed(
+            f'private key file "{key}" has group or world access',
+            hint=f"it must have permissions u=rw (0600) or less: chmod 600 {key}")
+    try:
+        context.load_cert_chain(info.sslcert, key)
+    except (OSError, ssl.SSLError, ValueError) as exc:
+        raise ConnectionFailed(f'could not load the client certificate "{info.sslcert}" '
+                               f'and its key "{key}": {exc}') from None
 
 
 async def _open(info: ConnInfo) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:

@@ -20,7 +20,7 @@ import logging
 import os
 import re
 import stat
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Final
@@ -42,7 +42,8 @@ AUTH_REQUIREMENTS: Final = ("password", "md5", "scram-sha-256", "gss", "sspi", "
 #: impostor bound on its port gets neither a cleartext password nor a way round SCRAM's
 #: server signature (see :func:`parse_local_uri`).
 LOCAL_REQUIRE_AUTH: Final[Mapping[str, str]] = {
-    "scram-sha-256": "scram-sha-256", "md5": "md5", "trust": "none"}
+    "scram-sha-256": "scram-sha-256", "md5": "md5", "trust": "none", "cert": "none",
+    "scram+cert": "scram-sha-256"}
 #: The most text one :func:`mask_text` / :func:`mask_uri` call masks; the rest is cut off
 #: (with :data:`MASK_TRUNCATED`), so that masking any input costs bounded time.
 MASK_LIMIT: Final = 64 * 1024
@@ -523,6 +524,42 @@ def add_password(uri: str, password: str) -> str:
                                    "input, not both")
     sep = "&" if "?" in uri else "?"
     return f"{uri}{sep}password={_quote(password)}"
+
+
+#: URI parameters that name files.
+FILE_PARAMETERS: Final = ("sslrootcert", "sslcert", "sslkey")
+
+
+def map_file_parameters(uri: str, change: Callable[[str, str], str]) -> str:
+    """``uri`` with each ``sslrootcert``/``sslcert``/``sslkey`` file (not
+    ``sslrootcert=system``) replaced by ``change(parameter, path)``."""
+    parse_uri(uri)  # refuses what is not a URI, with the reason
+    head, sep, query = uri.partition("?")
+    if not sep:
+        return uri
+    parts = []
+    for part in query.split("&"):
+        key, eq, value = part.partition("=")
+        name = unquote(key)
+        path = unquote(value)
+        if eq and name in FILE_PARAMETERS and path and path != "system":
+            part = f"{key}={_quote(change(name, path))}"
+        parts.append(part)
+    return f"{head}?{'&'.join(parts)}"
+
+
+def absolute_file_parameters(uri: str, base: Path) -> str:
+    """``uri`` with relative ``sslrootcert``/``sslcert``/``sslkey`` paths made absolute
+    against ``base``: an origin's URI is used by the pageserver process, whose working
+    directory is not the one the user typed it in."""
+    return map_file_parameters(
+        uri, lambda _name, path: path if os.path.isabs(path) else str(base / path))
+
+
+def file_parameters(info: ConnInfo) -> list[str]:
+    """The files a connection with ``info`` opens by name (``sslrootcert=system`` is not
+    one)."""
+    return [f for f in (info.sslrootcert, info.sslcert, info.sslkey) if f and f != "system"]
 
 
 # ---------------------------------------------------------------------------------------

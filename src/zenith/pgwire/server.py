@@ -5,12 +5,16 @@ them: TLS negotiation, startup, authentication, the message loop, errors and COP
 nothing of storage -- the pageserver passes a :data:`QueryHandler` and a
 :class:`Credentials` source. The API, kept stable for the pageserver:
 
-``ServerConfig(auth_method="scram-sha-256" | "md5" | "password" | "trust", ssl_context=None,
+``ServerConfig(auth_method="scram-sha-256" | "md5" | "password" | "trust" | "cert" |
+"scram+cert", ssl_context=None,
 server_version="15.0 (zenith)", parameters={...}, max_message_size=64 MiB,
 max_startup_size=10000, auth_timeout=30.0, max_query_size=1 MiB, max_connections=256,
 max_connections_per_user=64, reserved_connections=3, reserved_role="admin",
 idle_timeout=300.0, statement_timeout=600.0)``
-    The limits are described in docs/limits.md; a ``None`` timeout means none.
+    The limits are described in docs/limits.md; a ``None`` timeout means none. ``cert``
+    and ``scram+cert`` need TLS with a client certificate whose common name is the user
+    name (``ssl_context`` must verify client certificates: CERT_OPTIONAL or REQUIRED);
+    ``scram+cert`` asks for the password as well.
     ``parameters`` are sent as ParameterStatus after authentication (``server_version``
     and the client's ``application_name`` are filled in per connection).
 
@@ -38,8 +42,8 @@ cancel_registry=None)``
     ``asyncio.start_server`` for TLS to work (``StreamWriter.start_tls`` takes the server
     role from there).
 
-``start_server(host, port, *, config, credentials, handler, on_cancel=None, backlog=512)
--> asyncio.Server`` and ``close_server(server)``
+``start_server(host, port, *, config, credentials, handler, on_cancel=None, backlog=512,
+cancel_registry=None, slots=None) -> asyncio.Server`` and ``close_server(server)``
     Listen, serve every connection with ``serve_connection`` (CancelRequests cancel the
     running handler of the matching connection, which then answers 57014), and stop.
 
@@ -143,10 +147,15 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-AUTH_METHODS: Final = ("scram-sha-256", "md5", "password", "trust")
+AUTH_METHODS: Final = ("scram-sha-256", "md5", "password", "trust", "cert", "scram+cert")
+#: Methods that need a client certificate (TLS with ``ssl_context.verify_mode`` at least
+#: CERT_OPTIONAL and the CA loaded): the user name must equal the certificate's CN.
+CERT_METHODS: Final = ("cert", "scram+cert")
 # Until a client has authenticated, no message may be larger than this (PostgreSQL's
 # PG_MAX_AUTH_TOKEN_LENGTH): an anonymous peer cannot make us buffer 64 MiB.
 PRE_AUTH_MAX_MESSAGE_SIZE: Final = 65535
+#: Seconds between checks, while a command runs, that its client is still connected.
+CLIENT_CHECK_INTERVAL: Final = 0.25
 #: Client-supplied text an error quotes (a name, a command word) is cut to this length.
 ECHO_LIMIT: Final = 200
 #: No field of an ErrorResponse is longer (a net under the clip() of every known echo).
@@ -192,6 +201,10 @@ class ServerConfig:
     #: Of ``max_connections``, slots only users of ``reserved_role`` may take.
     reserved_connections: int = 3
     reserved_role: str = "admin"
+    #: False for a server's other listen addresses: their connections, signed in or not,
+    #: never take the ``reserved_connections`` slots (connections are counted together when
+    #: the listeners share one :class:`ConnectionSlots`).
+    admin_listener: bool = True
     #: Seconds a signed-in connection may wait between commands (57P05 FATAL after);
     #: ``None`` or 0: no limit (PostgreSQL's idle_session_timeout = 0).
     idle_timeout: float | None = 300.0
@@ -204,6 +217,10 @@ class ServerConfig:
                              f"expected one of {', '.join(AUTH_METHODS)}")
         if self.max_message_size < 1024:
             raise ValueError("max_message_size must be at least 1024 bytes")
+        if self.auth_method in CERT_METHODS and (
+                self.ssl_context is None or self.ssl_context.verify_mode == ssl.CERT_NONE):
+            raise ValueError(f"auth_method {self.auth_method} needs an ssl_context that "
+                             "asks for client certificates")
 
 
 class ServerState(Enum):
@@ -239,7 +256,11 @@ class ConnectionSlots:
         return count
 
     def open(self, config: ServerConfig) -> None:
-        if self.total >= config.max_connections:
+        # A listener other than the admin's stops short of the reserved slots even before
+        # sign-in: anonymous peers there cannot fill the slots the local CLI needs.
+        limit = config.max_connections - (0 if config.admin_listener
+                                          else config.reserved_connections)
+        if self.total >= limit:
             raise TooManyConnections("sorry, too many clients already")
         self.total += 1
 
@@ -323,6 +344,8 @@ class _Connection:
         self._cancel_requested = False
         self._timed_out = False
         self._watchdog: asyncio.TimerHandle | None = None
+        self._client_watch: asyncio.TimerHandle | None = None
+        self._client_left = False
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -423,6 +446,9 @@ class _Connection:
         try:
             await self.stream.writer.start_tls(self.config.ssl_context)
         except (OSError, ssl.SSLError) as exc:
+            # At INFO: a client certificate refused (unknown CA, expired) shows here.
+            reason = getattr(exc, "reason", None) or exc.strerror or type(exc).__name__
+            logger.info("TLS handshake with %s failed: %s", self.peer, reason)
             self.stream.broken = ConnectionFailed(f"TLS handshake with {self.peer} failed")
             raise self.stream.broken from exc
         self.tls = True
@@ -465,6 +491,13 @@ class _Connection:
         shown = clip(name)  # the startup packet may carry a 10,000-byte name
         user = self.credentials.lookup(name)
         method = self.config.auth_method
+        if method in CERT_METHODS:
+            self._check_certificate(name, shown)
+            if method == "cert":
+                if user is None:
+                    raise ServerError(f'role "{shown}" does not exist', sqlstate="28000")
+                return user
+            method = "scram-sha-256"
         if method == "trust":
             if user is None:
                 raise ServerError(f'role "{shown}" does not exist', sqlstate="28000")
@@ -480,6 +513,28 @@ class _Connection:
         if not ok or user is None:
             raise AuthenticationFailed(f'password authentication failed for user "{shown}"')
         return user
+
+    def _check_certificate(self, name: str, shown: str) -> None:
+        """For ``cert`` and ``scram+cert``: the connection is TLS, the client sent a
+        certificate the CA signed (the handshake verified it), and its common name is the
+        user name asked for (PostgreSQL's clientcert=verify-full)."""
+        if not self.tls:
+            raise ServerError(
+                "connection requires TLS with a client certificate",
+                sqlstate="28000",
+                hint="connect with sslmode=verify-full (or require), sslcert and sslkey")
+        ssl_object = self.stream.writer.get_extra_info("ssl_object")
+        cert = ssl_object.getpeercert() if ssl_object is not None else None
+        if not cert:
+            raise ServerError("connection requires a valid client certificate",
+                              sqlstate="28000", hint="connect with sslcert and sslkey")
+        names = [value for rdn in cert.get("subject", ()) for key, value in rdn
+                 if key == "commonName"]
+        if len(names) != 1 or names[0] != name:
+            logger.info("%s: certificate common name %s does not match user %r", self.peer,
+                        ", ".join(repr(clip(n)) for n in names) or "(none)", clip(name))
+            raise ServerError(f'certificate authentication failed for user "{shown}"',
+                              sqlstate="28000")
 
     async def _auth_response(self) -> AuthenticationResponse:
         message = await self.stream.recv()
@@ -619,13 +674,19 @@ class _Connection:
         self._query_task = task
         self._timed_out = False
         self._watch_statement(task, time.monotonic())
+        self._client_left = False
+        self._watch_client(task)
         error: ErrorResponse | None = None
         try:
             await self.handler(session, sql)
         except asyncio.CancelledError:
-            if not (self._cancel_requested or self._timed_out) or task.cancelling() > 1:
+            if not (self._cancel_requested or self._timed_out or self._client_left) \
+                    or task.cancelling() > 1:
                 raise
             task.uncancel()
+            if self._client_left:
+                self.stream.broken = ConnectionFailed(
+                    f"client {self.peer} closed the connection during a command")
             error = ErrorResponse.build("57014", "canceling statement due to statement timeout"
                                         if self._timed_out else
                                         "canceling statement due to user request")
@@ -642,6 +703,9 @@ class _Connection:
             if self._watchdog is not None:
                 self._watchdog.cancel()
                 self._watchdog = None
+            if self._client_watch is not None:
+                self._client_watch.cancel()
+                self._client_watch = None
         if self.stream.broken is not None:
             raise self.stream.broken  # the client is gone or broke the protocol
         if error is not None:
@@ -652,6 +716,27 @@ class _Connection:
         self.stream.write(ReadyForQuery())
         await self.stream.drain()
         self.state = ServerState.IDLE
+
+    def _watch_client(self, task: asyncio.Task[None]) -> None:
+        """Every CLIENT_CHECK_INTERVAL seconds while a command runs: a client that closed
+        its side (end of stream, or a reset) cancels the command, as PostgreSQL's
+        client_connection_check_interval does, so its worker thread stops instead of
+        running on for nobody."""
+        loop = asyncio.get_running_loop()
+        reader, transport = self.stream.reader, self.stream.writer.transport
+
+        def check() -> None:
+            if self._query_task is not task:
+                return
+            # StreamReader records the end of stream when it arrives, read or not.
+            if transport.is_closing() or reader.at_eof() or getattr(reader, "_eof", False):
+                logger.info("%s: client left during a command; cancelling it", self.peer)
+                self._client_left = True
+                task.cancel()
+                return
+            self._client_watch = loop.call_later(CLIENT_CHECK_INTERVAL, check)
+
+        self._client_watch = loop.call_later(CLIENT_CHECK_INTERVAL, check)
 
     def _watch_statement(self, task: asyncio.Task[None], started: float) -> None:
         """Cancel ``task`` once nothing was read or sent for ``statement_timeout``
@@ -715,10 +800,13 @@ _SERVER_TASKS: weakref.WeakKeyDictionary[asyncio.Server, set[asyncio.Task[None]]
 async def start_server(host: str | None, port: int, *, config: ServerConfig,
                        credentials: Credentials, handler: QueryHandler,
                        on_cancel: Callable[[int, int], None] | None = None,
-                       backlog: int = 512) -> asyncio.Server:
-    """Listen on ``host:port`` (port 0: any free port, see ``server.sockets``)."""
-    registry = CancelRegistry()
-    slots = ConnectionSlots()
+                       backlog: int = 512, cancel_registry: CancelRegistry | None = None,
+                       slots: ConnectionSlots | None = None) -> asyncio.Server:
+    """Listen on ``host:port`` (port 0: any free port, see ``server.sockets``).
+    Servers on several addresses share one ``cancel_registry`` and one ``slots`` (so
+    ``max_connections`` counts them all)."""
+    registry = cancel_registry or CancelRegistry()
+    slots = slots or ConnectionSlots()
     tasks: set[asyncio.Task[None]] = set()
 
     async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -21,12 +21,15 @@ batch at the start LSN would be refused once the first had been published. ``put
 consumes its iterable as a stream (payloads go to the data file as they come; only the
 ~60-byte index entries are kept until commit), so the import runs the write in a worker
 thread reading from a bounded queue while the event loop receives the backup: memory
-stays bounded by the queue, never the backup, and the import is all or nothing.
+stays bounded by the queue, never the backup, and the import is all or nothing. The queue
+carries the tar pieces themselves: cutting them into records (:class:`BackupRecords`)
+happens in that thread too, off the event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import queue
 import threading
 from collections.abc import Callable, Iterator
@@ -72,8 +75,8 @@ from zenith.storage.api import MAX_PAYLOAD
 
 #: Blocks per 1 GiB relation segment file (RELSEG_SIZE).
 RELSEG_SIZE: Final = 131072
-#: Records handed to the writer thread at a time, and how many such lists may wait.
-BATCH_RECORDS: Final = 256
+#: Tar bytes handed to the import thread at a time, and how many such lists may wait.
+BATCH_BYTES: Final = 2 * 1024 * 1024
 QUEUE_BATCHES: Final = 8
 
 _SLRU_IDS: Final = {
@@ -212,9 +215,12 @@ async def import_base_backup(
     conn: ReplicationConnection,
     *,
     label: str = "zenith import",
+    executor: concurrent.futures.Executor | None = None,
 ) -> ImportResult:
     """Take a base backup over ``conn`` and store it on the (empty) timeline: records at
-    the start LSN, ``last_record_lsn`` = start LSN, ``min_readable_lsn`` = end LSN."""
+    the start LSN, ``last_record_lsn`` = start LSN, ``min_readable_lsn`` = end LSN. The
+    pieces are cut into records and written in one thread of ``executor`` (default: the
+    event loop's)."""
     info = repo.get_timeline(timeline_id)
     backup = await conn.base_backup(label=label)
     start = backup.start_lsn
@@ -225,7 +231,7 @@ async def import_base_backup(
         )
     builder = BackupRecords(start)
     result = ImportResult(start, start, backup.timeline)
-    q: queue.Queue[list[Record] | None] = queue.Queue(maxsize=QUEUE_BATCHES)
+    q: queue.Queue[list[TarPiece] | None] = queue.Queue(maxsize=QUEUE_BATCHES)
     abort = threading.Event()
 
     def stream() -> Iterator[Record]:
@@ -236,18 +242,20 @@ async def import_base_backup(
                 if abort.is_set():
                     raise InvalidState("base backup import aborted") from None
                 continue
-            if item is None:
-                return
-            for rec in item:
+            records = builder.finish() if item is None else \
+                [rec for piece in item for rec in builder.feed(piece)]
+            for rec in records:
                 result.records += 1
                 result.bytes += len(rec.payload)
                 yield rec
+            if item is None:
+                return
 
     writer = asyncio.get_running_loop().run_in_executor(
-        None, lambda: repo.put_records(timeline_id, stream(), start)
+        executor, lambda: repo.put_records(timeline_id, stream(), start)
     )
 
-    async def put(item: list[Record] | None) -> None:
+    async def put(item: list[TarPiece] | None) -> None:
         while True:
             if writer.done():
                 writer.result()  # raises the writer's error
@@ -260,15 +268,16 @@ async def import_base_backup(
 
     try:
         async with backup:
-            pending: list[Record] = []
+            pending: list[TarPiece] = []
+            size = 0
             async for piece in backup.files():
-                pending += builder.feed(piece)
-                if len(pending) >= BATCH_RECORDS:
+                pending.append(piece)
+                size += len(piece.chunk)
+                if size >= BATCH_BYTES:
                     await put(pending)
-                    pending = []
-            pending += builder.finish()
+                    pending, size = [], 0
             await put(pending)
-            await put(None)
+            await put(None)  # the thread adds builder.finish()'s records
         await writer
     except BaseException:
         abort.set()

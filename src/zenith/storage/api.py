@@ -7,6 +7,7 @@ The rest of zenith talks to storage only through :class:`Repository`, so another
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from enum import IntEnum
@@ -249,11 +250,16 @@ class Repository(Protocol):
         *,
         lo: bytes | None = None,
         hi: bytes | None = None,
+        cancel: threading.Event | None = None,
     ) -> Iterator[tuple[bytes, bytes]]:
         """Every key with a value at ``lsn`` and that value, in key order; only keys in
-        ``[lo, hi)`` when given (the PostgreSQL layer lists one database's keys so)."""
+        ``[lo, hi)`` when given (the PostgreSQL layer lists one database's keys so).
+        ``cancel``: once it is set the iteration soon raises :class:`zenith.errors.Cancelled`."""
         ...
 
-    def digest(self, timeline_id: TimelineId, lsn: Lsn) -> str: ...
+    def digest(self, timeline_id: TimelineId, lsn: Lsn, *,
+               cancel: threading.Event | None = None) -> str:
+        """SHA-256 of the state at ``lsn``; ``cancel`` as for :meth:`materialize`."""
+        ...
 
     def close(self) -> None: ...

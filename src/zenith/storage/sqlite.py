@@ -40,6 +40,7 @@ from typing import Final
 
 from zenith.errors import (
     AlreadyExists,
+    Cancelled,
     InvalidArgument,
     LimitExceeded,
     LsnOutOfRange,
@@ -73,6 +74,8 @@ from zenith.storage.schema import Transaction
 from zenith.storage.writes import TL_COLUMNS, Row, check_lsn
 
 _DIGEST_LEN: Final = struct.Struct(">I")
+#: Keys between two looks at a cancellation event (a few milliseconds of work).
+CANCEL_CHECK_EVERY: Final = 256
 _IMAGE: Final = int(RecordKind.IMAGE)
 _DELTA: Final = int(RecordKind.DELTA)
 
@@ -569,9 +572,12 @@ class SqliteRepository:
         *,
         lo: bytes | None = None,
         hi: bytes | None = None,
+        cancel: threading.Event | None = None,
     ) -> Iterator[tuple[bytes, bytes]]:
         """Every key with a value at ``lsn``, in key order; with ``lo``/``hi`` only the keys
-        in ``[lo, hi)``, read through the (timeline, key, lsn) index without a scan."""
+        in ``[lo, hi)``, read through the (timeline, key, lsn) index without a scan.
+        ``cancel``: once set, the iteration raises :class:`Cancelled` within
+        CANCEL_CHECK_EVERY keys (a cancelled command frees its worker thread)."""
         if lo is not None:
             _check_key(lo)
         if hi is not None:
@@ -588,10 +594,11 @@ class SqliteRepository:
             bound = int(row[3] or 0)
             row = self._row_by_id(conn, row[2]) if row[2] is not None else None
         chain.reverse()
-        return self._materialize(chain, lo or bytes(KEY_SIZE), hi)
+        return self._materialize(chain, lo or bytes(KEY_SIZE), hi, cancel)
 
     def _materialize(
-        self, chain: list[tuple[Row, int]], lo: bytes, hi: bytes | None
+        self, chain: list[tuple[Row, int]], lo: bytes, hi: bytes | None,
+        cancel: threading.Event | None,
     ) -> Iterator[tuple[bytes, bytes]]:
         with closing(self._open()) as conn:
             conn.execute("BEGIN")
@@ -617,7 +624,9 @@ class SqliteRepository:
             merged = heapq.merge(
                 *(stream(d, row[0], b) for d, (row, b) in enumerate(chain)), key=lambda r: r[:2]
             )
-            for key, group in itertools.groupby(merged, key=lambda r: r[0]):
+            for n, (key, group) in enumerate(itertools.groupby(merged, key=lambda r: r[0])):
+                if cancel is not None and not n % CANCEL_CHECK_EVERY and cancel.is_set():
+                    raise Cancelled("cancelled while reading every key at an LSN")
                 history = list(group)
                 # Only the newest image (or tombstone) and the deltas after it matter.
                 i = len(history) - 1
@@ -630,11 +639,13 @@ class SqliteRepository:
                     yield key, value
             conn.execute("COMMIT")
 
-    def digest(self, timeline_id: TimelineId, lsn: Lsn) -> str:
+    def digest(self, timeline_id: TimelineId, lsn: Lsn, *,
+               cancel: threading.Event | None = None) -> str:
         """SHA-256 of every (key, value) at ``lsn`` in key order: equal states give equal
-        digests however their histories were written."""
+        digests however their histories were written. ``cancel``: as for
+        :meth:`materialize` (:class:`Cancelled` soon after it is set)."""
         h = hashlib.sha256()
-        for key, value in self.materialize(timeline_id, lsn):
+        for key, value in self.materialize(timeline_id, lsn, cancel=cancel):
             h.update(key)
             h.update(_DIGEST_LEN.pack(len(value)))
             h.update(value)

@@ -11,7 +11,8 @@ Durability: a group's greatest LSN may continue in the next frame, so it is stor
 pending cursor and only the LSNs before it are published; an interrupted transfer leaves
 a consistent ``last_record_lsn`` plus the cursor, and the next plan resumes after it.
 Bounds (DESIGN §12): frames are bounded by the codec, the read-ahead by bytes, the peer's
-silence by ``timeout``; checks, decompression and storage run in worker threads.
+silence by ``timeout``; checks, decompression and storage run in worker threads (storage
+steps through the caller's ``offload``, see ``offload.py``).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ from zenith.transfer.messages import (
     Summary,
     TransferResult,
 )
+from zenith.transfer.offload import Offload, to_thread
 from zenith.transfer.plan import Plan, Send, make_plan, points_to_prove
 
 #: Read-ahead while the previous group commits, and the most one transaction takes, in
@@ -72,25 +74,26 @@ async def receive_branch(
     progress: ProgressFn | None = None,
     timeout: float = DEFAULT_TIMEOUT,
     locks: TransferLocks | None = None,
+    offload: Offload = to_thread,
 ) -> TransferResult:
     """Receive into branch ``dest_name``. ``pushing`` says whether the peer is pushing to
     us (for the wording and rules of DESIGN §6). Raises PushRejected when the plan
     rejects; anything the sender does wrong is TransferAborted with nothing published
-    beyond what was acknowledged."""
+    beyond what was acknowledged. ``offload`` runs the storage steps in a thread."""
     started = time.monotonic()
     offer = await read_message(channel, Offer, timeout)
     # Negotiate without locks (a peer that goes silent meanwhile holds nothing), then lock
     # what the plan writes — the destination name and the timelines it sends — and check
     # under the locks that nothing changed meanwhile.
-    points, mismatched = await _prove(channel, repo, offer, timeout)
-    plan = await asyncio.to_thread(
+    points, mismatched = await _prove(channel, repo, offer, timeout, offload)
+    plan = await offload(
         make_plan, repo, dest_name, offer.chain, mismatched, pushing=pushing, force=force)
     keys = [f"branch:{dest_name}", *(f"timeline:{s.request.timeline_id}" for s in plan.sends)]
     writes = plan.status not in (Status.REJECTED, Status.UP_TO_DATE) and not dry_run
     async with (locks or TransferLocks()).hold(keys if writes else [], wait=timeout):
         if writes:
             plan = await _recheck(repo, dest_name, offer, points, mismatched, plan, pushing,
-                                  force)
+                                  force, offload)
         answer = plan.to_message(dry_run, "zstd" if "zstd" in offer.compression else None)
         await send(channel, answer, timeout)
 
@@ -107,27 +110,27 @@ async def receive_branch(
 
         state = Progress()
         for item in plan.sends:
-            await _receive_range(channel, repo, item, state, progress, timeout)
+            await _receive_range(channel, repo, item, state, progress, timeout, offload)
         # Only if the name still points where the plan found it (a local write may have
         # forked it meanwhile): never undo someone else's move.
-        await asyncio.to_thread(repo.move_branch, dest_name, plan.source.timeline_id,
-                                plan.old.timeline_id if plan.old else None)
+        await offload(repo.move_branch, dest_name, plan.source.timeline_id,
+                      plan.old.timeline_id if plan.old else None)
         outcome = result(state.records_done, state.bytes_done)
         await send(channel, Done(outcome), timeout)
         return outcome
 
 
 async def _prove(
-    channel: Channel, repo: Repository, offer: Offer, timeout: float
+    channel: Channel, repo: Repository, offer: Offer, timeout: float, offload: Offload
 ) -> tuple[list[Point], dict[TimelineId, Lsn]]:
     """Ask for proofs where our history overlaps the offer; the points asked and the
     timelines whose proof differs from our own hash."""
-    points = await asyncio.to_thread(points_to_prove, repo, offer.chain)
+    points = await offload(points_to_prove, repo, offer.chain)
     await send(channel, Ask(tuple(points)), timeout)
     proof = await read_message(channel, Proof, timeout)
     if len(proof.hashes) != len(points):
         raise TransferAborted(f"asked for {len(points)} proofs, got {len(proof.hashes)}")
-    ours = await asyncio.to_thread(
+    ours = await offload(
         lambda: [repo.history_hash(p.timeline_id, p.lsn) for p in points])
     mismatched = {p.timeline_id: p.lsn
                   for p, mine, theirs in zip(points, ours, proof.hashes, strict=True)
@@ -138,11 +141,12 @@ async def _prove(
 async def _recheck(
     repo: Repository, dest_name: str, offer: Offer, points: list[Point],
     mismatched: dict[TimelineId, Lsn], plan: Plan, pushing: bool, force: bool,
+    offload: Offload,
 ) -> Plan:
     """Under the locks, plan again; if what we asked the peer to prove changed meanwhile
     (another transfer, a local write), the peer must start over."""
-    now = await asyncio.to_thread(points_to_prove, repo, offer.chain)
-    again = await asyncio.to_thread(
+    now = await offload(points_to_prove, repo, offer.chain)
+    again = await offload(
         make_plan, repo, dest_name, offer.chain, mismatched, pushing=pushing, force=force)
     # The same proof points: the proofs still hold, and the new plan (say, "diverged" now
     # that another push created the branch) is sound — if it writes only what we locked.
@@ -267,7 +271,7 @@ def _apply(repo: Repository, tid: TimelineId, frames: list[_Decoded], after: Lsn
 
 async def _receive_range(
     channel: Channel, repo: Repository, item: Send, state: Progress,
-    progress: ProgressFn | None, timeout: float,
+    progress: ProgressFn | None, timeout: float, offload: Offload,
 ) -> None:
     request, tl = item.request, item.timeline
     head = await read_message(channel, Range, timeout)
@@ -275,7 +279,7 @@ async def _receive_range(
         raise TransferAborted("the sender announced another range than the plan asked for")
     state.records_total, state.bytes_total = head.total_records, head.total_bytes
     if request.create:
-        await asyncio.to_thread(
+        await offload(
             repo.create_timeline, tl.timeline_id,
             (tl.ancestor_id, tl.ancestor_lsn)
             if tl.ancestor_id is not None and tl.ancestor_lsn is not None else None,
@@ -294,7 +298,7 @@ async def _receive_range(
             if data:
                 # One transaction for every frame that arrived while the last one
                 # committed: the commit rate follows fsync's latency, not the frame rate.
-                applied, published, pending = await asyncio.to_thread(
+                applied, published, pending = await offload(
                     _apply, repo, request.timeline_id, data, request.after, request.upto, last)
                 last = applied.last_lsn
                 records += applied.records
@@ -324,7 +328,7 @@ async def _receive_range(
             f"({records} records, {nbytes} bytes); kept everything acknowledged"
         )
     # Publish the range's end only if our records hash to what the sender's do there.
-    await asyncio.to_thread(
+    await offload(
         repo.put_records, request.timeline_id, [], request.upto, expect_hash=end.hash)
     state.acked_lsn = request.upto
     await send(channel, Ack(request.timeline_id, request.upto), timeout)

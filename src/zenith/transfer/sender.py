@@ -52,6 +52,7 @@ from zenith.transfer.messages import (
     Summary,
     TransferResult,
 )
+from zenith.transfer.offload import Offload, to_thread
 
 #: An ACK or DONE is small; anything larger from the receiver is refused unread.
 MAX_ACK: Final = 16 * 1024
@@ -66,16 +67,18 @@ async def send_branch(
     progress: ProgressFn | None = None,
     timeout: float = DEFAULT_TIMEOUT,
     frame_target: int = FRAME_TARGET,
+    offload: Offload = to_thread,
 ) -> TransferResult:
     """Offer the timeline ``chain[0]`` (``chain``: it and its ancestors, nearest first, as
     ``Repository.ancestry`` gives them) and send what the receiver asks for. Raises
-    PushRejected when the receiver refuses, TransferAborted/PeerTimeout when it misbehaves."""
+    PushRejected when the receiver refuses, TransferAborted/PeerTimeout when it misbehaves.
+    ``offload`` runs the reading steps in a thread."""
     started = time.monotonic()
     offered = tuple(reversed(chain))
     source = offered[-1]
     await send(channel, Offer(offered, ("zstd",) if compress else ()), timeout)
     ask = await read_message(channel, Ask, timeout)
-    proof = Proof(tuple(await asyncio.to_thread(_prove, repo, offered, ask)))
+    proof = Proof(tuple(await offload(_prove, repo, offered, ask)))
     await send(channel, proof, timeout)
     # The receiver may first wait for another transfer of the same branch to finish.
     plan = await read_message(channel, PlanMsg, 2 * timeout)
@@ -83,7 +86,7 @@ async def send_branch(
 
     state = Progress()
     for request in ranges:
-        n, size = await asyncio.to_thread(
+        n, size = await offload(
             repo.count_records, request.timeline_id, request.after, request.upto
         )
         skipped = request.resume.count if request.resume else 0
@@ -107,7 +110,7 @@ async def send_branch(
     try:
         for request in ranges:
             await _send_range(channel, repo, request, state, sent, compressor, reader,
-                              progress, frame_target, timeout)
+                              progress, frame_target, timeout, offload)
         done = await reader
     finally:
         if not reader.done():
@@ -204,6 +207,7 @@ async def _send_range(
     progress: ProgressFn | None,
     frame_target: int,
     timeout: float,
+    offload: Offload,
 ) -> None:
     await _write(channel, encode_frame(FrameType.RANGE, Range(
         request, state.records_total, state.bytes_total).encode()), reader, timeout)
@@ -211,7 +215,7 @@ async def _send_range(
     batches = cut_frames(repo.iter_records(
         request.timeline_id, request.after, request.upto, skip=request.resume), frame_target)
     while True:
-        chunk = await asyncio.to_thread(_next_frame, batches, compressor)
+        chunk = await offload(_next_frame, batches, compressor)
         if chunk is None:
             break
         wire, count, payload = chunk
@@ -223,7 +227,7 @@ async def _send_range(
         state.bytes_done += payload
         if progress is not None:
             progress(state)
-    digest = await asyncio.to_thread(repo.history_hash, request.timeline_id, request.upto)
+    digest = await offload(repo.history_hash, request.timeline_id, request.upto)
     end = RangeEnd(request.timeline_id, request.upto, records, nbytes, digest)
     await _write(channel, encode_frame(FrameType.RANGE_END, end.encode()), reader, timeout)
 
