@@ -151,6 +151,8 @@ def test_digests_do_not_delay_get_page(big: Big) -> None:
             assert took < big.one_digest / 2, (
                 f"get_page took {took:.2f} s while digests ran (one digest alone: "
                 f"{big.one_digest:.2f} s)")
+            print(f"\nget_page took {took * 1000:.1f} ms while {n} digests ran "
+                  f"(one digest alone: {big.one_digest:.2f} s)")
             assert digests.running() == n, "the digests ended before get_page was timed"
             busy, queued = big.pool("long")
             assert busy == LONG_THREADS and queued == 0  # 2 more wait for their users' slots
