@@ -184,7 +184,7 @@ def test_schema_2_is_migrated_with_hashes(tmp_path: Path) -> None:
     # Take it back to the version 2 layout.
     with sqlite3.connect(path) as conn:
         for column in ("received", "hash", "pending_lsn", "pending_count", "pending_key",
-                       "pending_sum"):
+                       "pending_sum", "garbage"):
             conn.execute(f"ALTER TABLE timelines DROP COLUMN {column}")
         conn.execute("DROP TABLE history")
         conn.execute("ALTER TABLE batches RENAME TO b3")
@@ -203,6 +203,31 @@ def test_schema_2_is_migrated_with_hashes(tmp_path: Path) -> None:
         assert repo.history_hash(tid, Lsn(200)) == expected
         assert repo.get_timeline(tid).received  # unknown writer: the safe side
         assert repo.branch_for_writing("main").timeline_id != tid
+    finally:
+        repo.close()
+
+
+def test_schema_3_is_migrated_without_commit_times(tmp_path: Path) -> None:
+    import time
+
+    path = tmp_path / "zenith.db"
+    repo = open_repository(path)
+    tid = repo.create_branch("main").timeline.timeline_id
+    repo.put_records(tid, history([3, 2]), Lsn(200))
+    expected = repo.history_hash(tid, Lsn(200))
+    repo.close()
+    with sqlite3.connect(path) as conn:  # back to the version 3 layout
+        conn.execute("ALTER TABLE timelines DROP COLUMN garbage")
+        conn.execute("ALTER TABLE history DROP COLUMN at")
+        conn.execute("UPDATE meta SET value = '3' WHERE name = 'schema_version'")
+    repo = open_repository(path)
+    try:
+        assert repo.history_hash(tid, Lsn(200)) == expected
+        assert repo.space(tid)[1] == 0
+        # Old commit points have no time: a time window never collects them.
+        assert repo.commit_lsn_at(tid, time.time() + 86400) is None
+        repo.put_records(tid, [Record(bytes(18), Lsn(300), RecordKind.IMAGE, b"x")])
+        assert repo.commit_lsn_at(tid, time.time() + 1) == Lsn(300)
     finally:
         repo.close()
 

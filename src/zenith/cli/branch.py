@@ -55,9 +55,19 @@ def render_tree(answer: Answer) -> list[str]:
     ]
 
 
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
 @branch.command("list")
+@click.option("-v", "--verbose", is_flag=True,
+              help="Also each branch's history window, the oldest LSN it is readable at, "
+                   "and the bytes its timeline stores (of them garbage GC left).")
 @pass_repo
-def list_(repo: Repo) -> None:
+def list_(repo: Repo, verbose: bool) -> None:
     """Show branches as a tree: name, timeline id, ancestor@LSN, last record LSN."""
     answer = repo.query("branch_list")
     if not answer.rows:
@@ -65,6 +75,14 @@ def list_(repo: Repo) -> None:
         return
     for line in render_tree(answer):
         click.echo(line)
+    if verbose:
+        click.echo("\nhistory:")
+        for row in repo.query("branch_space").dicts():
+            stored, garbage = int(row["stored_bytes"] or 0), int(row["garbage_bytes"] or 0)
+            click.echo(f"  {row['name']}: window {row['window']}, readable from "
+                       f"{row['readable_from']} to {row['last_record_lsn']}, "
+                       f"{_size(stored - garbage)} of history"
+                       + (f" (+{_size(garbage)} garbage until compaction)" if garbage else ""))
     sources = repo.query("source_list").dicts()
     if sources:
         click.echo("\nfollowing PostgreSQL:")

@@ -249,6 +249,26 @@ def digest(repo: Repo, target: str) -> None:
     click.echo(f"{answer['digest']}  {answer['name']}@{answer['lsn']}")
 
 
+@main.command()
+@click.argument("branch", required=False)
+@pass_repo
+def gc(repo: Repo, branch: str | None) -> None:
+    """Remove page versions outside the history windows now (every branch, or BRANCH's
+    timelines). The windows are `pitr` and [pitr_branches] in config.toml; the pageserver
+    also does this every gc_period seconds."""
+    answer = repo.query("gc", *([branch] if branch else []), timeout=3600.0,
+                        on_notice=lambda m: click.echo(m, err=True))
+    total = 0
+    for row in answer.dicts():
+        removed, size = int(row["records_removed"] or 0), int(row["bytes_removed"] or 0)
+        total += size
+        names = row["branches"] or "(no name)"
+        kept = f", keeps {row['kept_points']}" if row["kept_points"] else ""
+        click.echo(f"{names} [{row['timeline_id']}]: readable from {row['horizon']}{kept}; "
+                   f"removed {removed} page versions ({size} bytes)")
+    click.echo(f"gc: {total} bytes of page versions freed in {len(answer.rows)} timelines")
+
+
 main.add_command(branch)
 main.add_command(timeline)
 main.add_command(user)

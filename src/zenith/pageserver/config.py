@@ -29,7 +29,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import tomlkit
 import tomlkit.exceptions
@@ -37,6 +37,9 @@ import tomlkit.exceptions
 from zenith.errors import AlreadyExists, InvalidArgument, NotFound, PermissionDenied
 from zenith.pgwire.conninfo import file_parameters, mask_uri, parse_uri
 from zenith.transfer.messages import DEFAULT_TIMEOUT
+
+if TYPE_CHECKING:
+    from zenith.pageserver.retention import Window
 
 DEFAULT_LISTEN: Final = "127.0.0.1:64000"
 AUTH_METHODS: Final = ("scram-sha-256", "md5", "trust", "cert", "scram+cert")
@@ -68,6 +71,7 @@ LIMITS: Final[dict[str, float]] = {
     "worker_long_threads": 4,
     "worker_wal_threads": 4,
     "long_jobs_per_user": 2,
+    "gc_period": 600,
 }
 
 LIMIT_COMMENTS: Final = (
@@ -83,6 +87,9 @@ LIMIT_COMMENTS: Final = (
     "worker_long_threads = 4  # threads for digest, export, push/pull steps",
     "worker_wal_threads = 4  # threads for WAL ingest and base-backup imports",
     "long_jobs_per_user = 2  # long jobs one non-admin user runs at once; more wait",
+    "history windows (docs/storage.md): every branch's, and per branch in [pitr_branches]",
+    'pitr = "7d"  # a time ("12h", "30m"), an LSN distance ("2GiB") or "forever"',
+    "gc_period = 600  # seconds between background GC runs; 0: only `zenith gc`",
 )
 
 _ORIGIN_NAME: Final = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,62}")
@@ -346,6 +353,7 @@ class RepoConfig:
         if config.auth_method not in AUTH_METHODS:
             raise InvalidArgument(f"{file}: auth_method must be one of {AUTH_METHODS}")
         config.listeners  # noqa: B018 - checks [[listeners]] and the TLS files they need
+        config.pitr  # noqa: B018 - and the history windows
         return config
 
     def save(self) -> None:
@@ -440,6 +448,27 @@ class RepoConfig:
     def max_delta_chain(self) -> int:
         """Deltas ``get_page`` applies on top of an image before it refuses (54000)."""
         return int(self._limit("max_delta_chain", 1, 10_000_000, integer=True))
+
+    @property
+    def pitr(self) -> tuple[Window, dict[str, Window]]:
+        """Every branch's history window (``pitr``, default 7 days) and the windows of the
+        branches named in ``[pitr_branches]`` (docs/storage.md, "History windows")."""
+        from zenith.pageserver.retention import DEFAULT_WINDOW, Window
+
+        where = self.path / CONFIG_FILE
+        try:
+            default = Window.parse(self._get("pitr", DEFAULT_WINDOW))
+            table = self._get("pitr_branches") or {}
+            if not isinstance(table, dict):
+                raise InvalidArgument("[pitr_branches] must be a table of branch = window")
+            return default, {str(k): Window.parse(v) for k, v in table.items()}
+        except InvalidArgument as exc:
+            raise InvalidArgument(f"{where}: {exc.message}", hint=exc.hint) from None
+
+    @property
+    def gc_period(self) -> float:
+        """Seconds between background GC runs; 0: only ``zenith gc``."""
+        return float(self._limit("gc_period", 0, 7 * 86400))
 
     @property
     def workers(self) -> dict[str, int]:

@@ -9,6 +9,7 @@ and a second ``zenith pageserver`` know that one is already running.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -20,7 +21,7 @@ from zenith import __version__
 from zenith.errors import InvalidArgument
 
 # Importing a command module registers its commands with the dispatcher.
-from zenith.pageserver import export_service, transfer_service, wal_service
+from zenith.pageserver import export_service, gc_service, transfer_service, wal_service
 from zenith.pageserver.config import RepoConfig, parse_listen, secure_repository
 from zenith.pageserver.page_service import dispatch
 from zenith.pageserver.pidfile import PidFile
@@ -39,7 +40,7 @@ from zenith.storage import SqliteRepository, open_repository
 from zenith.transfer.channel import TransferLocks
 
 log = logging.getLogger("zenith.pageserver")
-_COMMAND_MODULES = (export_service, transfer_service, wal_service)
+_COMMAND_MODULES = (export_service, gc_service, transfer_service, wal_service)
 
 
 class Pageserver:
@@ -125,7 +126,11 @@ async def serve(server: Pageserver, stop: asyncio.Event) -> None:
                      listen, method, ", TLS" if context is not None else "",
                      server.config.path)
         wal_service.resume_followers(server)
+        collector = asyncio.create_task(gc_service.background_gc(server, stop))
         await stop.wait()
+        collector.cancel()  # a pass in progress stops at its next batch
+        with contextlib.suppress(asyncio.CancelledError):
+            await collector
     finally:
         log.info("shutting down")
         await wal_service.stop_followers(server)

@@ -42,9 +42,11 @@ async def _fullbackup(server: Pageserver, session: Session, args: list[str]) -> 
     # Validation happens here, before CopyOut starts, so a bad LSN is a plain ErrorResponse.
     chunks: Iterator[bytes] = tar_chunks(
         export_entries(server.repo, tl.timeline_id, at, keep_config=keep_config))
-    async with job_of(server, session.user) as job:
-        await _send_tar(session, job, chunks, None if keep_config else
-                        await job.run(disabled_settings, server.repo, tl.timeline_id, at))
+    # Held against GC for the whole export (its pages are read in many steps).
+    with server.repo.hold(tl.timeline_id, at):
+        async with job_of(server, session.user) as job:
+            await _send_tar(session, job, chunks, None if keep_config else
+                            await job.run(disabled_settings, server.repo, tl.timeline_id, at))
 
 
 async def _send_tar(session: Session, job: LongJob, chunks: Iterator[bytes],

@@ -21,6 +21,7 @@ from zenith.storage.api import (
     validate_branch_name,
 )
 from zenith.storage.datafile import CorruptDataFile
+from zenith.storage.gc import GcResult
 from zenith.storage.sqlite import SqliteRepository
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "BranchInfo",
     "CorruptDataFile",
     "Cursor",
+    "GcResult",
     "Record",
     "RecordKind",
     "Repository",

@@ -9,13 +9,17 @@ from __future__ import annotations
 import re
 import threading
 from collections.abc import Iterable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Final, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
 from zenith.errors import InvalidArgument
 from zenith.ids import TimelineId
 from zenith.lsn import Lsn
+
+if TYPE_CHECKING:
+    from zenith.storage.gc import GcResult
 
 KEY_SIZE: Final = 18
 MAX_PAYLOAD: Final = 64 * 1024 * 1024
@@ -260,6 +264,28 @@ class Repository(Protocol):
     def digest(self, timeline_id: TimelineId, lsn: Lsn, *,
                cancel: threading.Event | None = None) -> str:
         """SHA-256 of the state at ``lsn``; ``cancel`` as for :meth:`materialize`."""
+        ...
+
+    # garbage collection --------------------------------------------------------------------
+
+    def gc(self, timeline_id: TimelineId, horizon: Lsn, *, batch_rows: int = 5000,
+           cancel: threading.Event | None = None) -> GcResult:
+        """Make the timeline readable from ``horizon`` on and remove the records no read at
+        or above it, at a child's branch point, or held by a read in progress, can need
+        (``gc.py``)."""
+        ...
+
+    def hold(self, timeline_id: TimelineId, lsn: Lsn) -> AbstractContextManager[None]:
+        """Keep the timeline readable at ``lsn`` while the context lasts (GC keeps it)."""
+        ...
+
+    def space(self, timeline_id: TimelineId) -> tuple[int, int]:
+        """(payload bytes stored for the timeline, of them the garbage GC left)."""
+        ...
+
+    def commit_lsn_at(self, timeline_id: TimelineId, when: float) -> Lsn | None:
+        """The newest commit point written at or before ``when`` (epoch seconds) in the
+        timeline's ancestry; ``None``: none that old."""
         ...
 
     def close(self) -> None: ...

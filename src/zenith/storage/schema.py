@@ -21,7 +21,9 @@ from zenith.errors import InvalidArgument
 
 #: 2: payloads moved from the ``records`` table into data files.
 #: 3: history hashes, received timelines, pending cursors; batches keyed by their start.
-SCHEMA_VERSION: Final = 3
+#: 4: the time of each commit point (history.at), payload bytes GC left unreferenced
+#: (timelines.garbage).
+SCHEMA_VERSION: Final = 4
 #: The database holds only small index rows now; small pages keep the commit of a small
 #: batch (WAL ingest) small.
 PAGE_SIZE: Final = 4096
@@ -49,6 +51,7 @@ _HISTORY: Final = (
         tl   INTEGER NOT NULL,
         lsn  INTEGER NOT NULL,
         hash BLOB NOT NULL,
+        at   REAL,
         PRIMARY KEY (tl, lsn)
     ) WITHOUT ROWID""",
 )
@@ -73,7 +76,8 @@ SCHEMA: Final = (
         pending_lsn      INTEGER,
         pending_count    INTEGER NOT NULL DEFAULT 0,
         pending_key      BLOB,
-        pending_sum      BLOB
+        pending_sum      BLOB,
+        garbage          INTEGER NOT NULL DEFAULT 0
     )""".format(zero="00" * 32),
     """CREATE TABLE branches (
         name     TEXT PRIMARY KEY,
@@ -113,6 +117,14 @@ _MIGRATE_2_TO_3: Final = (
 )
 
 
+#: From version 3: commit times are unknown for old commit points (NULL: as old as the
+#: timeline's first known time, see gc.py), nothing is garbage yet.
+_MIGRATE_3_TO_4: Final = (
+    "ALTER TABLE history ADD COLUMN at REAL",
+    "ALTER TABLE timelines ADD COLUMN garbage INTEGER NOT NULL DEFAULT 0",
+)
+
+
 def connect(path: Path, *, durable: bool) -> sqlite3.Connection:
     """A connection in autocommit mode (transactions are explicit), usable from any thread
     that the caller gives it to. A new database file is created 0600 (SQLite gives its
@@ -142,12 +154,16 @@ def prepare(conn: sqlite3.Connection, path: Path) -> bool:
         )
         return False
     row = conn.execute("SELECT value FROM meta WHERE name='schema_version'").fetchone()
-    if row is not None and int(row[0]) == 2:
-        for statement in _MIGRATE_2_TO_3:
+    version = int(row[0]) if row is not None else None
+    if version in (2, 3):
+        steps = list(_MIGRATE_3_TO_4)
+        if version == 2:  # its history table is created with the ``at`` column already
+            steps = list(_MIGRATE_2_TO_3) + steps[1:]
+        for statement in steps:
             conn.execute(statement)
         conn.execute("UPDATE meta SET value = ? WHERE name = 'schema_version'",
                      (str(SCHEMA_VERSION),))
-        return True
+        return version == 2
     if row is None or int(row[0]) != SCHEMA_VERSION:
         raise InvalidArgument(
             f"{path} has schema version {row and row[0]}; this zenith reads {SCHEMA_VERSION}"

@@ -34,7 +34,7 @@ import sqlite3
 import struct
 import threading
 from collections.abc import Iterable, Iterator
-from contextlib import closing
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Final
 
@@ -70,6 +70,7 @@ from zenith.storage.datafile import (
     read_directory,
     walk,
 )
+from zenith.storage.gc import GcResult, Pins, needed
 from zenith.storage.schema import Transaction
 from zenith.storage.writes import TL_COLUMNS, Row, check_lsn
 
@@ -95,6 +96,9 @@ class SqliteRepository:
         self._write_lock = threading.Lock()
         self._all_conns: list[sqlite3.Connection] = []
         self._conns_lock = threading.Lock()
+        #: LSNs reads in progress hold (GC keeps what they read); one GC at a time.
+        self._pins = Pins()
+        self._gc_lock = threading.Lock()
         conn = self._conn()
         with self._write_lock:
             conn.execute("BEGIN IMMEDIATE")
@@ -428,8 +432,9 @@ class SqliteRepository:
         ``before_readable`` allows an LSN below ``min_readable_lsn``."""
         _check_key(key)
         conn = self._conn()
-        return self._get_value(conn, self._row_by_tid(conn, timeline_id), key, lsn,
-                               before_readable=before_readable)
+        epoch = self._pins.epoch  # before the row: see _pinned_value
+        return self._pinned_value(conn, self._row_by_tid(conn, timeline_id), epoch, key, lsn,
+                                  before_readable=before_readable)
 
     def get_value_of(self, name_or_id: str, key: bytes, lsn: Lsn, *,
                      max_deltas: int | None = None) -> bytes | None:
@@ -441,11 +446,24 @@ class SqliteRepository:
         conn = self._conn()
         if not isinstance(name_or_id, str):
             raise InvalidArgument(f"a branch name or timeline id, not {name_or_id!r}")
+        epoch = self._pins.epoch
         if TimelineId.looks_like(name_or_id):
             row = self._row_by_tid(conn, TimelineId.parse(name_or_id))
         else:
             row = self._row_by_name(conn, name_or_id)
-        return self._get_value(conn, row, key, lsn, max_deltas=max_deltas)
+        return self._pinned_value(conn, row, epoch, key, lsn, max_deltas=max_deltas)
+
+    def _pinned_value(self, conn: sqlite3.Connection, row: Row, epoch: int, key: bytes,
+                      lsn: Lsn, *, before_readable: bool = False,
+                      max_deltas: int | None = None) -> bytes | None:
+        """:meth:`_get_value` holding ``lsn`` on the timeline against GC. ``row`` was read
+        after ``epoch``: if a GC moved some timeline's readable start since, it is read
+        again, so the readable check sees the GC's horizon or the GC saw the pin."""
+        with self._pins.hold(row[0], int(lsn)):
+            if self._pins.epoch != epoch:
+                row = self._row_by_id(conn, row[0])
+            return self._get_value(conn, row, key, lsn, before_readable=before_readable,
+                                   max_deltas=max_deltas)
 
     def _get_value(
         self, conn: sqlite3.Connection, first: Row, key: bytes, lsn: Lsn, *,
@@ -600,7 +618,18 @@ class SqliteRepository:
         self, chain: list[tuple[Row, int]], lo: bytes, hi: bytes | None,
         cancel: threading.Event | None,
     ) -> Iterator[tuple[bytes, bytes]]:
-        with closing(self._open()) as conn:
+        first, lsn = chain[-1]
+        with self._pins.hold(first[0], lsn), closing(self._open()) as conn:
+            # Held from here; checked again now: a GC may have moved the readable start
+            # since materialize() looked (it then saw this pin, or the check sees it).
+            fresh = conn.execute("SELECT min_readable_lsn FROM timelines WHERE id = ?",
+                                 (first[0],)).fetchone()
+            if fresh is None:
+                raise UnknownTimeline(f'timeline "{TimelineId(first[1])}" was deleted')
+            if lsn < fresh[0]:
+                raise LsnOutOfRange(f"LSN {Lsn(lsn)} is before timeline "
+                                    f"{TimelineId(first[1])} is readable (from "
+                                    f"{Lsn(fresh[0])} on)")
             conn.execute("BEGIN")
 
             def stream(depth: int, tl: int, bound: int) -> Iterator[tuple[bytes, int, int, _Loc]]:
@@ -650,6 +679,136 @@ class SqliteRepository:
             h.update(_DIGEST_LEN.pack(len(value)))
             h.update(value)
         return h.hexdigest()
+
+    # garbage collection --------------------------------------------------------------------
+
+    def gc(self, timeline_id: TimelineId, horizon: Lsn, *, batch_rows: int = 5000,
+           cancel: threading.Event | None = None) -> GcResult:
+        """Make the timeline readable from ``horizon`` on (no earlier than it already is,
+        no later than its last record) and remove the records no read at or above it, at
+        a child's branch point or at an LSN a read in progress holds can need (gc.py).
+        Index rows go in transactions of ``batch_rows``; the payloads' bytes are added to
+        the timeline's garbage (freed when the data file is rewritten). ``cancel``: stop
+        between batches (what is removed stays removed; a later GC goes on)."""
+        with self._gc_lock:
+            cut, points, internal = self._gc_start(timeline_id, horizon)
+            removed, size = self._gc_records(internal, cut, [*points, cut], batch_rows,
+                                             cancel)
+        return GcResult(timeline_id, Lsn(cut), tuple(Lsn(p) for p in points), removed, size)
+
+    @contextmanager
+    def hold(self, timeline_id: TimelineId, lsn: Lsn) -> Iterator[None]:
+        """Keep the timeline readable at ``lsn`` for the duration, whatever GC runs
+        meanwhile (for reads made of many calls: an export). :class:`LsnOutOfRange` if it
+        is not readable now."""
+        conn = self._conn()
+        epoch = self._pins.epoch
+        row = self._row_by_tid(conn, timeline_id)
+        with self._pins.hold(row[0], int(lsn)):
+            if self._pins.epoch != epoch:
+                row = self._row_by_id(conn, row[0])
+            self._check_readable(row, check_lsn(lsn))
+            yield
+
+    def _gc_start(self, timeline_id: TimelineId, horizon: Lsn) -> tuple[int, list[int], int]:
+        """Move the readable start to the horizon and collect the points kept below it.
+        The commit happens under the pin lock, and the epoch moves with it: a read pins
+        either before (and is kept) or after (and sees the new start)."""
+        conn = self._conn()
+        with self._write_lock:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                row = self._row_by_tid(conn, timeline_id)
+                cut = max(check_lsn(horizon), int(row[5]))
+                if cut > row[4]:
+                    raise LsnOutOfRange(f"GC horizon {Lsn(cut)} is beyond the last record LSN "
+                                        f"{Lsn(row[4])} of timeline {timeline_id}")
+                branch_points = {int(r[0]) for r in conn.execute(
+                    "SELECT ancestor_lsn FROM timelines WHERE ancestor = ?", (row[0],))}
+                with self._pins.lock:
+                    held = self._pins.held(row[0])
+                    if cut > row[5]:
+                        conn.execute("UPDATE timelines SET min_readable_lsn = ? WHERE id = ?",
+                                     (cut, row[0]))
+                    conn.execute("COMMIT")
+                    self._pins.epoch += 1
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        return cut, sorted(p for p in branch_points | held if p < cut), int(row[0])
+
+    def _gc_records(self, tl: int, cut: int, points: list[int], batch_rows: int,
+                    cancel: threading.Event | None) -> tuple[int, int]:
+        removed = size = 0
+        doomed: list[tuple[int, bytes, int]] = []
+        doomed_bytes = 0
+
+        def flush() -> None:
+            nonlocal doomed, doomed_bytes, removed, size
+            if not doomed:
+                return
+            with self._transaction() as conn:
+                conn.executemany("DELETE FROM records WHERE tl = ? AND key = ? AND lsn = ?",
+                                 doomed)
+                conn.execute("UPDATE timelines SET garbage = garbage + ? WHERE id = ?",
+                             (doomed_bytes, tl))
+            removed, size = removed + len(doomed), size + doomed_bytes
+            doomed, doomed_bytes = [], 0
+
+        with closing(self._open()) as reader:
+            reader.execute("BEGIN")
+            rows = reader.execute("SELECT key, lsn, kind, len FROM records"
+                                  " WHERE tl = ? AND lsn <= ? ORDER BY key, lsn", (tl, cut))
+            for key, group in itertools.groupby(rows, key=lambda r: r[0]):
+                history = list(group)
+                if len(history) == 1:
+                    continue  # one record is always needed at the horizon (or at none)
+                keep = needed([r[1] for r in history], [r[2] for r in history], points)
+                for i, (_key, lsn, _kind, length) in enumerate(history):
+                    if i not in keep:
+                        doomed.append((tl, key, lsn))
+                        doomed_bytes += length
+                if len(doomed) >= batch_rows:
+                    flush()
+                    if cancel is not None and cancel.is_set():
+                        reader.execute("COMMIT")
+                        raise Cancelled("GC cancelled; what it removed stays removed")
+            reader.execute("COMMIT")
+        flush()
+        return removed, size
+
+    def garbage(self, timeline_id: TimelineId) -> int:
+        """Payload bytes of the timeline's data file that GC left unreferenced."""
+        return self.space(timeline_id)[1]
+
+    def space(self, timeline_id: TimelineId) -> tuple[int, int]:
+        """(payload bytes in the timeline's data file, of them the garbage GC left)."""
+        conn = self._conn()
+        found = conn.execute(
+            "SELECT t.garbage, (SELECT total(b.bytes) FROM batches b WHERE b.tl = t.id)"
+            " FROM timelines t WHERE t.timeline_id = ?", (bytes(timeline_id),)).fetchone()
+        if found is None:
+            raise UnknownTimeline(f'timeline "{timeline_id}" does not exist')
+        return int(found[1]), int(found[0])
+
+    def commit_lsn_at(self, timeline_id: TimelineId, when: float) -> Lsn | None:
+        """The newest commit point written at or before the time ``when`` (seconds since
+        the epoch) in the timeline's ancestry -- each ancestor up to the branch point its
+        child starts at; ``None`` when there is none that old (commit points of an older
+        zenith have no time and never count)."""
+        conn = self._conn()
+        row: Row | None = self._row_by_tid(conn, timeline_id)
+        bound = MAX_STORED_LSN
+        while row is not None:
+            found = conn.execute(
+                "SELECT max(lsn) FROM history WHERE tl = ? AND lsn <= ? AND at IS NOT NULL"
+                " AND at <= ?", (row[0], int(bound), when)).fetchone()
+            if found is not None and found[0] is not None:
+                return Lsn(found[0])
+            bound = Lsn(row[3] or 0)
+            row = self._row_by_id(conn, row[2]) if row[2] is not None else None
+        return None
 
     # helpers -------------------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Final
 
@@ -67,11 +68,11 @@ def hash_all(repo: SqliteRepository, conn: sqlite3.Connection) -> None:
             stop = starts[i + 1] if i + 1 < len(starts) else row[6]
             for rec in walk(f, start, stop, 0, row[4]):
                 folder.add(rec.key, rec.lsn, rec.kind, rec.payload)
-            conn.execute("INSERT OR REPLACE INTO history VALUES (?, ?, ?)",
+            conn.execute("INSERT OR REPLACE INTO history (tl, lsn, hash) VALUES (?, ?, ?)",
                          (row[0], min(ends[i][0], row[4]), folder.close()))
         digest = folder.close()
         conn.execute("UPDATE timelines SET hash = ? WHERE id = ?", (digest, row[0]))
-        conn.execute("INSERT OR REPLACE INTO history VALUES (?, ?, ?)",
+        conn.execute("INSERT OR REPLACE INTO history (tl, lsn, hash) VALUES (?, ?, ?)",
                      (row[0], row[4], digest))
 
 
@@ -202,9 +203,10 @@ def put_records(
             ),
         )
         if digest != row[8]:
+            # With the commit's time: GC turns a time window ("7d") into an LSN from these.
             conn.execute(
-                "INSERT OR REPLACE INTO history (tl, lsn, hash) VALUES (?, ?, ?)",
-                (internal, new_last, digest),
+                "INSERT OR REPLACE INTO history (tl, lsn, hash, at) VALUES (?, ?, ?, ?)",
+                (internal, new_last, digest, time.time()),
             )
         pending_cursor = (Cursor(Lsn(still_open.lsn), still_open.count, pending_key or b"")
                           if still_open else None)

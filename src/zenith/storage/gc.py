@@ -1,0 +1,93 @@
+"""Garbage collection of page versions: which records no retained LSN can read.
+
+A timeline GC'd at ``horizon`` stays readable at every LSN from ``horizon`` on, and at a
+few *kept points* below it: the branch points of its child timelines (a child reads its
+ancestor there) and the LSNs running reads hold (:class:`Pins`). Everything else below the
+horizon is history nobody can ask for any more. For one key, reading at a point ``P``
+needs the newest image (or tombstone) at or below ``P`` in this timeline and the deltas
+after it up to ``P``; with no image in this timeline at or below ``P``, every record up
+to ``P`` (they are deltas on top of the ancestor's value). A record that no point needs
+is removed: its index row goes at once, its payload bytes count as *garbage* in the data
+file until the file is rewritten. Records above the horizon are never touched.
+
+Why that is enough for every read at or above the horizon: reading at ``X >= horizon``
+needs the newest image at or below ``X`` and the deltas after it. If that image is above
+the horizon, nothing below is needed. If not, it is the newest image at or below the
+horizon, which the point ``horizon`` itself keeps, with its deltas up to the horizon; the
+deltas above it are above the horizon.
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Final
+
+from zenith.ids import TimelineId
+from zenith.lsn import Lsn
+from zenith.storage.api import RecordKind
+
+_DELTA: Final = int(RecordKind.DELTA)
+
+
+@dataclass(frozen=True, slots=True)
+class GcResult:
+    """What one GC of one timeline did."""
+
+    timeline_id: TimelineId
+    #: The timeline is readable from here on (its new ``min_readable_lsn``).
+    horizon: Lsn
+    #: LSNs below the horizon that stay readable: child branch points, held reads.
+    kept_points: tuple[Lsn, ...]
+    records_removed: int
+    bytes_removed: int
+
+
+def needed(lsns: Sequence[int], kinds: Sequence[int], points: Sequence[int]) -> set[int]:
+    """Indexes of the records of one key (``lsns`` ascending, with their ``kinds``) that a
+    read at one of ``points`` (ascending) needs."""
+    keep: set[int] = set()
+    for point in points:
+        last = bisect.bisect_right(lsns, point) - 1
+        if last < 0:
+            continue
+        base = last
+        while base >= 0 and kinds[base] == _DELTA:
+            base -= 1
+        keep.update(range(max(base, 0), last + 1))
+    return keep
+
+
+class Pins:
+    """LSNs that reads in progress hold on timelines (by internal id), so that a GC that
+    starts meanwhile keeps what they read. ``epoch`` counts GCs that moved a timeline's
+    readable start: a reader that looked at the timeline before it pinned re-reads it if
+    the epoch changed (its view of ``min_readable_lsn`` may be stale)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.epoch = 0
+        self._held: dict[int, Counter[int]] = {}
+
+    @contextmanager
+    def hold(self, tl: int, lsn: int) -> Iterator[None]:
+        with self.lock:
+            self._held.setdefault(tl, Counter())[lsn] += 1
+        try:
+            yield
+        finally:
+            with self.lock:
+                held = self._held[tl]
+                held[lsn] -= 1
+                if not held[lsn]:
+                    del held[lsn]
+                    if not held:
+                        del self._held[tl]
+
+    def held(self, tl: int) -> set[int]:
+        """The LSNs held on ``tl`` (the caller holds :attr:`lock`)."""
+        return set(self._held.get(tl, ()))
