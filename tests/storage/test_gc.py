@@ -258,3 +258,42 @@ def test_needed_is_the_suffix_from_the_base_for_each_point() -> None:
     assert needed(lsns, kinds, [35]) == {1, 2}
     assert needed(lsns, kinds, [60]) == {3, 4, 5}
     assert needed(lsns, kinds, [25, 60]) == {1, 3, 4, 5}
+
+
+def test_removed_payloads_are_punched_out_and_never_walked(tmp_path: Path) -> None:
+    from zenith.storage.datafile import HistoryCollected
+
+    repo = open_repository(tmp_path / "r.db", durable=False)
+    try:
+        tid = repo.create_branch("main").timeline.timeline_id
+        keys = [bytes([0] * 14) + k.to_bytes(4, "big") for k in range(256)]
+        for rnd in range(8):  # 8 rounds of 256 pages of 8 KiB: 16 MiB
+            repo.put_records(tid, [Record(k, Lsn(0x10000 * (rnd + 1)), RecordKind.IMAGE,
+                                          bytes([rnd + 1]) * 8192) for k in keys])
+        data = next((tmp_path / "r.db.d").iterdir())
+        before = data.stat().st_blocks * 512
+        head = repo.get_timeline(tid).last_record_lsn
+        # A walk in progress holds the file: GC removes from the index, punches nothing.
+        walker = repo.iter_records(tid, Lsn(0), head)
+        next(walker)
+        first = repo.gc(tid, Lsn(0x80000))
+        assert first.records_removed == 7 * 256 and first.bytes_reclaimed == 0
+        assert data.stat().st_blocks * 512 == before
+        walker.close()
+        # The next GC finds nothing new to remove but gives the space back.
+        second = repo.gc(tid, Lsn(0x80000))
+        assert second.records_removed == 0
+        assert second.bytes_reclaimed >= 7 * 256 * 4096  # at least one block a payload
+        after = data.stat().st_blocks * 512
+        assert after < before - 7 * 256 * 4096, (before, after)
+        assert data.stat().st_size >= 16 << 20  # offsets stay: only holes
+        # Every read still answers; a walk into the removed history is refused, one
+        # after the horizon is whole.
+        assert repo.digest(tid, head) == repo.digest(tid, head)
+        for k in keys[:5]:
+            assert repo.get_value(tid, k, head) == bytes([8]) * 8192
+        with pytest.raises(HistoryCollected):
+            list(repo.iter_records(tid, Lsn(0), head))
+        assert len(list(repo.iter_records(tid, Lsn(0x70000), head))) == 256
+    finally:
+        repo.close()

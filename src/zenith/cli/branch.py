@@ -78,11 +78,13 @@ def list_(repo: Repo, verbose: bool) -> None:
     if verbose:
         click.echo("\nhistory:")
         for row in repo.query("branch_space").dicts():
-            stored, garbage = int(row["stored_bytes"] or 0), int(row["garbage_bytes"] or 0)
+            stored = int(row["stored_bytes"] or 0)
+            unreclaimed = int(row["unreclaimed_bytes"] or 0)
             click.echo(f"  {row['name']}: window {row['window']}, readable from "
                        f"{row['readable_from']} to {row['last_record_lsn']}, "
-                       f"{_size(stored - garbage)} of history"
-                       + (f" (+{_size(garbage)} garbage until compaction)" if garbage else ""))
+                       f"{_size(stored)} of page versions"
+                       + (f" (+{_size(unreclaimed)} removed, given back at the next GC)"
+                          if unreclaimed else ""))
     sources = repo.query("source_list").dicts()
     if sources:
         click.echo("\nfollowing PostgreSQL:")

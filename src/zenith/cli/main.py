@@ -261,12 +261,13 @@ def gc(repo: Repo, branch: str | None) -> None:
     total = 0
     for row in answer.dicts():
         removed, size = int(row["records_removed"] or 0), int(row["bytes_removed"] or 0)
-        total += size
+        total += int(row["bytes_reclaimed"] or 0)
         names = row["branches"] or "(no name)"
         kept = f", keeps {row['kept_points']}" if row["kept_points"] else ""
         click.echo(f"{names} [{row['timeline_id']}]: readable from {row['horizon']}{kept}; "
                    f"removed {removed} page versions ({size} bytes)")
-    click.echo(f"gc: {total} bytes of page versions freed in {len(answer.rows)} timelines")
+    click.echo(f"gc: {total} bytes given back to the file system ({len(answer.rows)} "
+               "timelines)")
 
 
 main.add_command(branch)

@@ -31,9 +31,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("zenith.gc")
 
 GC_COLUMNS: Final = ["timeline_id", "branches", "horizon", "kept_points", "records_removed",
-                     "bytes_removed", "stored_bytes", "garbage_bytes"]
+                     "bytes_removed", "bytes_reclaimed", "stored_bytes", "unreclaimed_bytes"]
 SPACE_COLUMNS: Final = ["name", "timeline_id", "window", "readable_from", "last_record_lsn",
-                        "stored_bytes", "garbage_bytes"]
+                        "stored_bytes", "unreclaimed_bytes"]
 #: Index rows a background GC removes per transaction (a bounded step: readers and
 #: writers interleave with it).
 BACKGROUND_BATCH: Final = 2000
@@ -45,10 +45,11 @@ def _rows(server: Pageserver, results: list[GcResult]) -> list[list[str | None]]
         names.setdefault(str(b.timeline.timeline_id), []).append(b.name)
     rows: list[list[str | None]] = []
     for r in results:
-        stored, garbage = server.repo.space(r.timeline_id)
+        stored, unreclaimed = server.repo.space(r.timeline_id)
         rows.append([str(r.timeline_id), ",".join(names.get(str(r.timeline_id), [])),
                      str(r.horizon), " ".join(str(p) for p in r.kept_points),
-                     str(r.records_removed), str(r.bytes_removed), str(stored), str(garbage)])
+                     str(r.records_removed), str(r.bytes_removed), str(r.bytes_reclaimed),
+                     str(stored), str(unreclaimed)])
     return rows
 
 
@@ -81,10 +82,10 @@ async def _branch_space(server: Pageserver, session: Session, args: list[str]) -
     default, windows = RepoConfig.load(server.config.path).pitr
     rows: list[list[str | None]] = []
     for b in server.repo.list_branches():
-        stored, garbage = server.repo.space(b.timeline.timeline_id)
+        stored, unreclaimed = server.repo.space(b.timeline.timeline_id)
         rows.append([b.name, str(b.timeline.timeline_id), str(windows.get(b.name, default)),
                      str(b.timeline.min_readable_lsn), str(b.timeline.last_record_lsn),
-                     str(stored), str(garbage)])
+                     str(stored), str(unreclaimed)])
     await session.send_rows(SPACE_COLUMNS, rows, f"SELECT {len(rows)}")
 
 
@@ -116,6 +117,8 @@ async def background_gc(server: Pageserver, stop: asyncio.Event) -> None:
             continue
         removed = sum(r.records_removed for r in results)
         if removed:
-            log.info("GC removed %d page versions (%d bytes) from %d timelines", removed,
+            log.info("GC removed %d page versions (%d bytes) from %d timelines; %d bytes "
+                     "given back to the file system", removed,
                      sum(r.bytes_removed for r in results),
-                     sum(1 for r in results if r.records_removed))
+                     sum(1 for r in results if r.records_removed),
+                     sum(r.bytes_reclaimed for r in results))

@@ -280,7 +280,8 @@ class Repository(Protocol):
         ...
 
     def space(self, timeline_id: TimelineId) -> tuple[int, int]:
-        """(payload bytes stored for the timeline, of them the garbage GC left)."""
+        """(payload bytes of the records the timeline keeps, removed bytes not yet given
+        back to the file system)."""
         ...
 
     def commit_lsn_at(self, timeline_id: TimelineId, when: float) -> Lsn | None:

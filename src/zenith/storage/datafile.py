@@ -66,6 +66,20 @@ class CorruptDataFile(ZenithError):
     sqlstate = "XX001"  # data_corrupted
 
 
+class HistoryCollected(ZenithError):
+    """A range of records reaches into history GC removed: it cannot be read whole."""
+
+    sqlstate = "55000"  # object_not_in_prerequisite_state
+
+
+#: Set in a directory entry's kind byte when GC removed the record (its payload bytes may
+#: be punched out of the file): walks refuse it, nothing reads it by offset any more.
+REMOVED: Final = 0x80
+_KIND_AT: Final = 18 + 8  # the kind byte's offset in an entry
+#: Holes are punched in whole blocks of this size.
+BLOCK: Final = 4096
+
+
 def file_name(timeline_id: bytes, internal: int) -> str:
     """The data file of a timeline. The internal id is never reused (AUTOINCREMENT), so a
     timeline deleted and created again under the same id gets a different file, and a late
@@ -342,6 +356,10 @@ def _records(
                     kept.append(e)
             entries, skip = kept, (skip_lsn, left, last_key)
         for key, lsn, kind, offset, length in entries:
+            if kind & REMOVED:
+                raise HistoryCollected(
+                    f"the records at {Lsn(lsn)} of data file {f.name} were removed by GC",
+                    hint="read from the timeline's readable start (its GC horizon) on")
             stop = offset + length
             if offset < base or stop > top:
                 m = w.move(offset, length)
@@ -351,6 +369,69 @@ def _records(
             )
             rec.__class__ = record
             yield rec
+
+
+def mark_removed(f: DataFile, start: int, records: set[tuple[bytes, int]]) -> list[
+        tuple[int, int]]:
+    """Flag the entries of the frame at ``start`` whose (key, lsn) is in ``records`` as
+    removed, in place; return their payload ranges (also those flagged before: the step
+    is repeated whole after a crash)."""
+    magic, count, payload_bytes = HEADER.unpack(f.pread(start, HEADER.size))
+    if magic != MAGIC:
+        raise CorruptDataFile(f"no frame at offset {start} of data file {f.name}")
+    at = start + HEADER.size + payload_bytes
+    raw = bytearray(f.pread(at, count * ENTRY.size))
+    ranges: list[tuple[int, int]] = []
+    changed = False
+    for i in range(count):
+        key, lsn, kind, offset, length = ENTRY.unpack_from(raw, i * ENTRY.size)
+        if (key, lsn) in records:
+            ranges.append((offset, length))
+            if not kind & REMOVED:
+                raw[i * ENTRY.size + _KIND_AT] = kind | REMOVED
+                changed = True
+    if changed:
+        _pwrite_all(f.fd, [bytes(raw)], at, len(raw))
+    return ranges
+
+
+_FALLOC_FL_KEEP_SIZE: Final = 0x01
+_FALLOC_FL_PUNCH_HOLE: Final = 0x02
+_fallocate: Any = None
+
+
+def punch(f: DataFile, ranges: list[tuple[int, int]]) -> int:
+    """Give the whole blocks inside ``ranges`` (merged where adjacent) back to the file
+    system (``fallocate(PUNCH_HOLE | KEEP_SIZE)``: offsets stay, the bytes read as zeros).
+    Returns the bytes punched; 0 where the file system cannot punch holes."""
+    global _fallocate
+    if _fallocate is None:
+        import ctypes
+        import ctypes.util
+
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        _fallocate = getattr(libc, "fallocate", False)
+        if _fallocate:
+            _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong,
+                                   ctypes.c_longlong]
+    if not _fallocate:
+        return 0
+    merged: list[list[int]] = []
+    for offset, length in sorted(ranges):
+        if merged and offset <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], offset + length)
+        else:
+            merged.append([offset, offset + length])
+    punched = 0
+    for lo, hi in merged:
+        first, last = -(-lo // BLOCK) * BLOCK, hi // BLOCK * BLOCK
+        if last <= first:
+            continue
+        if _fallocate(f.fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, first,
+                      last - first) != 0:
+            return punched  # not supported here (EOPNOTSUPP): the bytes stay
+        punched += last - first
+    return punched
 
 
 def _pwrite_all(fd: int, buffers: list[bytes], offset: int, total: int) -> None:

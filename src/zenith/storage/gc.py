@@ -45,6 +45,9 @@ class GcResult:
     kept_points: tuple[Lsn, ...]
     records_removed: int
     bytes_removed: int
+    #: Bytes given back to the file system (holes punched in the data file) by this GC,
+    #: also for records an earlier GC removed while a walk held the file.
+    bytes_reclaimed: int = 0
 
 
 def needed(lsns: Sequence[int], kinds: Sequence[int], points: Sequence[int]) -> set[int]:
@@ -70,8 +73,47 @@ class Pins:
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
+        self._changed = threading.Condition(self.lock)
         self.epoch = 0
         self._held: dict[int, Counter[int]] = {}
+        self._walkers: Counter[int] = Counter()
+        self._reclaiming: set[int] = set()
+
+    @contextmanager
+    def walking(self, tl: int) -> Iterator[None]:
+        """A walk of ``tl``'s data file (it reads directories and payloads by itself):
+        no GC reclaims space in that file meanwhile (it would flag entries the walk may
+        already have read as live)."""
+        with self._changed:
+            while tl in self._reclaiming:
+                self._changed.wait()
+            self._walkers[tl] += 1
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._walkers[tl] -= 1
+                if not self._walkers[tl]:
+                    del self._walkers[tl]
+                    self._changed.notify_all()
+
+    @contextmanager
+    def reclaiming(self, tl: int) -> Iterator[bool]:
+        """Yields False (and does nothing) while walks of ``tl`` run; else True, and new
+        walks wait until the block ends (a few milliseconds a frame)."""
+        with self._changed:
+            busy = bool(self._walkers[tl]) or tl in self._reclaiming
+            if not busy:
+                self._reclaiming.add(tl)
+        if busy:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            with self._changed:
+                self._reclaiming.discard(tl)
+                self._changed.notify_all()
 
     @contextmanager
     def hold(self, tl: int, lsn: int) -> Iterator[None]:

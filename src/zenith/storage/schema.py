@@ -56,6 +56,19 @@ _HISTORY: Final = (
     ) WITHOUT ROWID""",
 )
 
+_UNPUNCHED: Final = (
+    # Payloads GC removed from the index whose bytes are still in the data file: flagged
+    # in their frame's directory and punched out when no walk holds the file (gc.py).
+    """CREATE TABLE IF NOT EXISTS unpunched (
+        tl  INTEGER NOT NULL,
+        off INTEGER NOT NULL,
+        len INTEGER NOT NULL,
+        key BLOB NOT NULL,
+        lsn INTEGER NOT NULL,
+        PRIMARY KEY (tl, off)
+    ) WITHOUT ROWID""",
+)
+
 SCHEMA: Final = (
     """CREATE TABLE meta (
         name  TEXT PRIMARY KEY,
@@ -97,6 +110,7 @@ SCHEMA: Final = (
     ) WITHOUT ROWID""",
     *_BATCHES,
     *_HISTORY,
+    *_UNPUNCHED,
 )
 
 #: From version 2: received is unknown for old timelines, so they count as received (new
@@ -122,6 +136,7 @@ _MIGRATE_2_TO_3: Final = (
 _MIGRATE_3_TO_4: Final = (
     "ALTER TABLE history ADD COLUMN at REAL",
     "ALTER TABLE timelines ADD COLUMN garbage INTEGER NOT NULL DEFAULT 0",
+    *_UNPUNCHED,
 )
 
 
@@ -168,6 +183,8 @@ def prepare(conn: sqlite3.Connection, path: Path) -> bool:
         raise InvalidArgument(
             f"{path} has schema version {row and row[0]}; this zenith reads {SCHEMA_VERSION}"
         )
+    for statement in _UNPUNCHED:  # version 4 databases made before the table existed
+        conn.execute(statement)
     return False
 
 

@@ -26,6 +26,7 @@ processes). Each thread gets its own connection for reads; an iterator takes its
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import heapq
 import itertools
@@ -67,6 +68,8 @@ from zenith.storage.datafile import (
     DataFile,
     DataFiles,
     file_name,
+    mark_removed,
+    punch,
     read_directory,
     walk,
 )
@@ -374,7 +377,8 @@ class SqliteRepository:
     def _drop(conn: sqlite3.Connection, row: Row) -> str:
         """Delete a timeline's rows; return its data file's name, to remove after commit."""
         for table, column in (
-            ("records", "tl"), ("batches", "tl"), ("history", "tl"), ("timelines", "id")
+            ("records", "tl"), ("batches", "tl"), ("history", "tl"), ("unpunched", "tl"),
+            ("timelines", "id")
         ):
             conn.execute(f"DELETE FROM {table} WHERE {column} = ?", (row[0],))
         return file_name(row[1], row[0])
@@ -541,7 +545,15 @@ class SqliteRepository:
             return iter(())
         skipping = (int(skip.lsn), skip.count, skip.key) \
             if skip is not None and skip.count else None
-        return walk(self._file(row), start, end, lo, hi, skip=skipping)
+        return self._walking(row[0], walk(self._file(row), start, end, lo, hi,
+                                          skip=skipping))
+
+    def _walking(self, tl: int, records: Iterator[Record]) -> Iterator[Record]:
+        """``records`` (a walk of ``tl``'s file) while no GC reclaims space in the file: a
+        record GC removed meanwhile is refused by the walk (HistoryCollected), never read
+        as zeros."""
+        with self._pins.walking(tl):
+            yield from records
 
     def count_records(self, timeline_id: TimelineId, after: Lsn, upto: Lsn) -> tuple[int, int]:
         """Whole batches are counted from the index; the (at most two) batches cut by the
@@ -694,7 +706,40 @@ class SqliteRepository:
             cut, points, internal = self._gc_start(timeline_id, horizon)
             removed, size = self._gc_records(internal, cut, [*points, cut], batch_rows,
                                              cancel)
-        return GcResult(timeline_id, Lsn(cut), tuple(Lsn(p) for p in points), removed, size)
+            reclaimed = self._reclaim(internal)
+        return GcResult(timeline_id, Lsn(cut), tuple(Lsn(p) for p in points), removed, size,
+                        reclaimed)
+
+    def _reclaim(self, tl: int) -> int:
+        """Flag removed records in their frames' directories and punch their payloads out
+        of the data file (``unpunched``), unless a walk holds the file (then a later GC
+        does it). Returns the bytes given back to the file system."""
+        with self._pins.reclaiming(tl) as free:
+            if not free:
+                return 0
+            conn = self._conn()
+            row = self._row_by_id(conn, tl)
+            pending = conn.execute("SELECT off, len, key, lsn FROM unpunched WHERE tl = ?"
+                                   " ORDER BY off", (tl,)).fetchall()
+            if not pending:
+                return 0
+            starts = [int(r[0]) for r in conn.execute(
+                "SELECT start FROM batches WHERE tl = ? ORDER BY start", (tl,))]
+            f = self._file(row)
+            by_frame: dict[int, set[tuple[bytes, int]]] = {}
+            for off, _length, key, lsn in pending:
+                frame = starts[bisect.bisect_right(starts, off) - 1]
+                by_frame.setdefault(frame, set()).add((bytes(key), int(lsn)))
+            ranges = []
+            for frame, records in by_frame.items():
+                ranges += mark_removed(f, frame, records)
+            if self._durable:
+                os.fdatasync(f.fd)  # flagged before any byte is punched
+            punched = punch(f, ranges)
+            with self._transaction() as w:
+                w.executemany("DELETE FROM unpunched WHERE tl = ? AND off = ?",
+                              [(tl, off) for off, *_rest in pending])
+            return punched
 
     @contextmanager
     def hold(self, timeline_id: TimelineId, lsn: Lsn) -> Iterator[None]:
@@ -741,7 +786,7 @@ class SqliteRepository:
     def _gc_records(self, tl: int, cut: int, points: list[int], batch_rows: int,
                     cancel: threading.Event | None) -> tuple[int, int]:
         removed = size = 0
-        doomed: list[tuple[int, bytes, int]] = []
+        doomed: list[tuple[int, bytes, int, int, int]] = []
         doomed_bytes = 0
 
         def flush() -> None:
@@ -750,7 +795,9 @@ class SqliteRepository:
                 return
             with self._transaction() as conn:
                 conn.executemany("DELETE FROM records WHERE tl = ? AND key = ? AND lsn = ?",
-                                 doomed)
+                                 [d[:3] for d in doomed])
+                conn.executemany("INSERT OR IGNORE INTO unpunched (tl, key, lsn, off, len)"
+                                 " VALUES (?, ?, ?, ?, ?)", doomed)
                 conn.execute("UPDATE timelines SET garbage = garbage + ? WHERE id = ?",
                              (doomed_bytes, tl))
             removed, size = removed + len(doomed), size + doomed_bytes
@@ -758,16 +805,16 @@ class SqliteRepository:
 
         with closing(self._open()) as reader:
             reader.execute("BEGIN")
-            rows = reader.execute("SELECT key, lsn, kind, len FROM records"
+            rows = reader.execute("SELECT key, lsn, kind, off, len FROM records"
                                   " WHERE tl = ? AND lsn <= ? ORDER BY key, lsn", (tl, cut))
             for key, group in itertools.groupby(rows, key=lambda r: r[0]):
                 history = list(group)
                 if len(history) == 1:
                     continue  # one record is always needed at the horizon (or at none)
                 keep = needed([r[1] for r in history], [r[2] for r in history], points)
-                for i, (_key, lsn, _kind, length) in enumerate(history):
+                for i, (_key, lsn, _kind, off, length) in enumerate(history):
                     if i not in keep:
-                        doomed.append((tl, key, lsn))
+                        doomed.append((tl, key, lsn, off, length))
                         doomed_bytes += length
                 if len(doomed) >= batch_rows:
                     flush()
@@ -779,18 +826,25 @@ class SqliteRepository:
         return removed, size
 
     def garbage(self, timeline_id: TimelineId) -> int:
-        """Payload bytes of the timeline's data file that GC left unreferenced."""
-        return self.space(timeline_id)[1]
+        """Payload bytes GC removed from the timeline, in all (reclaimed or not yet)."""
+        conn = self._conn()
+        found = conn.execute("SELECT garbage FROM timelines WHERE timeline_id = ?",
+                             (bytes(timeline_id),)).fetchone()
+        if found is None:
+            raise UnknownTimeline(f'timeline "{timeline_id}" does not exist')
+        return int(found[0])
 
     def space(self, timeline_id: TimelineId) -> tuple[int, int]:
-        """(payload bytes in the timeline's data file, of them the garbage GC left)."""
+        """(payload bytes of the records the timeline keeps, payload bytes GC removed that
+        are still in the data file: a walk held it; the next GC gives them back)."""
         conn = self._conn()
         found = conn.execute(
-            "SELECT t.garbage, (SELECT total(b.bytes) FROM batches b WHERE b.tl = t.id)"
+            "SELECT (SELECT total(b.bytes) FROM batches b WHERE b.tl = t.id) - t.garbage,"
+            " (SELECT total(u.len) FROM unpunched u WHERE u.tl = t.id)"
             " FROM timelines t WHERE t.timeline_id = ?", (bytes(timeline_id),)).fetchone()
         if found is None:
             raise UnknownTimeline(f'timeline "{timeline_id}" does not exist')
-        return int(found[1]), int(found[0])
+        return int(found[0]), int(found[1])
 
     def commit_lsn_at(self, timeline_id: TimelineId, when: float) -> Lsn | None:
         """The newest commit point written at or before the time ``when`` (seconds since
