@@ -7,7 +7,9 @@ So SQLite keeps the index and the metadata (see ``sqlite.py``) and the bytes go 
 A timeline's file is a sequence of *frames*, one per write batch::
 
     header     16 bytes: magic b"ZNF1", record count (u32), payload bytes (u64)
-    payloads   the batch's payloads back to back, in the order they were given
+    payloads   the batch's payloads of 4 KiB or more in the order they were given, each
+               starting on a 4 KiB boundary of the file (zeros before it), so GC can
+               punch all its blocks out; then the smaller ones back to back
     directory  one 39-byte entry per record: key (18), lsn (u64), kind (u8),
                offset (u64, absolute in the file), length (u32); sorted by LSN (stable)
 
@@ -198,19 +200,50 @@ class FrameWriter:
         self._pending_bytes = 0
         self._in_order = True
         self._last_lsn = -1
+        #: The payloads' own bytes (the frame's payload area also holds alignment).
+        self.data_bytes = 0
+        #: Small payloads wait for the end of the frame: (index in entries, payload).
+        self._small: list[tuple[int, bytes]] = []
 
     def add(self, key: bytes, lsn: int, kind: int, payload: bytes) -> None:
         n = len(payload)
-        self.entries.append((key, lsn, kind, self.pos, n))
+        self.data_bytes += n
+        if 0 < n < BLOCK:
+            # Small payloads go together after the large ones (finish()): scattered
+            # between page images, each would hold a block of its own once they are
+            # aligned.
+            self._small.append((len(self.entries), payload))
+            self.entries.append((key, lsn, kind, -1, n))
+        else:
+            if n and self.pos % BLOCK:
+                # A page-sized payload starts on a block boundary, so GC can punch all
+                # its blocks out (an unaligned 8 KiB payload frees one block of three).
+                # The zeros fill the rest of a block the previous payload ends in.
+                pad = BLOCK - self.pos % BLOCK
+                self._pending.append(bytes(pad))
+                self.pos += pad
+                self._pending_bytes += pad
+            self.entries.append((key, lsn, kind, self.pos, n))
+            if n:
+                self._pending.append(payload)
+                self.pos += n
+                self._pending_bytes += n
+                if self._pending_bytes >= FLUSH_BYTES or len(self._pending) >= _MAX_IOV:
+                    self._flush()
         if lsn < self._last_lsn:
             self._in_order = False
         self._last_lsn = lsn
-        if n:
+
+    def _place_small(self) -> None:
+        for index, payload in self._small:
+            key, lsn, kind, _unplaced, n = self.entries[index]
+            self.entries[index] = (key, lsn, kind, self.pos, n)
             self._pending.append(payload)
             self.pos += n
             self._pending_bytes += n
             if self._pending_bytes >= FLUSH_BYTES or len(self._pending) >= _MAX_IOV:
                 self._flush()
+        self._small = []
 
     def _flush(self) -> None:
         if self._pending:
@@ -237,6 +270,7 @@ class FrameWriter:
         ``self.entries`` is then in directory (LSN) order."""
         if len(self.entries) >= 1 << 32:
             raise ValueError("a batch holds fewer than 2**32 records")
+        self._place_small()
         if not self._in_order:
             self.entries.sort(key=lambda e: e[1])
         directory = b"".join(starmap(ENTRY.pack, self.entries))

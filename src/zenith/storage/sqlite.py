@@ -78,6 +78,9 @@ from zenith.storage.schema import Transaction
 from zenith.storage.writes import TL_COLUMNS, Row, check_lsn
 
 _DIGEST_LEN: Final = struct.Struct(">I")
+#: Every this many GC passes of a timeline look at every key, not only those written
+#: since the last horizon (garbage left when kept points went away).
+FULL_SWEEP_EVERY: Final = 16
 #: Keys between two looks at a cancellation event (a few milliseconds of work).
 CANCEL_CHECK_EVERY: Final = 256
 _IMAGE: Final = int(RecordKind.IMAGE)
@@ -102,6 +105,7 @@ class SqliteRepository:
         #: LSNs reads in progress hold (GC keeps what they read); one GC at a time.
         self._pins = Pins()
         self._gc_lock = threading.Lock()
+        self._gc_passes: dict[int, int] = {}
         conn = self._conn()
         with self._write_lock:
             conn.execute("BEGIN IMMEDIATE")
@@ -703,9 +707,15 @@ class SqliteRepository:
         the timeline's garbage (freed when the data file is rewritten). ``cancel``: stop
         between batches (what is removed stays removed; a later GC goes on)."""
         with self._gc_lock:
-            cut, points, internal = self._gc_start(timeline_id, horizon)
+            cut, points, internal, before = self._gc_start(timeline_id, horizon)
+            # Only keys written since the last horizon can have new garbage, unless kept
+            # points went away (a child deleted, a read ended): then, and every few passes,
+            # every key is looked at.
+            passes = self._gc_passes.get(internal, 0) + 1
+            full = cut == before or passes % FULL_SWEEP_EVERY == 0
+            self._gc_passes[internal] = passes
             removed, size = self._gc_records(internal, cut, [*points, cut], batch_rows,
-                                             cancel)
+                                             cancel, since=None if full else before)
             reclaimed = self._reclaim(internal)
         return GcResult(timeline_id, Lsn(cut), tuple(Lsn(p) for p in points), removed, size,
                         reclaimed)
@@ -755,7 +765,8 @@ class SqliteRepository:
             self._check_readable(row, check_lsn(lsn))
             yield
 
-    def _gc_start(self, timeline_id: TimelineId, horizon: Lsn) -> tuple[int, list[int], int]:
+    def _gc_start(self, timeline_id: TimelineId, horizon: Lsn
+                  ) -> tuple[int, list[int], int, int]:
         """Move the readable start to the horizon and collect the points kept below it.
         The commit happens under the pin lock, and the epoch moves with it: a read pins
         either before (and is kept) or after (and sees the new start)."""
@@ -781,10 +792,25 @@ class SqliteRepository:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
-        return cut, sorted(p for p in branch_points | held if p < cut), int(row[0])
+        return cut, sorted(p for p in branch_points | held if p < cut), int(row[0]), \
+            int(row[5])
+
+    def _keys_since(self, tl: int, since: int, cut: int) -> list[bytes]:
+        """Keys with records in ``(since, cut]``, from the directories of the frames that
+        hold them (no index scan)."""
+        conn = self._conn()
+        row = self._row_by_id(conn, tl)
+        starts = [r[0] for r in conn.execute(
+            "SELECT start FROM batches WHERE tl = ? AND last_lsn > ? AND first_lsn <= ?",
+            (tl, since, cut))]
+        f = self._file(row)
+        keys = {entry[0] for start in starts for entry in read_directory(f, start)
+                if since < entry[1] <= cut}
+        return sorted(keys)
 
     def _gc_records(self, tl: int, cut: int, points: list[int], batch_rows: int,
-                    cancel: threading.Event | None) -> tuple[int, int]:
+                    cancel: threading.Event | None, *, since: int | None = None
+                    ) -> tuple[int, int]:
         removed = size = 0
         doomed: list[tuple[int, bytes, int, int, int]] = []
         doomed_bytes = 0
@@ -805,8 +831,14 @@ class SqliteRepository:
 
         with closing(self._open()) as reader:
             reader.execute("BEGIN")
-            rows = reader.execute("SELECT key, lsn, kind, off, len FROM records"
-                                  " WHERE tl = ? AND lsn <= ? ORDER BY key, lsn", (tl, cut))
+            if since is None:
+                rows: Iterable[tuple[bytes, int, int, int, int]] = reader.execute(
+                    "SELECT key, lsn, kind, off, len FROM records"
+                    " WHERE tl = ? AND lsn <= ? ORDER BY key, lsn", (tl, cut))
+            else:
+                rows = (r for key in self._keys_since(tl, since, cut) for r in reader.execute(
+                    "SELECT key, lsn, kind, off, len FROM records"
+                    " WHERE tl = ? AND key = ? AND lsn <= ? ORDER BY lsn", (tl, key, cut)))
             for key, group in itertools.groupby(rows, key=lambda r: r[0]):
                 history = list(group)
                 if len(history) == 1:

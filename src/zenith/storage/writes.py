@@ -277,7 +277,7 @@ def _finish_frame(
     conn.execute(
         "INSERT INTO batches (tl, last_lsn, first_lsn, start, records, bytes)"
         " VALUES (?, ?, ?, ?, ?, ?)",
-        (internal, w.entries[-1][1], w.entries[0][1], w.start, len(w.entries), w.payload_bytes),
+        (internal, w.entries[-1][1], w.entries[0][1], w.start, len(w.entries), w.data_bytes),
     )
     if repo._durable:
         w.sync()
