@@ -57,6 +57,8 @@ def test_gc_keeps_the_window_and_branch_points(pageserver_factory) -> None:
     assert result.returncode != 0 and "readable" in result.stderr
     verbose = ps.cli("branch", "list", "--verbose", check=True).stdout
     assert "main: window 0B, readable from" in verbose and "of page versions" in verbose
+    status = ps.cli("status", check=True).stdout
+    assert "history: 2 branches" in status and "window 0B" in status
     # A per-branch window overrides the default.
     set_config(ps, pitr_branches={"dev": "forever"})
     assert space(ps)["dev"]["window"] == "forever"

@@ -209,6 +209,16 @@ def status(repo: Repo) -> None:
     click.echo(f"pageserver {answer['server_version']} on {answer['listen_address']}")
     click.echo(f"  repository {answer['repository_id']} at {repo.path}")
     click.echo(f"  up {answer['uptime_seconds']} s; you are {answer['user']} ({answer['role']})")
+    space = repo.query("branch_space").dicts()
+    if space:
+        kept = sum(int(r["stored_bytes"] or 0) for r in space)
+        windows = sorted({str(r["window"]) for r in space})
+        click.echo(f"  history: {len(space)} branches, {kept / 1048576:.1f} MiB of page "
+                   f"versions, window {', '.join(windows)} (zenith branch list --verbose)")
+    for s in repo.query("source_list").dicts():
+        lag = f"{s['lag_bytes']} bytes behind" if s["lag_bytes"] is not None else "lag unknown"
+        click.echo(f"  {s['name']} follows PostgreSQL: at {s['last_record_lsn']}, {lag}, "
+                   f"{s['state']}")
 
 
 # -- history ----------------------------------------------------------------------------------
