@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from benchmarks import (
+    catchup_bench,
     export_bench,
     ingest_bench,
     pageserver_bench,
@@ -33,6 +34,7 @@ def main() -> None:
         "pageserver": lambda: pageserver_bench.run(2000 if quick else 20000),
         "transfer": lambda: transfer_bench.run((32 << 20) if quick else (1 << 30)),
         "ingest": lambda: ingest_bench.run(10 if quick else 60, 2 if quick else 10),
+        "catch-up": lambda: catchup_bench.run(5 if quick else 30, 2 if quick else 10),
         "export": lambda: export_bench.run(2 if quick else 50),
         "real_push": lambda: real_push_bench.run(2 if quick else 25),
     }

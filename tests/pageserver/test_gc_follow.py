@@ -5,7 +5,6 @@ source's exact state there (stock postgres starts on them; tables, checksums, am
 from __future__ import annotations
 
 import threading
-import time
 from pathlib import Path
 
 import pytest

@@ -35,12 +35,19 @@ from zenith.postgres.keys import (
     unpack_file_value,
 )
 from zenith.postgres.redo import make_clog_set, make_slru_patch, make_vm_clear
-from zenith.postgres.waldecoder import BlockImage, BlockRef, DecodedRecord, RelFileNode
+from zenith.postgres.waldecoder import (
+    BlockImage,
+    BlockRef,
+    DecodedRecord,
+    RelFileNode,
+    WalDecodeError,
+)
 from zenith.postgres.walingest import (
     HEAPBLOCKS_PER_PAGE,
     MULTIXACT_MEMBERS_PER_PAGE,
     WalIngest,
     fsm_blocks_after_truncate,
+    image_at,
     set_page_lsn,
     vm_position,
 )
@@ -282,3 +289,27 @@ def test_file_copy_before_the_backup_end(repo: SqliteRepository) -> None:
         rel_block_key(RelTag(1663, 7, 1259), 0): b"\0" + b"p" * 8191,
         rel_size_key(RelTag(1663, 7, 1259)): (2).to_bytes(4, "little"),
     }
+
+
+def test_image_at_equals_the_page_with_its_lsn_set() -> None:
+    """The one-copy path builds exactly set_page_lsn(image.page(), lsn), for every shape of
+    image: hole after the header, no hole, a hole inside the header, a new (pd_upper 0)
+    page, and the compressed images it leaves to the general path."""
+    import zstandard
+
+    body = bytes(range(256)) * 32  # 8 KiB, pd_upper (bytes 14..15) not zero
+    new_page = body[:14] + b"\0\0" + body[16:]
+    lsn = Lsn(0x1_2345_6788)
+    images = [
+        BlockImage(pgc.BKPIMAGE_HAS_HOLE, 300, 1000, body[:300] + body[1300:]),
+        BlockImage(pgc.BKPIMAGE_HAS_HOLE, 300, 1000, new_page[:300] + new_page[1300:]),
+        BlockImage(0, 0, 0, body),
+        BlockImage(0, 0, 0, new_page),
+        BlockImage(pgc.BKPIMAGE_HAS_HOLE, 10, 100, body[:10] + body[110:]),
+        BlockImage(pgc.BKPIMAGE_HAS_HOLE | pgc.BKPIMAGE_COMPRESS_ZSTD, 300, 1000,
+                   zstandard.ZstdCompressor().compress(body[:300] + body[1300:])),
+    ]
+    for image in images:
+        assert image_at(image, lsn) == set_page_lsn(image.page(), lsn)
+    with pytest.raises(WalDecodeError):  # a length that does not add up: as page() says
+        image_at(BlockImage(pgc.BKPIMAGE_HAS_HOLE, 300, 1000, body[:300]), lsn)

@@ -14,8 +14,9 @@ import logging
 import os
 import signal
 import ssl
+import sys
 import time
-from typing import Any
+from typing import Any, Final
 
 from zenith import __version__
 from zenith.errors import InvalidArgument
@@ -38,6 +39,9 @@ from zenith.pgwire.server import (
 )
 from zenith.storage import SqliteRepository, open_repository
 from zenith.transfer.channel import TransferLocks
+
+#: Seconds a thread holds the GIL while another waits for it (Python's default: 0.005).
+SWITCH_INTERVAL: Final = 0.0005
 
 log = logging.getLogger("zenith.pageserver")
 _COMMAND_MODULES = (export_service, gc_service, transfer_service, wal_service)
@@ -147,6 +151,10 @@ def run_pageserver(config: RepoConfig) -> None:
         if not any(isinstance(f, MaskSecrets) for f in handler.filters):
             handler.addFilter(MaskSecrets())
     os.umask(0o077)
+    # WAL ingest keeps a worker thread busy in Python while catching up; at the default
+    # 5 ms switch interval the event loop waits that long for the GIL after every socket
+    # read, and the replication stream (hence catch-up) crawls (docs/ingest.md).
+    sys.setswitchinterval(SWITCH_INTERVAL)
     for warning in secure_repository(config.path):
         log.warning("%s", warning)
     pid = PidFile(config.pid_path)

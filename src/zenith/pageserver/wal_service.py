@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
@@ -51,6 +52,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("zenith.walreceiver")
 
 FLUSH_EVERY: Final = 0.2  # seconds between batches (and status updates) while WAL flows
+#: ... while catching up (more WAL already queued): batches then fill up to
+#: ``walingest.BATCH_RECORDS``, fewer and larger commits (docs/ingest.md, "Catch-up speed").
+CATCH_UP_FLUSH_EVERY: Final = 1.0
 BACKOFF: Final = (0.5, 1.0, 2.0, 5.0, 10.0)
 #: ``import``: seconds it waits by default for the branch to become readable, seconds
 #: between its progress notices, and failed stream attempts in a row without progress
@@ -215,7 +219,8 @@ async def _stream_once(server: Pageserver, f: Follower) -> None:
                         raise
                 f.source_lsn = max(f.source_lsn, stream.server_wal_end)
                 now = time.monotonic()
-                if now - last_flush >= FLUSH_EVERY:
+                every = FLUSH_EVERY if chunks.empty() else CATCH_UP_FLUSH_EVERY
+                if now - last_flush >= every:
                     last_flush = now
                     await wal.run(ingest.flush)
                     done = repo.get_timeline(f.timeline_id).last_record_lsn
@@ -228,10 +233,18 @@ async def _stream_once(server: Pageserver, f: Follower) -> None:
 
 def _ingest_chunks(decoder: WalStreamDecoder, ingest: WalIngest, batch: list[bytes]) -> None:
     """Decode and ingest chunks of WAL (in a worker thread: ingest may write a batch)."""
-    for data in batch:
+    ingest_stream(decoder, ingest, batch)
+
+
+def ingest_stream(decoder: WalStreamDecoder, ingest: WalIngest, chunks: Iterable[bytes]) -> None:
+    """Decode and ingest every record in ``chunks``; records short of a full batch stay
+    pending (the caller flushes). The follower's catch-up path, also what
+    ``benchmarks/catchup_bench.py`` times."""
+    poll, add = decoder.poll, ingest.add
+    for data in chunks:
         decoder.feed(data)
-        while (rec := decoder.poll()) is not None:
-            ingest.add(rec)
+        while (rec := poll()) is not None:
+            add(rec)
 
 
 # -- commands -----------------------------------------------------------------------------------

@@ -44,6 +44,15 @@ _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
 _IMAGE_HEADER = struct.Struct("<HHB")  # length, hole_offset, bimg_info
 _RELFILENODE = struct.Struct("<III")
+_BLOCK_HEAD = struct.Struct("<BH")  # fork_flags, data_length
+_IMAGE_HOLE = struct.Struct("<HHBH")  # an image header followed by its hole length
+_COMPRESSIONS: frozenset[int] = frozenset()  # set below, once ImageCompression exists
+
+
+def _as_lsn(value: int) -> Lsn:
+    """``value`` as an :class:`Lsn` without re-validating it (the decoder's positions are
+    non-negative and far below 2^64): the hot path builds several per record."""
+    return int.__new__(Lsn, value)
 
 
 class WalDecodeError(ZenithError):
@@ -61,6 +70,9 @@ class ImageCompression(IntEnum):
     PGLZ = pgc.BKPIMAGE_COMPRESS_PGLZ
     LZ4 = pgc.BKPIMAGE_COMPRESS_LZ4
     ZSTD = pgc.BKPIMAGE_COMPRESS_ZSTD
+
+
+_COMPRESSIONS = frozenset(m.value for m in ImageCompression)
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -305,31 +317,63 @@ def decode_record(
     lsn = Lsn(lsn)
     if len(raw) < pgc.SIZE_OF_XLOG_RECORD:
         raise WalDecodeError(f"record at {lsn} is shorter than its header ({len(raw)} bytes)")
+    if end_lsn is None:
+        end_lsn = lsn + maxalign(len(raw))
+    return _decode(bytes(raw), int(lsn), int(Lsn(end_lsn)), segment_size)
+
+
+def _decode(raw: bytes, lsn: int, end_lsn: int, segment_size: int) -> DecodedRecord:
+    """:func:`decode_record` for positions the caller already checked."""
     tot_len, xid, prev, info, rmid, crc = _RECORD_HEADER.unpack_from(raw, 0)
     if tot_len != len(raw):
-        raise WalDecodeError(f"record at {lsn} says {tot_len} bytes but has {len(raw)}")
-    actual = record_crc(raw)
+        raise WalDecodeError(f"record at {Lsn(lsn)} says {tot_len} bytes but has {len(raw)}")
+    actual = google_crc32c.extend(google_crc32c.value(raw[_HDR:]), raw[:_CRC_AT])
     if actual != crc:
         raise WalCrcError(
-            f"incorrect resource manager data checksum in record at {lsn}: "
+            f"incorrect resource manager data checksum in record at {Lsn(lsn)}: "
             f"xl_crc is {crc:08X}, the record's CRC32C is {actual:08X}"
         )
-    if end_lsn is None:
-        end_lsn = lsn + maxalign(tot_len)
     if rmid == RmgrId.XLOG and info & pgc.XLR_RMGR_INFO_MASK == pgc.XLOG_SWITCH:
         # As xlogreader: a switch record "extends" to the end of its segment.
-        end_lsn = Lsn(-(-int(end_lsn) // segment_size) * segment_size)
-    return _decode_body(raw, lsn, Lsn(end_lsn), xid, Lsn(prev), info, rmid)
+        end_lsn = -(-end_lsn // segment_size) * segment_size
+    return _decode_body(raw, _as_lsn(lsn), _as_lsn(end_lsn), xid, _as_lsn(prev), info, rmid)
+
+
+_HDR: Final = pgc.SIZE_OF_XLOG_RECORD
+_CRC_AT: Final = pgc.XL_CRC_OFFSET
+_MAX_BLOCK_ID: Final = pgc.XLR_MAX_BLOCK_ID
+_HAS_DATA: Final = pgc.BKPBLOCK_HAS_DATA
+_HAS_IMAGE: Final = pgc.BKPBLOCK_HAS_IMAGE
+_SAME_REL: Final = pgc.BKPBLOCK_SAME_REL
+_COMPRESS_MASK: Final = pgc.BKPIMAGE_COMPRESS_MASK
+_IMAGE_HAS_HOLE: Final = pgc.BKPIMAGE_HAS_HOLE
+#: RelFileNodes seen lately: a stream names the same few relations over and over, and a
+#: frozen dataclass costs more to build than to look up.
+_RELS: dict[bytes, RelFileNode] = {}
+_RELS_MAX: Final = 4096
+
+
+def _relfilenode(raw: bytes, at: int) -> RelFileNode:
+    packed = raw[at : at + 12]
+    rel = _RELS.get(packed)
+    if rel is None:
+        if len(packed) != 12:
+            raise IndexError("relfilenode past the end of the record")
+        if len(_RELS) >= _RELS_MAX:
+            _RELS.clear()
+        rel = _RELS[packed] = RelFileNode(*_RELFILENODE.unpack(packed))
+    return rel
+
+
+def _bad(lsn: Lsn, why: str) -> WalDecodeError:
+    return WalDecodeError(f"invalid record at {lsn}: {why}")
 
 
 def _decode_body(
     raw: bytes, lsn: Lsn, end_lsn: Lsn, xid: int, prev: Lsn, info: int, rmid: int
 ) -> DecodedRecord:
-    def bad(why: str) -> WalDecodeError:
-        return WalDecodeError(f"invalid record at {lsn}: {why}")
-
     total = len(raw)
-    ptr = pgc.SIZE_OF_XLOG_RECORD
+    ptr = _HDR
     datatotal = 0  # bytes of block data, images and main data announced by the headers
     main_len = 0
     origin: int | None = None
@@ -337,69 +381,72 @@ def _decode_body(
     # (block_id, fork_flags, data_len, image header or None, rlocator, blkno)
     headers: list[tuple[int, int, int, tuple[int, int, int, int] | None, RelFileNode, int]] = []
     last_rel: RelFileNode | None = None
+    last_id = -1
     try:
         while total - ptr > datatotal:
             block_id = raw[ptr]
             ptr += 1
-            if block_id == pgc.XLR_BLOCK_ID_DATA_SHORT:
-                main_len = raw[ptr]
-                ptr += 1
-                datatotal += main_len
-                break
-            if block_id == pgc.XLR_BLOCK_ID_DATA_LONG:
-                (main_len,) = _U32.unpack_from(raw, ptr)
-                ptr += 4
-                datatotal += main_len
-                break
-            if block_id == pgc.XLR_BLOCK_ID_ORIGIN:
-                (origin,) = _U16.unpack_from(raw, ptr)
-                ptr += 2
-                continue
-            if block_id == pgc.XLR_BLOCK_ID_TOPLEVEL_XID:
-                (toplevel_xid,) = _U32.unpack_from(raw, ptr)
-                ptr += 4
-                continue
-            if block_id > pgc.XLR_MAX_BLOCK_ID:
-                raise bad(f"invalid block_id {block_id}")
-            if headers and block_id <= headers[-1][0]:
-                raise bad(f"out-of-order block_id {block_id}")
-            fork_flags = raw[ptr]
-            (data_len,) = _U16.unpack_from(raw, ptr + 1)
+            if block_id > _MAX_BLOCK_ID:
+                if block_id == pgc.XLR_BLOCK_ID_DATA_SHORT:
+                    main_len = raw[ptr]
+                    ptr += 1
+                    datatotal += main_len
+                    break
+                if block_id == pgc.XLR_BLOCK_ID_DATA_LONG:
+                    (main_len,) = _U32.unpack_from(raw, ptr)
+                    ptr += 4
+                    datatotal += main_len
+                    break
+                if block_id == pgc.XLR_BLOCK_ID_ORIGIN:
+                    (origin,) = _U16.unpack_from(raw, ptr)
+                    ptr += 2
+                    continue
+                if block_id == pgc.XLR_BLOCK_ID_TOPLEVEL_XID:
+                    (toplevel_xid,) = _U32.unpack_from(raw, ptr)
+                    ptr += 4
+                    continue
+                raise _bad(lsn, f"invalid block_id {block_id}")
+            if block_id <= last_id:
+                raise _bad(lsn, f"out-of-order block_id {block_id}")
+            last_id = block_id
+            fork_flags, data_len = _BLOCK_HEAD.unpack_from(raw, ptr)
             ptr += 3
-            has_data = bool(fork_flags & pgc.BKPBLOCK_HAS_DATA)
-            if has_data != (data_len > 0):
-                raise bad(f"block {block_id}: BKPBLOCK_HAS_DATA={has_data}, length {data_len}")
+            if bool(fork_flags & _HAS_DATA) != (data_len > 0):
+                raise _bad(lsn, f"block {block_id}: BKPBLOCK_HAS_DATA="
+                                f"{bool(fork_flags & _HAS_DATA)}, length {data_len}")
             datatotal += data_len
             image_hdr: tuple[int, int, int, int] | None = None
-            if fork_flags & pgc.BKPBLOCK_HAS_IMAGE:
+            if fork_flags & _HAS_IMAGE:
                 bimg_len, hole_offset, bimg_info = _IMAGE_HEADER.unpack_from(raw, ptr)
-                ptr += _IMAGE_HEADER.size
-                compressed = bool(bimg_info & pgc.BKPIMAGE_COMPRESS_MASK)
-                if compressed:
+                ptr += 5
+                if bimg_info & _COMPRESS_MASK:
                     hole_length = 0
-                    if bimg_info & pgc.BKPIMAGE_HAS_HOLE:
+                    if bimg_info & _IMAGE_HAS_HOLE:
                         (hole_length,) = _U16.unpack_from(raw, ptr)
                         ptr += 2
                 else:
                     hole_length = BLCKSZ - bimg_len
-                _check_image(bad, block_id, bimg_len, hole_offset, hole_length, bimg_info)
+                if not (bimg_info & _IMAGE_HAS_HOLE and hole_offset > 0 and hole_length > 0
+                        and bimg_len != BLCKSZ and not bimg_info & _COMPRESS_MASK):
+                    # Not the usual image (uncompressed, with a hole, which passes): check.
+                    _check_image(lsn, block_id, bimg_len, hole_offset, hole_length, bimg_info)
                 datatotal += bimg_len
                 image_hdr = (bimg_len, hole_offset, hole_length, bimg_info)
-            if fork_flags & pgc.BKPBLOCK_SAME_REL:
+            if fork_flags & _SAME_REL:
                 if last_rel is None:
-                    raise bad(f"block {block_id}: BKPBLOCK_SAME_REL without a previous rel")
+                    raise _bad(lsn, f"block {block_id}: BKPBLOCK_SAME_REL without a "
+                                    "previous rel")
                 rel = last_rel
             else:
-                rel = RelFileNode(*_RELFILENODE.unpack_from(raw, ptr))
-                ptr += _RELFILENODE.size
-                last_rel = rel
+                rel = last_rel = _relfilenode(raw, ptr)
+                ptr += 12
             (blkno,) = _U32.unpack_from(raw, ptr)
             ptr += 4
             headers.append((block_id, fork_flags, data_len, image_hdr, rel, blkno))
     except (struct.error, IndexError) as exc:
-        raise bad("block headers run past the end of the record") from exc
+        raise _bad(lsn, "block headers run past the end of the record") from exc
     if total - ptr != datatotal:
-        raise bad(f"headers announce {datatotal} payload bytes but {total - ptr} remain")
+        raise _bad(lsn, f"headers announce {datatotal} payload bytes but {total - ptr} remain")
 
     blocks: list[BlockRef] = []
     for block_id, fork_flags, data_len, image_hdr, rel, blkno in headers:
@@ -408,53 +455,38 @@ def _decode_body(
             bimg_len, hole_offset, hole_length, bimg_info = image_hdr
             image = BlockImage(bimg_info, hole_offset, hole_length, raw[ptr : ptr + bimg_len])
             ptr += bimg_len
-        data = raw[ptr : ptr + data_len]
-        ptr += data_len
-        blocks.append(
-            BlockRef(
-                block_id=block_id,
-                rlocator=rel,
-                forknum=fork_flags & pgc.BKPBLOCK_FORK_MASK,
-                blkno=blkno,
-                flags=fork_flags & pgc.BKPBLOCK_FLAG_MASK,
-                image=image,
-                data=data,
-            )
-        )
-    return DecodedRecord(
-        lsn=lsn,
-        end_lsn=end_lsn,
-        xid=xid,
-        rmid=rmid,
-        info=info,
-        prev=prev,
-        total_len=total,
-        main_data=raw[ptr : ptr + main_len],
-        blocks=blocks,
-        origin=origin,
-        toplevel_xid=toplevel_xid,
-    )
+        if data_len:
+            data = raw[ptr : ptr + data_len]
+            ptr += data_len
+        else:
+            data = b""
+        blocks.append(BlockRef(block_id, rel, fork_flags & 0x0F, blkno, fork_flags & 0xF0,
+                               image, data))
+    return DecodedRecord(lsn, end_lsn, xid, rmid, info, prev, total,
+                         raw[ptr : ptr + main_len], blocks, origin, toplevel_xid)
 
 
 def _check_image(
-    bad: Any, block_id: int, bimg_len: int, hole_offset: int, hole_length: int, bimg_info: int
+    lsn: Lsn, block_id: int, bimg_len: int, hole_offset: int, hole_length: int, bimg_info: int
 ) -> None:
     # The same cross-checks as DecodeXLogRecord: they catch garbage that the CRC cannot
     # (a record written by a different PostgreSQL version, say).
     has_hole = bool(bimg_info & pgc.BKPIMAGE_HAS_HOLE)
     compressed = bool(bimg_info & pgc.BKPIMAGE_COMPRESS_MASK)
+    why = None
     if has_hole and (hole_offset == 0 or hole_length == 0 or bimg_len == BLCKSZ):
-        raise bad(f"block {block_id}: BKPIMAGE_HAS_HOLE with offset {hole_offset}, "
-                  f"length {hole_length}, image length {bimg_len}")
-    if not has_hole and (hole_offset != 0 or hole_length != 0):
-        raise bad(f"block {block_id}: hole offset {hole_offset} length {hole_length} "
-                  "without BKPIMAGE_HAS_HOLE")
-    if compressed and bimg_len == BLCKSZ:
-        raise bad(f"block {block_id}: compressed image of a whole block")
-    if not has_hole and not compressed and bimg_len != BLCKSZ:
-        raise bad(f"block {block_id}: uncompressed image without hole of {bimg_len} bytes")
-    if bimg_info & pgc.BKPIMAGE_COMPRESS_MASK not in (0, *(m.value for m in ImageCompression)):
-        raise bad(f"block {block_id}: several compression methods in bimg_info {bimg_info:#x}")
+        why = (f"BKPIMAGE_HAS_HOLE with offset {hole_offset}, length {hole_length}, "
+               f"image length {bimg_len}")
+    elif not has_hole and (hole_offset != 0 or hole_length != 0):
+        why = f"hole offset {hole_offset} length {hole_length} without BKPIMAGE_HAS_HOLE"
+    elif compressed and bimg_len == BLCKSZ:
+        why = "compressed image of a whole block"
+    elif not has_hole and not compressed and bimg_len != BLCKSZ:
+        why = f"uncompressed image without hole of {bimg_len} bytes"
+    elif bimg_info & pgc.BKPIMAGE_COMPRESS_MASK not in _COMPRESSIONS:
+        why = f"several compression methods in bimg_info {bimg_info:#x}"
+    if why is not None:
+        raise _bad(lsn, f"block {block_id}: {why}")
 
 
 # -- the stream ------------------------------------------------------------------------
@@ -484,18 +516,18 @@ class WalStreamDecoder:
         if segment_size % XLOG_BLCKSZ or segment_size & (segment_size - 1):
             raise InvalidArgument(f"invalid WAL segment size {segment_size}")
         self._segment_size = segment_size
-        self._lsn = start  # LSN of self._buf[self._pos]
+        self._lsn = int(start)  # LSN of self._buf[self._pos] (a plain int: hot path)
         self._buf = bytearray()
         self._pos = 0
         # At a page start we may be in the middle of a record: skip its continuation.
         self._skip_contrecord = offset == 0
         self._skip_to: int | None = None  # discard input up to here (padding, after SWITCH)
-        self._rec_start: Lsn | None = None  # record being assembled
+        self._rec_start: int | None = None  # record being assembled
         self._rec_len = 0
         self._rec_parts: list[bytes] = []
         self._rec_have = 0
         self._rec_checked = False
-        self._last_lsn: Lsn | None = None  # start of the last record returned
+        self._last_lsn: int | None = None  # start of the last record returned
         self._last_end = start
         self._end_of_wal = False
         self.system_identifier: int | None = None
@@ -552,10 +584,11 @@ class WalStreamDecoder:
 
     def _consume(self, n: int) -> None:
         self._pos += n
-        self._lsn = Lsn(self._lsn + n)
+        self._lsn += n
 
     def _read_page_header(self) -> bool:
         page = self._lsn
+        at = _as_lsn(page)  # for messages
         avail = len(self._buf) - self._pos
         if avail < pgc.SIZE_OF_XLOG_SHORT_PHD:
             return False
@@ -567,20 +600,20 @@ class WalStreamDecoder:
             return False
         if magic != pgc.XLOG_PAGE_MAGIC:
             raise WalDecodeError(
-                f"invalid magic number {magic:04X} in WAL page at {page} "
+                f"invalid magic number {magic:04X} in WAL page at {at} "
                 f"(PostgreSQL 15 writes {pgc.XLOG_PAGE_MAGIC:04X})"
             )
         if info & ~pgc.XLP_ALL_FLAGS:
-            raise WalDecodeError(f"invalid info bits {info:04X} in WAL page at {page}")
+            raise WalDecodeError(f"invalid info bits {info:04X} in WAL page at {at}")
         if pageaddr != page:
             raise WalDecodeError(
-                f"unexpected pageaddr {Lsn(pageaddr)} in WAL page at {page} "
+                f"unexpected pageaddr {Lsn(pageaddr)} in WAL page at {at} "
                 "(a recycled segment, or input fed at the wrong position)"
             )
         seg_start = page % self._segment_size == 0
         if bool(info & pgc.XLP_LONG_HEADER) != seg_start:
             raise WalDecodeError(
-                f"WAL page at {page} has {'a long' if not seg_start else 'no long'} header"
+                f"WAL page at {at} has {'a long' if not seg_start else 'no long'} header"
             )
         header_size = pgc.SIZE_OF_XLOG_SHORT_PHD
         if seg_start:
@@ -592,12 +625,12 @@ class WalStreamDecoder:
             )
             if seg_size != self._segment_size or blcksz != XLOG_BLCKSZ:
                 raise WalDecodeError(
-                    f"WAL segment at {page} has segment size {seg_size} and page size "
+                    f"WAL segment at {at} has segment size {seg_size} and page size "
                     f"{blcksz}; expected {self._segment_size} and {XLOG_BLCKSZ}"
                 )
             if self.system_identifier is not None and sysid != self.system_identifier:
                 raise WalDecodeError(
-                    f"WAL segment at {page} is from system {sysid}, "
+                    f"WAL segment at {at} is from system {sysid}, "
                     f"not {self.system_identifier}"
                 )
             self.system_identifier = sysid
@@ -610,13 +643,13 @@ class WalStreamDecoder:
                 self._drop_partial_record()
             elif not info & pgc.XLP_FIRST_IS_CONTRECORD:
                 raise WalDecodeError(
-                    f"record at {self._rec_start} continues, but WAL page at {page} "
+                    f"record at {Lsn(self._rec_start)} continues, but WAL page at {at} "
                     "has no contrecord flag"
                 )
             elif rem_len != self._rec_len - self._rec_have:
                 raise WalDecodeError(
                     f"invalid contrecord length {rem_len} (expected "
-                    f"{self._rec_len - self._rec_have}) in WAL page at {page}"
+                    f"{self._rec_len - self._rec_have}) in WAL page at {at}"
                 )
         elif self._skip_contrecord:
             if info & pgc.XLP_FIRST_IS_CONTRECORD and rem_len:
@@ -629,7 +662,7 @@ class WalStreamDecoder:
                 self._skip_contrecord = False
         elif info & pgc.XLP_FIRST_IS_CONTRECORD:
             raise WalDecodeError(
-                f"WAL page at {page} continues a record, but the previous record ended at "
+                f"WAL page at {at} continues a record, but the previous record ended at "
                 f"{self._last_end}"
             )
         self.timeline = tli
@@ -638,14 +671,15 @@ class WalStreamDecoder:
             self._skip_to = None
         return True
 
-    def _check_header(self, start: Lsn, head: bytes) -> None:
+    def _check_header(self, start: int, head: bytes) -> None:
         _tot_len, _xid, prev, _info, rmid, _crc = _RECORD_HEADER.unpack_from(head)
         if self._last_lsn is not None and prev != self._last_lsn:
             raise WalDecodeError(
-                f"record at {start} has xl_prev {Lsn(prev)}, expected {self._last_lsn}"
+                f"record at {Lsn(start)} has xl_prev {Lsn(prev)}, expected "
+                f"{Lsn(self._last_lsn)}"
             )
         if rmid not in pgc.RMGR_NAMES and rmid < pgc.RM_MIN_CUSTOM_ID:
-            raise WalDecodeError(f"invalid resource manager ID {rmid} at {start}")
+            raise WalDecodeError(f"invalid resource manager ID {rmid} at {Lsn(start)}")
 
     def _drop_partial_record(self) -> None:
         self._rec_start = None
@@ -661,7 +695,7 @@ class WalStreamDecoder:
             self._end_of_wal = True
             return False
         if tot_len < pgc.SIZE_OF_XLOG_RECORD or tot_len > MAX_RECORD_LEN:
-            raise WalDecodeError(f"invalid record length at {self._lsn}: {tot_len}")
+            raise WalDecodeError(f"invalid record length at {Lsn(self._lsn)}: {tot_len}")
         self._rec_start = self._lsn
         self._rec_len = tot_len
         self._rec_have = 0
@@ -670,11 +704,15 @@ class WalStreamDecoder:
         return True
 
     def _continue_record(self) -> DecodedRecord | None:
-        page_left = XLOG_BLCKSZ - self._lsn % XLOG_BLCKSZ
-        n = min(self._rec_len - self._rec_have, page_left, len(self._buf) - self._pos)
-        self._rec_parts.append(bytes(self._buf[self._pos : self._pos + n]))
+        pos, lsn = self._pos, self._lsn
+        page_left = XLOG_BLCKSZ - lsn % XLOG_BLCKSZ
+        n = min(self._rec_len - self._rec_have, page_left, len(self._buf) - pos)
+        with memoryview(self._buf) as view:  # one copy (a bytearray slice makes two)
+            part = bytes(view[pos : pos + n])
+        self._rec_parts.append(part)
         self._rec_have += n
-        self._consume(n)
+        self._pos = pos + n
+        self._lsn = lsn = lsn + n
         start = self._rec_start
         assert start is not None
         if not self._rec_checked and self._rec_have >= pgc.SIZE_OF_XLOG_RECORD:
@@ -686,11 +724,9 @@ class WalStreamDecoder:
             return None
         raw = self._rec_parts[0] if len(self._rec_parts) == 1 else b"".join(self._rec_parts)
         self._drop_partial_record()
-        record = decode_record(
-            raw, start, maxalign(self._lsn), segment_size=self._segment_size
-        )
+        record = _decode(raw, start, maxalign(lsn), self._segment_size)
         self._last_lsn = start
-        self._last_end = record.end_lsn
-        if record.end_lsn > self._lsn:
-            self._skip_to = record.end_lsn  # alignment padding, or the rest of the segment
+        self._last_end = end = record.end_lsn
+        if end > lsn:
+            self._skip_to = int(end)  # alignment padding, or the rest of the segment
         return record

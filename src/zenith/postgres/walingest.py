@@ -78,7 +78,7 @@ from zenith.postgres.redostate import (
     rounded_counters,
     xid_precedes,
 )
-from zenith.postgres.waldecoder import DecodedRecord, RelFileNode
+from zenith.postgres.waldecoder import BlockImage, DecodedRecord, RelFileNode
 from zenith.storage import Record, RecordKind, Repository, WriteResult
 from zenith.storage.redo import apply_delta
 
@@ -153,6 +153,28 @@ def set_page_lsn(page: bytes, lsn: Lsn) -> bytes:
     if len(page) != BLCKSZ or page[14:16] == b"\0\0":  # PageIsNew: pd_upper == 0
         return page
     return struct.pack("<II", lsn >> 32, lsn & 0xFFFFFFFF) + page[8:]
+
+
+_ZEROS: Final = memoryview(bytes(BLCKSZ))
+_PD_LSN: Final = struct.Struct("<II")
+
+
+def image_at(image: BlockImage, lsn: Lsn) -> bytes:
+    """``set_page_lsn(image.page(), lsn)``, built with one copy for the usual image (not
+    compressed, hole after the page header): nearly every WAL record carries one."""
+    data, hole_offset, hole_length = image.data, image.hole_offset, image.hole_length
+    if image.bimg_info & pgc.BKPIMAGE_COMPRESS_MASK or len(data) + hole_length != BLCKSZ \
+            or (hole_length and hole_offset < 16):
+        return set_page_lsn(image.page(), lsn)
+    view = memoryview(data)
+    if data[14:16] == b"\0\0":  # PageIsNew: the LSN stays
+        if not hole_length:
+            return data
+        return b"".join((view[:hole_offset], _ZEROS[:hole_length], view[hole_offset:]))
+    head = _PD_LSN.pack(lsn >> 32, lsn & 0xFFFFFFFF)
+    if not hole_length:
+        return b"".join((head, view[8:]))
+    return b"".join((head, view[8:hole_offset], _ZEROS[:hole_length], view[hole_offset:]))
 
 
 class WalIngest:
@@ -278,7 +300,8 @@ class WalIngest:
         if self.needs_flush(rec):
             self.flush()
         self.pending += self.ingest(rec)
-        self.last_lsn = max(self.last_lsn, rec.end_lsn)
+        if rec.end_lsn > self.last_lsn:
+            self.last_lsn = rec.end_lsn
         if len(self.pending) >= self.batch_records:
             self.flush()
 
@@ -308,7 +331,12 @@ class WalIngest:
         self.records_seen += 1
         out: dict[bytes, Record] = {}
         lsn = rec.end_lsn
-        bare = next((b for b in rec.blocks if not b.has_image), None)
+        blocks = rec.blocks
+        bare = None
+        for b in blocks:
+            if b.image is None:
+                bare = b
+                break
         if bare is not None and (rec.rmid, rec.rmgr_info) not in _NO_IMAGE_OK:
             raise MissingPageImage(
                 f"WAL record {_describe(rec)} at {rec.lsn} changes block {bare.blkno} of "
@@ -318,24 +346,24 @@ class WalIngest:
                      "'all' (a superuser can turn it off for one session); `zenith detach` "
                      "the branch (dropping its slot) and import the source again",
             )
-        for blk in rec.blocks:
-            tag = blk.rel_tag
-            if blk.has_image:
-                page = set_page_lsn(blk.page_image(), lsn)
-                out[rel_block_key(tag, blk.blkno)] = Record(
-                    rel_block_key(tag, blk.blkno), lsn, _IMAGE, page
-                )
-            if blk.blkno >= self.sizes.get(tag, 0):
-                self._set_size(out, tag, blk.blkno + 1, lsn)
+        sizes = self.sizes
+        for blk in blocks:
+            rl, blkno = blk.rlocator, blk.blkno
+            tag = RelTag(rl.spcnode, rl.dbnode, rl.relnode, blk.forknum)
+            if blk.image is not None:
+                key = rel_block_key(tag, blkno)
+                out[key] = Record(key, lsn, _IMAGE, image_at(blk.image, lsn))
+            if blkno >= sizes.get(tag, 0):
+                self._set_size(out, tag, blkno + 1, lsn)
         before, origins = self.counters, self.origins
         # xlogrecovery.c ApplyWalRecord: the next XID is beyond every record's XID.
         self.counters = self.counters.past_xid(rec.xid)
         handler = _HANDLERS.get(rec.rmid)
         if handler is not None:
             handler(self, rec, out)
-        if self.counters != before:
+        if self.counters is not before and self.counters != before:
             out[_COUNTERS_KEY] = Record(_COUNTERS_KEY, lsn, _IMAGE, self.counters.pack())
-        if self.origins != origins:
+        if self.origins is not origins and self.origins != origins:
             out[_ORIGINS_KEY] = Record(_ORIGINS_KEY, lsn, _IMAGE, self.origins.pack())
         self.ingested_lsn = max(self.ingested_lsn, rec.end_lsn)
         return list(out.values())
