@@ -80,6 +80,7 @@ from zenith.postgres.redostate import (
 )
 from zenith.postgres.waldecoder import BlockImage, DecodedRecord, RelFileNode
 from zenith.storage import Record, RecordKind, Repository, WriteResult
+from zenith.storage.encode import VersionEncoder
 from zenith.storage.redo import apply_delta
 
 BLCKSZ: Final = pgc.BLCKSZ
@@ -192,6 +193,7 @@ class WalIngest:
         rel_sizes: dict[RelTag, int] | None = None,
         *,
         batch_records: int = BATCH_RECORDS,
+        compact: bool = True,
     ) -> None:
         self.repo = repo
         self.timeline_id = timeline_id
@@ -203,6 +205,9 @@ class WalIngest:
             dict(rel_sizes) if rel_sizes is not None else self.load_sizes()
         )
         self.pending: list[Record] = []
+        #: Whole page images of recently written keys go to storage as XOR deltas
+        #: against the version before (docs/storage.md, "Compact page versions").
+        self.encoder: VersionEncoder | None = VersionEncoder() if compact else None
         self.records_seen = 0
         #: Redo's counters and replication origin progress as of ``ingested_lsn``.
         self.counters = self._load_counters()
@@ -312,7 +317,8 @@ class WalIngest:
         stored = self.repo.get_timeline(self.timeline_id).last_record_lsn
         if upto <= stored and not self.pending:
             return None
-        result = self.repo.put_records(self.timeline_id, self.pending, Lsn(upto))
+        records = self.pending if self.encoder is None else self.encoder.encode(self.pending)
+        result = self.repo.put_records(self.timeline_id, records, Lsn(upto))
         self.pending = []
         self.last_lsn = Lsn(upto)
         return result
