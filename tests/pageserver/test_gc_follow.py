@@ -25,7 +25,7 @@ from zenith.lsn import Lsn
 pytestmark = pytest.mark.timeout(900)
 
 WINDOW = 64 * MiB
-PGBENCH_SECONDS = 30
+PGBENCH_SECONDS = 20
 
 
 def disk_bytes(ps: PageserverProc) -> int:
