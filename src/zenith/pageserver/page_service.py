@@ -61,6 +61,9 @@ _QUOTING: Final = frozenset("'\"\\")
 #: word) and, run in a thread, lets the event loop take the GIL between steps.
 _PIECE: Final = re.compile(r"""([^\s'"\\]++)|'([^']*+)'|(\s++)|\\(.)|(")""", re.S)
 _DQ_PIECE: Final = re.compile(r"""([^"\\]++)|\\(.)|(")""", re.S)
+#: get_page reads a page on the event loop when at most this many deltas apply (each
+#: about 20 µs); a longer chain goes to a worker thread.
+INLINE_DELTAS: Final = 16
 #: Commands longer than this are split in a worker thread.
 _SPLIT_IN_THREAD: Final = 64 * 1024
 #: Seconds between the progress NOTICEs of a long silent step (at most half the
@@ -370,11 +373,16 @@ async def _get_page(server: Pageserver, session: Session, args: list[str]) -> No
         raise _Usage(f"key must be {KEY_SIZE} bytes in hex, got {args[2]!r:.60}") from None
     if len(key) != KEY_SIZE:
         raise _Usage(f"key must be {KEY_SIZE} bytes in hex, got {len(key)} bytes")
-    # In a worker thread: a long delta chain means redo, which must not stall the loop;
-    # in the short pool, which whole-state work (digest, export) never fills.
+    # A page with a few deltas on its image (compact versions keep at most 15) is read on
+    # the event loop: a thread hop costs more than the read (GetPage is the hot path).
+    # A longer chain means redo, which must not stall the loop: in the short pool, which
+    # whole-state work (digest, export) never fills.
     try:
-        value = await short(server).run(server.repo.get_value_of, args[0], key, lsn,
-                                        max_deltas=server.config.max_delta_chain)
+        try:
+            value = server.repo.get_value_of(args[0], key, lsn, max_deltas=INLINE_DELTAS)
+        except LimitExceeded:
+            value = await short(server).run(server.repo.get_value_of, args[0], key, lsn,
+                                            max_deltas=server.config.max_delta_chain)
     except LimitExceeded as exc:
         raise LimitExceeded(exc.message, hint="the bound is max_delta_chain in the "
                             "pageserver's config.toml") from None
