@@ -77,9 +77,6 @@ class Pins:
         self.epoch = 0
         self._held: dict[int, Counter[int]] = {}
         self._walkers: Counter[int] = Counter()
-        #: Per timeline, the points its last GC kept below the horizon (set under
-        #: :attr:`lock`): a read pinned at one of them may go on below the horizon.
-        self.kept: dict[int, set[int]] = {}
         self._reclaiming: set[int] = set()
 
     @contextmanager
@@ -132,12 +129,6 @@ class Pins:
                     del held[lsn]
                     if not held:
                         del self._held[tl]
-
-    def is_kept(self, tl: int, lsn: int) -> bool:
-        """Whether the last GC of ``tl`` kept ``lsn`` (the caller holds a pin on it, so
-        the next GC keeps it too)."""
-        with self.lock:
-            return lsn in self.kept.get(tl, ())
 
     def held(self, tl: int) -> set[int]:
         """The LSNs held on ``tl`` (the caller holds :attr:`lock`)."""

@@ -237,12 +237,7 @@ class SqliteRepository:
             conn.execute("UPDATE timelines SET min_readable_lsn = ? WHERE id = ?", (lsn, row[0]))
 
     def _check_readable(self, row: Row, lsn: Lsn, *, what: str = "LSN",
-                        before_readable: bool = False, pinned: bool = False) -> None:
-        """``pinned``: the caller holds ``lsn`` on this timeline (Pins), so an LSN the last
-        GC kept below the readable start (a read that was running then, e.g. an export,
-        going on) is readable too."""
-        if pinned and lsn < row[5] and self._pins.is_kept(row[0], int(lsn)):
-            before_readable = True
+                        before_readable: bool = False) -> None:
         tid = TimelineId(row[1])
         if lsn > row[4]:
             raise LsnOutOfRange(
@@ -482,8 +477,7 @@ class SqliteRepository:
         self, conn: sqlite3.Connection, first: Row, key: bytes, lsn: Lsn, *,
         before_readable: bool = False, max_deltas: int | None = None,
     ) -> bytes | None:
-        self._check_readable(first, check_lsn(lsn), before_readable=before_readable,
-                             pinned=True)
+        self._check_readable(first, check_lsn(lsn), before_readable=before_readable)
         row: Row | None = first
         deltas: list[_Loc] = []
         base: _Loc | None = None
@@ -624,8 +618,7 @@ class SqliteRepository:
             _check_key(hi)
         conn = self._conn()
         first = self._row_by_tid(conn, timeline_id)
-        # An early answer only: the iteration pins the LSN and checks again.
-        self._check_readable(first, check_lsn(lsn), pinned=True)
+        self._check_readable(first, check_lsn(lsn))
         row: Row | None = first
         # (row, bound) from the root ancestor down to this timeline.
         chain: list[tuple[Row, int]] = []
@@ -649,7 +642,7 @@ class SqliteRepository:
                                  (first[0],)).fetchone()
             if fresh is None:
                 raise UnknownTimeline(f'timeline "{TimelineId(first[1])}" was deleted')
-            if lsn < fresh[0] and not self._pins.is_kept(first[0], lsn):
+            if lsn < fresh[0]:
                 raise LsnOutOfRange(f"LSN {Lsn(lsn)} is before timeline "
                                     f"{TimelineId(first[1])} is readable (from "
                                     f"{Lsn(fresh[0])} on)")
@@ -769,7 +762,7 @@ class SqliteRepository:
         with self._pins.hold(row[0], int(lsn)):
             if self._pins.epoch != epoch:
                 row = self._row_by_id(conn, row[0])
-            self._check_readable(row, check_lsn(lsn), pinned=True)
+            self._check_readable(row, check_lsn(lsn))
             yield
 
     def _gc_start(self, timeline_id: TimelineId, horizon: Lsn
@@ -790,9 +783,6 @@ class SqliteRepository:
                     "SELECT ancestor_lsn FROM timelines WHERE ancestor = ?", (row[0],))}
                 with self._pins.lock:
                     held = self._pins.held(row[0])
-                    self._pins.kept[int(row[0])] = {
-                        p for p in branch_points | held if p < max(check_lsn(horizon),
-                                                                    int(row[5]))}
                     if cut > row[5]:
                         conn.execute("UPDATE timelines SET min_readable_lsn = ? WHERE id = ?",
                                      (cut, row[0]))
