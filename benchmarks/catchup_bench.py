@@ -35,6 +35,7 @@ from pathlib import Path
 
 from tests.pgcluster import PgCluster
 
+from benchmarks import ingest_bench
 from benchmarks.common import MiB, Section
 from zenith.lsn import Lsn
 from zenith.pageserver.wal_service import ingest_stream
@@ -42,14 +43,8 @@ from zenith.postgres.waldecoder import WalStreamDecoder
 from zenith.postgres.walingest import WalIngest
 from zenith.storage import open_repository
 
-FOLLOWABLE = {
-    "wal_level": "replica",
-    "wal_consistency_checking": "'all'",
-    "max_wal_senders": "5",
-    "max_replication_slots": "5",
-    "max_wal_size": "'4GB'",
-    "hot_standby": "on",
-}
+#: ingest_bench's source settings; the standby also serves queries (its replay LSN).
+FOLLOWABLE = {**ingest_bench.FOLLOWABLE, "hot_standby": "on"}
 SEGMENT = 16 << 20
 CHUNK = 128 << 10  # the size of a walsender's CopyData messages, about
 #: The micro-benchmark's window of the recorded stream: past ``pgbench -i`` (bulk COPY and

@@ -115,14 +115,12 @@ def collect(repo: SqliteRepository, windows: dict[str, Window], default: Window,
             only: str | None = None, cancel: threading.Event | None = None,
             batch_rows: int = 5000) -> list[GcResult]:
     """GC every timeline (or those of branch ``only``) at its horizon. Timelines whose
-    horizon is not past their readable start are still swept: a child deleted since the
-    last GC may have left versions nothing needs."""
+    horizon is not past their readable start are still swept (``gc`` never moves the start
+    back): a child deleted since the last GC may have left versions nothing needs."""
     results = []
     for tid, horizon in sorted(horizons(repo, windows, default, only=only).items(),
                                key=lambda item: str(item[0])):
         if cancel is not None and cancel.is_set():
             break
-        info = repo.get_timeline(tid)
-        results.append(repo.gc(tid, max(horizon, info.min_readable_lsn),
-                               batch_rows=batch_rows, cancel=cancel))
+        results.append(repo.gc(tid, horizon, batch_rows=batch_rows, cancel=cancel))
     return results
