@@ -389,7 +389,7 @@ async def test_slot_dropped_during_streaming(pg: PgCluster) -> None:
                        "WHERE slot_name = 'zs_doomed'")
         # The walsender sends its FATAL unless it was blocked writing at that moment;
         # then PostgreSQL drops the message and just closes the socket.
-        with pytest.raises(ConnectionFailed, match="terminat|closed the connection"):
+        with pytest.raises(ConnectionFailed, match=r"terminat|closed the connection"):
             async with asyncio.timeout(10):
                 await reader
         await wait_for(lambda: _slot_active(pg, "zs_doomed", False))

@@ -276,7 +276,14 @@ class Repository(Protocol):
         ...
 
     def hold(self, timeline_id: TimelineId, lsn: Lsn) -> AbstractContextManager[None]:
-        """Keep the timeline readable at ``lsn`` while the context lasts (GC keeps it)."""
+        """Keep the timeline readable at ``lsn`` while the context lasts (GC's horizon
+        stops there)."""
+        ...
+
+    def hold_history(self, timeline_id: TimelineId, after: Lsn
+                     ) -> AbstractContextManager[None]:
+        """Keep every record of the timeline after ``after`` while the context lasts (GC's
+        horizon stops there): what a transfer offered stays sendable until it ends."""
         ...
 
     def space(self, timeline_id: TimelineId) -> tuple[int, int]:

@@ -2,7 +2,9 @@
 
 A timeline GC'd at ``horizon`` stays readable at every LSN from ``horizon`` on, and at a
 few *kept points* below it: the branch points of its child timelines (a child reads its
-ancestor there) and the LSNs running reads hold (:class:`Pins`). Everything else below the
+ancestor there). The horizon never passes an LSN that a read in progress holds
+(:class:`Pins`: a page read, an export, a walk of the records after an LSN, a transfer):
+it stops there, and a later GC moves it on. Everything else below the
 horizon is history nobody can ask for any more. For one key, reading at a point ``P``
 needs the newest image (or tombstone) at or below ``P`` in this timeline and the deltas
 after it up to ``P``; with no image in this timeline at or below ``P``, every record up
@@ -41,7 +43,7 @@ class GcResult:
     timeline_id: TimelineId
     #: The timeline is readable from here on (its new ``min_readable_lsn``).
     horizon: Lsn
-    #: LSNs below the horizon that stay readable: child branch points, held reads.
+    #: LSNs below the horizon that stay readable: child branch points.
     kept_points: tuple[Lsn, ...]
     records_removed: int
     bytes_removed: int

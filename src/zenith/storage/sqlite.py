@@ -549,15 +549,25 @@ class SqliteRepository:
             return iter(())
         skipping = (int(skip.lsn), skip.count, skip.key) \
             if skip is not None and skip.count else None
-        return self._walking(row[0], walk(self._file(row), start, end, lo, hi,
+        return self._walking(row[0], lo, walk(self._file(row), start, end, lo, hi,
                                           skip=skipping))
 
-    def _walking(self, tl: int, records: Iterator[Record]) -> Iterator[Record]:
-        """``records`` (a walk of ``tl``'s file) while no GC reclaims space in the file: a
-        record GC removed meanwhile is refused by the walk (HistoryCollected), never read
-        as zeros."""
-        with self._pins.walking(tl):
+    def _walking(self, tl: int, after: int, records: Iterator[Record]) -> Iterator[Record]:
+        """``records`` (a walk of ``tl``'s data file after ``after``) while no GC reclaims
+        space in the file, and no GC removes records after ``after`` (it holds ``after``
+        as a read does): a record an earlier GC removed is refused by the walk
+        (HistoryCollected), never read as zeros."""
+        with self._pins.walking(tl), self._pins.hold(tl, after):
             yield from records
+
+    @contextmanager
+    def hold_history(self, timeline_id: TimelineId, after: Lsn) -> Iterator[None]:
+        """Keep every record of the timeline after ``after`` (no GC horizon passes it)
+        for the duration: a transfer holds the history it offered until it ends."""
+        conn = self._conn()
+        row = self._row_by_tid(conn, timeline_id)
+        with self._pins.hold(row[0], int(after)):
+            yield
 
     def count_records(self, timeline_id: TimelineId, after: Lsn, upto: Lsn) -> tuple[int, int]:
         """Whole batches are counted from the index; the (at most two) batches cut by the
@@ -783,6 +793,10 @@ class SqliteRepository:
                     "SELECT ancestor_lsn FROM timelines WHERE ancestor = ?", (row[0],))}
                 with self._pins.lock:
                     held = self._pins.held(row[0])
+                    # A read or walk in progress keeps its LSN readable: the horizon stops
+                    # there (it moves on at a later GC, once the read is over).
+                    if held:
+                        cut = max(int(row[5]), min(cut, min(held)))
                     if cut > row[5]:
                         conn.execute("UPDATE timelines SET min_readable_lsn = ? WHERE id = ?",
                                      (cut, row[0]))

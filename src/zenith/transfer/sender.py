@@ -73,6 +73,25 @@ async def send_branch(
     ``Repository.ancestry`` gives them) and send what the receiver asks for. Raises
     PushRejected when the receiver refuses, TransferAborted/PeerTimeout when it misbehaves.
     ``offload`` runs the reading steps in a thread."""
+    with contextlib.ExitStack() as holds:
+        # What is offered stays sendable until the transfer ends: no GC horizon passes it.
+        for tl in chain:
+            holds.enter_context(repo.hold_history(tl.timeline_id, tl.start_lsn))
+        return await _send_branch(channel, repo, chain, compress=compress, progress=progress,
+                                  timeout=timeout, frame_target=frame_target, offload=offload)
+
+
+async def _send_branch(
+    channel: Channel,
+    repo: Repository,
+    chain: list[TimelineInfo],
+    *,
+    compress: bool,
+    progress: ProgressFn | None,
+    timeout: float,
+    frame_target: int,
+    offload: Offload,
+) -> TransferResult:
     started = time.monotonic()
     offered = tuple(reversed(chain))
     source = offered[-1]
