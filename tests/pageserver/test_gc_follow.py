@@ -1,6 +1,7 @@
 """GC while following a busy real PostgreSQL 15 (issue 12): with a short history window the
 repository stops growing with the WAL, and exports at LSNs inside the window are the
-source's exact state there (stock postgres starts on them; tables, checksums, amcheck)."""
+source's exact state there (stock postgres starts on them; tables, checksums, amcheck),
+also on a new server the branch was pushed to (shallow: its early history is gone)."""
 
 from __future__ import annotations
 
@@ -102,3 +103,13 @@ def test_following_pgbench_with_a_short_window_stays_bounded(pageserver_factory)
         with export_dir() as target:
             old = ps.cli("export", f"main@{start_lsn}", str(Path(target) / "pgdata"))
             assert old.returncode != 0 and "readable" in old.stderr
+        # The followed branch pushed to a new server: its early history is collected, so
+        # the push is shallow (the state where its history is whole, then the rest), and
+        # that server's exports are the source's state, at phase 1 and at the head.
+        fresh = pageserver_factory(name="fresh")
+        ps.cli("origin", "add", "fresh", fresh.uri(), check=True)
+        out = ps.cli("push", "main", "fresh", check=True, timeout=600).stdout
+        assert "shallow: history from" in out and "collected on the sending side" in out
+        for spec, expected in ((f"main@{phase1}", expected1), ("main", expected2)):
+            with export_dir() as target:
+                check_export(fresh, spec, Path(target) / "pgdata", expected)

@@ -1,6 +1,6 @@
 """GC through a live pageserver: history windows from config.toml, `zenith gc`, the
 background collector, `branch list --verbose`, and a push running while GC removes
-versions (the receiver still gets every version)."""
+versions (the receiver still gets every version), then a shallow push of what is left."""
 
 from __future__ import annotations
 
@@ -98,9 +98,12 @@ def test_background_gc_then_pushes(pageserver_factory) -> None:
     src.cli("generate", "main", "--pages", "10", "--seed", "11", check=True)
     src.cli("push", "main", "dst", check=True)
     assert dst.digest("main") == src.digest("main")
-    # A server that has nothing needs the collected history: refused, clearly, and it
-    # is left without the branch (a shallow push is the way: not built yet).
-    result = src.cli("push", "main", "fresh")
-    assert result.returncode != 0
-    assert "removed by GC" in result.stderr and "Traceback" not in result.stderr
-    assert not [b for b in fresh.query("branch_list") if b["name"] == "main"]
+    # A server that has nothing gets a shallow copy from where the source's history is
+    # whole, and the push says so.
+    out = src.cli("push", "main", "fresh", check=True).stdout
+    horizon = space(src)["main"]["readable_from"]
+    assert f"shallow: history from {horizon} on" in out and "collected on the sending" in out
+    assert fresh.digest("main") == src.digest("main")
+    assert fresh.digest(f"main@{horizon}") == src.digest(f"main@{horizon}")
+    result = fresh.cli("digest", f"main@{first}")
+    assert result.returncode != 0 and "readable" in result.stderr

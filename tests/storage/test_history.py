@@ -174,6 +174,29 @@ def test_any_split_gives_the_same_timeline(
         repo.close()
 
 
+V5_COLUMNS = ("collected_lsn", "base_lsn", "foreign_ancestor", "base_done")
+
+
+def test_schema_4_is_migrated_to_whole_timelines(tmp_path: Path) -> None:
+    path = tmp_path / "zenith.db"
+    repo = open_repository(path)
+    tid = repo.create_branch("main").timeline.timeline_id
+    repo.put_records(tid, history([3, 2]), Lsn(200))
+    repo.close()
+    with sqlite3.connect(path) as conn:  # back to the version 4 layout
+        for column in V5_COLUMNS:
+            conn.execute(f"ALTER TABLE timelines DROP COLUMN {column}")
+        conn.execute("UPDATE meta SET value = '4' WHERE name = 'schema_version'")
+    repo = open_repository(path)
+    try:
+        info = repo.get_timeline(tid)
+        assert (info.collected_lsn, info.base_lsn, info.base_complete) == (Lsn(0), None, True)
+        assert info.history_start == Lsn(0)
+        assert len(list(repo.iter_records(tid, Lsn(0), Lsn(200)))) == 5
+    finally:
+        repo.close()
+
+
 def test_schema_2_is_migrated_with_hashes(tmp_path: Path) -> None:
     path = tmp_path / "zenith.db"
     repo = open_repository(path)
@@ -184,7 +207,7 @@ def test_schema_2_is_migrated_with_hashes(tmp_path: Path) -> None:
     # Take it back to the version 2 layout.
     with sqlite3.connect(path) as conn:
         for column in ("received", "hash", "pending_lsn", "pending_count", "pending_key",
-                       "pending_sum", "garbage"):
+                       "pending_sum", "garbage", *V5_COLUMNS):
             conn.execute(f"ALTER TABLE timelines DROP COLUMN {column}")
         conn.execute("DROP TABLE history")
         conn.execute("ALTER TABLE batches RENAME TO b3")
@@ -217,7 +240,8 @@ def test_schema_3_is_migrated_without_commit_times(tmp_path: Path) -> None:
     expected = repo.history_hash(tid, Lsn(200))
     repo.close()
     with sqlite3.connect(path) as conn:  # back to the version 3 layout
-        conn.execute("ALTER TABLE timelines DROP COLUMN garbage")
+        for column in ("garbage", *V5_COLUMNS):
+            conn.execute(f"ALTER TABLE timelines DROP COLUMN {column}")
         conn.execute("ALTER TABLE history DROP COLUMN at")
         conn.execute("UPDATE meta SET value = '3' WHERE name = 'schema_version'")
     repo = open_repository(path)

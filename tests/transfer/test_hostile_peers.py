@@ -12,6 +12,7 @@ the server keeps serving: queries, and a legitimate push by the CLI.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import json
 import struct
@@ -1038,3 +1039,81 @@ def test_squatted_timeline_id_is_refused_and_can_be_removed(pageserver_factory) 
     # A named timeline cannot be deleted this way.
     res = s.cli("timeline", "delete", str(tid))
     assert res.returncode == 1 and "branch name or descendants" in res.stderr
+
+
+# -- shallow copies: a base (the state at one LSN) from a hostile pusher ------------------
+
+BASE_LIES: dict[str, Callable[[list[Record], Lsn], list[Record]]] = {
+    "a delta in the base": lambda rs, at: [rs[0], replace(rs[1], kind=RecordKind.DELTA)],
+    "keys out of order": lambda rs, at: [rs[1], rs[0]],
+    "one key twice": lambda rs, at: [rs[0], rs[0]],
+    "an image at another LSN": lambda rs, at: [replace(rs[0], lsn=Lsn(at - 8)), rs[1]],
+}
+
+
+def _shallow_source(world: World) -> tuple[Offer, list[Record], Lsn]:
+    """A shallow offer of a new timeline (its ancestor not offered: the receiver must
+    take a base) and an honest base for it: distinct keys in order, images at its LSN."""
+    at = world.l1
+    tip = replace(world.source.tip, timeline_id=TimelineId.generate(),
+                  ancestor_id=TimelineId.generate(), ancestor_lsn=Lsn(0x100),
+                  last_record_lsn=at, min_readable_lsn=at, collected_lsn=at)
+    images = {r.key: r.payload for r in world.source.records[world.main_tid]}
+    base = [Record(k, at, RecordKind.IMAGE, v) for k, v in sorted(images.items())]
+    return Offer((tip,)), base, at
+
+
+async def _push_base(world: World, name: str, offer: Offer, base: list[Record],
+                     end: bool) -> tuple[PlanMsg, BaseException | Done | None]:
+    async with await RawPeer.open(world.push_uri, f"branch_push {name}") as peer:
+        plan = await negotiate(peer, offer, lambda p: random_hash())
+        request = plan.ranges[0]
+        await peer.send(Range(request))
+        await peer.send_records(base)
+        if not end:
+            return plan, None  # the connection drops half way through the base
+        await peer.send(RangeEnd(request.timeline_id, request.upto, len(base),
+                                 sum(len(r.payload) for r in base), random_hash()))
+        while True:
+            try:
+                frame = await peer.recv()
+            except ZenithError as exc:
+                return plan, exc
+            if frame.type is FrameType.DONE:
+                done = frame.message(Done)
+                await peer.stream.finish()
+                return plan, done
+
+
+@pytest.mark.parametrize("lie", list(BASE_LIES))
+def test_a_lying_base_is_refused(world: World, lie: str) -> None:
+    offer, base, at = _shallow_source(world)
+    before = main_state(world)
+    name = f"shallow-{list(BASE_LIES).index(lie)}"
+    plan, err = run(_push_base(world, name, offer, BASE_LIES[lie](base, at), end=True))
+    assert plan.ranges[0].base and plan.ranges[0].after == at
+    assert isinstance(err, ZenithError), err
+    assert_refused(err, "base")
+    assert name not in {b["name"] for b in world.s.query("branch_list")}
+    assert main_state(world) == before
+    still_serving(world)
+
+
+def test_a_base_cut_short_is_never_readable_and_is_sent_again(world: World) -> None:
+    offer, base, at = _shallow_source(world)
+    tid = offer.source.timeline_id
+    plan, _ = run(_push_base(world, "shallow-cut", offer, base[: len(base) // 2], end=False))
+    assert plan.ranges[0].base
+    time.sleep(0.5)  # the server notices the closed connection
+    assert "shallow-cut" not in {b["name"] for b in world.s.query("branch_list")}
+    result = world.s.cli("digest", f"{tid}@{at}")
+    assert result.returncode != 0 and "still being received" in result.stderr
+    # The next push starts the base again, whole this time.
+    _, done = run(_push_base(world, "shallow-cut", offer, base, end=True))
+    assert isinstance(done, Done) and done.result.status is Status.NEW, done
+    assert "shallow: history from" in done.result.message
+    expected = hashlib.sha256()  # the state is the base, exactly (storage's digest)
+    for rec in base:
+        expected.update(rec.key + struct.pack(">I", len(rec.payload)) + rec.payload)
+    assert world.s.digest("shallow-cut") == expected.hexdigest()
+    still_serving(world)

@@ -3,6 +3,7 @@ malformed, oversized or lying input is TransferAborted before memory is spent on
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -55,8 +56,13 @@ RESULT = TransferResult(Status.NEW, "new branch x", CHILD.timeline_id, None, Non
 MESSAGES: list[Message] = [
     Offer((ROOT, CHILD)),
     Offer((ROOT,), ()),
+    # A shallow chain: the sender holds the child from 0x400 on, not its ancestor.
+    Offer((dataclasses.replace(CHILD, collected_lsn=Lsn(0x400)),)),
     Ask((Point(ROOT.timeline_id, Lsn(0x300)),)),
+    Ask((), 1.7e9),
     Proof((bytes(range(32)),)),
+    Proof((), Lsn(0x480)),
+    Range(RangeRequest(CHILD.timeline_id, Lsn(0x400), Lsn(0x400), True, base=True), 0, 0),
     PlanMsg(Status.FAST_FORWARD, "fast-forward", False, ROOT,
             (RangeRequest(CHILD.timeline_id, Lsn(0x300), Lsn(0x900), True),
              RangeRequest(ROOT.timeline_id, Lsn(0x100), Lsn(0x500), False,
@@ -90,12 +96,16 @@ def _json(ftype: FrameType, value: object) -> bytes:
 
 @pytest.mark.parametrize("cls, value", [
     (Offer, {"version": 1, "chain": [], "compression": []}),  # old version
-    (Offer, {"version": 2, "chain": [], "compression": []}),  # empty chain
-    (Offer, {"version": 2, "chain": [{"timeline_id": "zz"}], "compression": []}),
-    (Offer, {"version": 2, "chain": [json.loads(Offer((CHILD,)).encode())["chain"][0]],
-             "compression": []}),  # starts at a child
-    (Offer, {"version": 2, "chain": [json.loads(Offer((ROOT,)).encode())["chain"][0]] * 2,
+    (Offer, {"version": 3, "chain": [], "compression": []}),  # empty chain
+    (Offer, {"version": 3, "chain": [{"timeline_id": "zz"}], "compression": []}),
+    (Offer, {"version": 3, "chain": [json.loads(Offer((CHILD,)).encode())["chain"][0],
+                                     json.loads(Offer((ROOT,)).encode())["chain"][0]],
+             "compression": []}),  # a root after a child
+    (Offer, {"version": 3, "chain": [json.loads(Offer((ROOT,)).encode())["chain"][0]] * 2,
              "compression": []}),  # repeats
+    (Offer, {"version": 3, "chain": [{**json.loads(Offer((ROOT,)).encode())["chain"][0],
+                                      "history_from": "1/0"}],
+             "compression": []}),  # history after its end
     (Ack, {"timeline_id": str(ROOT.timeline_id), "lsn": "not an lsn"}),
     (Ack, {"timeline_id": str(ROOT.timeline_id), "lsn": 5}),
     (Summary, {"records": -1, "bytes": 0}),
@@ -112,6 +122,12 @@ def _json(ftype: FrameType, value: object) -> bytes:
     (Range, {"request": {"timeline_id": str(ROOT.timeline_id), "after": "0/9", "upto": "0/1",
                          "create": False, "resume": None}, "total_records": 0,
              "total_bytes": 0}),  # after > upto
+    (Range, {"request": {"timeline_id": str(ROOT.timeline_id), "after": "0/1", "upto": "0/9",
+                         "create": True, "resume": None, "base": True}, "total_records": 0,
+             "total_bytes": 0}),  # a base is the state at one LSN
+    (Range, {"request": {"timeline_id": str(ROOT.timeline_id), "after": "0/9", "upto": "0/9",
+                         "create": False, "resume": None, "base": True}, "total_records": 0,
+             "total_bytes": 0}),  # of a timeline it creates
 ])
 def test_malformed_messages_are_refused(cls: type[Message], value: object) -> None:
     with pytest.raises(TransferAborted):

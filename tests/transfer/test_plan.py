@@ -191,3 +191,48 @@ def test_diverged_descendant_and_fast_forward_cases(src: SqliteRepository,
     # Pulling a source the destination descends from, at its end: up to date.
     _, p = plan(src, dst, "x", main, pushing=False)
     assert p.status is Status.NEW
+
+
+# -- shallow copies: where a new copy starts (plan._base) ---------------------------------
+
+def _tl(start: int | None, last: int, readable: int, whole_after: int = 0,
+        parent: TimelineInfo | None = None) -> TimelineInfo:
+    return TimelineInfo(TimelineId.generate(), parent.timeline_id if parent else None,
+                        Lsn(start) if start is not None else None, Lsn(last), Lsn(readable),
+                        collected_lsn=Lsn(whole_after))
+
+
+def test_a_new_copy_starts_where_asked_and_the_sender_can() -> None:
+    from zenith.transfer.plan import _base
+
+    root = _tl(None, 0x500, 0x100)
+    child = _tl(0x300, 0x900, 0x300, parent=root)
+    assert _base((root,), 0, Lsn(0)) is None  # all of it
+    assert _base((root,), 0, Lsn(0x280)) == (0, Lsn(0x280))
+    assert _base((root,), 0, Lsn(0x50)) == (0, Lsn(0x100))  # not readable before 0x100
+    assert _base((root, child), 0, Lsn(0x400)) == (1, Lsn(0x400))
+    assert _base((root, child), 0, Lsn(0x300)) == (1, Lsn(0x300))  # fewer timelines
+    assert _base((root, child), 0, Lsn(0x200)) == (0, Lsn(0x200))
+    assert _base((root, child), 0, Lsn(0xA00)) is None  # beyond its end: nothing fits
+    # The sender's GC removed history: the copy starts where its history is whole.
+    collected = _tl(None, 0x500, 0x280, whole_after=0x250)
+    assert _base((collected,), 0, Lsn(0)) == (0, Lsn(0x280))
+    gc_child = _tl(0x300, 0x900, 0x450, whole_after=0x440, parent=root)
+    assert _base((root, gc_child), 0, Lsn(0)) == (1, Lsn(0x450))
+    # A chain offered from a shallow copy: its root has an ancestor the sender lacks.
+    shallow = _tl(0x300, 0x900, 0x400, whole_after=0x400, parent=root)
+    assert _base((shallow,), 0, Lsn(0)) == (0, Lsn(0x400))
+
+
+def test_a_held_timeline_behind_collected_history_is_refused(
+        src: SqliteRepository, dst: SqliteRepository) -> None:
+    tid = src.create_branch("main").timeline.timeline_id
+    fill(src, tid, range(0x100, 0x110))
+    copy(src, dst, src.get_timeline(tid), Lsn(0x10F), "main")
+    for n in range(3):  # every key rewritten: GC can remove the old versions
+        src.put_records(tid, [Record(key(k), Lsn(0x200 + 0x20 * n + k), RecordKind.IMAGE,
+                                     b"w") for k in range(0x100, 0x110)])
+    assert src.gc(tid, src.get_timeline(tid).last_record_lsn).records_removed > 0
+    _, p = plan(src, dst, "main", tid)
+    assert p.status is Status.REJECTED
+    assert "holds its history only from" in p.message and "shallow" in p.message

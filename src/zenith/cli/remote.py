@@ -147,17 +147,27 @@ def _summary(r: TransferResult, arrow: str) -> str:
     size = f"{r.records} records, {_mib(r.bytes)}"
     prefix = {Status.NEW: "* [new branch] ", Status.FORCED: "+ "}.get(r.status, "")
     suffix = " (forced update)" if r.status is Status.FORCED else ""
+    shallow = r.message.find(" (shallow: ")
+    if shallow >= 0:  # a new copy from an LSN on: say from where, and why
+        suffix += r.message[shallow:]
     if r.dry_run:
         return f"(dry run) {prefix}{arrow} {span}{suffix}: would send {size}"
     took = f"{r.seconds:.1f}" if r.seconds >= 1 else f"{r.seconds:.2f}"
     return f"{prefix}{arrow} {span}{suffix}, {size} in {took} s"
 
 
+_SINCE_HELP = ("For a branch new on the destination: send its history from this LSN "
+               "(0/16B3748), from this long ago (2h, 7d) or this much WAL before its head "
+               "(1GiB), as a shallow copy; 'all' sends everything the source holds. "
+               "Default: the destination's history window.")
+
+
 def _transfer(repo: Repo, verb: str, branch: str, target: str, force: bool,
-              dry_run: bool) -> None:
+              dry_run: bool, since: str | None = None) -> None:
     """Ask the local pageserver to push or pull, show progress, then the summary line."""
     name, remote_branch = _split_target(target, branch)
-    args = TransferArgs(branch, repo.config.origin(name), remote_branch, force, dry_run)
+    args = TransferArgs(branch, repo.config.origin(name), remote_branch, force, dry_run,
+                        since)
     remote = f"{name}:{remote_branch}"
     arrow = f"{branch} -> {remote}" if verb == "push" else f"{remote} -> {branch}"
     view = ProgressView(f"{verb} {arrow}")
@@ -174,10 +184,16 @@ def _transfer(repo: Repo, verb: str, branch: str, target: str, force: bool,
 @click.option("--force", is_flag=True,
               help="Repoint the remote name even if histories diverged (no data is deleted).")
 @click.option("--dry-run", is_flag=True, help="Report what would be sent; change nothing.")
+@click.option("--since", metavar="LSN|WINDOW|all", help=_SINCE_HELP)
 @pass_repo
-def push(repo: Repo, branch: str, target: str, force: bool, dry_run: bool) -> None:
-    """Push BRANCH to ORIGIN (as REMOTE_BRANCH, by default the same name)."""
-    _transfer(repo, "push", branch, target, force, dry_run)
+def push(repo: Repo, branch: str, target: str, force: bool, dry_run: bool,
+         since: str | None) -> None:
+    """Push BRANCH to ORIGIN (as REMOTE_BRANCH, by default the same name).
+
+    A branch new on ORIGIN gets the history its window there needs (pitr, default 7d),
+    as a shallow copy when that is less than all: the state at the oldest LSN it needs,
+    then the history after it."""
+    _transfer(repo, "push", branch, target, force, dry_run, since)
 
 
 @click.command()
@@ -186,7 +202,12 @@ def push(repo: Repo, branch: str, target: str, force: bool, dry_run: bool) -> No
 @click.option("--force", is_flag=True,
               help="Repoint the local name even if histories diverged (no data is deleted).")
 @click.option("--dry-run", is_flag=True, help="Report what would be received; change nothing.")
+@click.option("--since", metavar="LSN|WINDOW|all", help=_SINCE_HELP)
 @pass_repo
-def pull(repo: Repo, branch: str, target: str, force: bool, dry_run: bool) -> None:
-    """Pull REMOTE_BRANCH (by default the same name) of ORIGIN into local BRANCH."""
-    _transfer(repo, "pull", branch, target, force, dry_run)
+def pull(repo: Repo, branch: str, target: str, force: bool, dry_run: bool,
+         since: str | None) -> None:
+    """Pull REMOTE_BRANCH (by default the same name) of ORIGIN into local BRANCH.
+
+    A branch new here gets the history its local window needs (pitr, default 7d), as a
+    shallow copy when that is less than all."""
+    _transfer(repo, "pull", branch, target, force, dry_run, since)

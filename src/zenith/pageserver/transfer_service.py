@@ -19,9 +19,17 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Final
 
-from zenith.errors import ConnectionFailed, PeerTimeout, PushRejected, ZenithError
+from zenith.errors import (
+    ConnectionFailed,
+    InvalidArgument,
+    PeerTimeout,
+    PushRejected,
+    ZenithError,
+)
+from zenith.lsn import Lsn
 from zenith.pageserver.page_service import command, expect_args
 from zenith.pageserver.quoting import command_text
+from zenith.pageserver.retention import Window
 from zenith.pageserver.users import Role, require
 from zenith.pageserver.workers import LongJob, job_of
 from zenith.pgwire.client import (
@@ -35,6 +43,7 @@ from zenith.pgwire.server import Session
 from zenith.pgwire.session import CopyStream
 from zenith.storage import validate_branch_name
 from zenith.transfer.messages import Progress, TransferArgs, TransferResult, parse_flags
+from zenith.transfer.plan import Depth
 from zenith.transfer.receiver import receive_branch
 from zenith.transfer.sender import send_branch
 
@@ -155,6 +164,8 @@ async def _perform_push(server: Pageserver, session: Session, args: list[str]) -
     server.config.check_wire_files(a.uri)
     timeline = server.repo.resolve(a.branch)
     chain = server.repo.ancestry(timeline.timeline_id)
+    if a.since is not None:
+        _depth(server, a.remote_branch, a.since)  # refused here if malformed
     words = ["branch_push", a.remote_branch, *a.flag_words()]
     async with _remote_stream(a.uri, "push", words) as stream, _Reporter(session) as reporter, \
             _long_job(server, session) as job:
@@ -172,30 +183,32 @@ async def _perform_pull(server: Pageserver, session: Session, args: list[str]) -
     validate_branch_name(a.branch)
     server.config.check_wire_files(a.uri)
     _refuse_followed(server, a.branch)
+    depth = _depth(server, a.branch, a.since)
     async with _remote_stream(a.uri, "pull", ["branch_pull", a.remote_branch]) as stream, \
             _Reporter(session) as reporter, _long_job(server, session) as job:
         result = await receive_branch(
             stream, server.repo, a.branch, pushing=False, force=a.force, dry_run=a.dry_run,
             progress=reporter.update, timeout=server.config.transfer_timeout,
-            locks=server.transfer_locks, offload=job.run)
+            locks=server.transfer_locks, offload=job.run, depth=depth)
         await reporter.flush()
     await _send_result(session, a.branch, f"{mask_uri(a.uri)} {a.remote_branch}", result)
 
 
-@command("branch_push", "<branch> [force] [dry_run]",
+@command("branch_push", "<branch> [force] [dry_run] [since=LSN|WINDOW|all]",
          "(between pageservers) receive a push into branch over CopyBoth")
 async def _branch_push(server: Pageserver, session: Session, args: list[str]) -> None:
-    expect_args(args, 1, 3)
+    expect_args(args, 1, 4)
     require(session.user, Role.PUSH, "push")
     name = validate_branch_name(args[0])
-    force, dry_run = parse_flags(args[1:])
+    force, dry_run, since = parse_flags(args[1:])
+    depth = _depth(server, name, since)
     _refuse_followed(server, name)
     copy = await session.copy_both()
     timeout = server.config.transfer_timeout
     async with _long_job(server, session) as job:
         await receive_branch(copy, server.repo, name, pushing=True, force=force,
                              dry_run=dry_run, timeout=timeout, locks=server.transfer_locks,
-                             offload=job.run)
+                             offload=job.run, depth=depth)
     await _end_copy(copy, timeout, ours_first=False)
 
 
@@ -210,6 +223,30 @@ async def _branch_pull(server: Pageserver, session: Session, args: list[str]) ->
     async with _long_job(server, session) as job:
         await send_branch(copy, server.repo, chain, timeout=timeout, offload=job.run)
     await _end_copy(copy, timeout, ours_first=True)
+
+
+def _depth(server: Pageserver, branch: str, since: str | None) -> Depth | None:
+    """How much history a new copy of ``branch`` gets here: ``since`` (an LSN, a window,
+    or "all"), by default the branch's history window (DESIGN §12: a shallow copy never
+    holds less than its window needs, and a user may ask for more or less)."""
+    if since is None:
+        default, table = server.config.pitr
+        window = table.get(branch, default)
+        explicit = False
+    elif since == "all":
+        return None
+    elif "/" in since:
+        try:
+            return Depth(since, lsn=Lsn.parse(since), explicit=True)
+        except ValueError:
+            raise InvalidArgument(f"invalid LSN {since!r:.40} for since") from None
+    else:
+        window = Window.parse(since)
+        explicit = True
+    if window.seconds is None and window.distance is None:
+        return None  # forever: all of it
+    return Depth(window.text, distance=window.distance, seconds=window.seconds,
+                 explicit=explicit)
 
 
 def _long_job(server: Pageserver, session: Session) -> LongJob:

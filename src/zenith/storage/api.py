@@ -104,10 +104,24 @@ class TimelineInfo:
     #: Records of one LSN beyond ``last_record_lsn`` already stored by an interrupted
     #: transfer (a frame may end inside one LSN); ``None`` when there are none.
     pending: Cursor | None = None
+    #: Records of its own at or below this LSN may be missing here: GC removed some (or
+    #: the timeline is shallow). Its history is whole after :attr:`history_start`.
+    collected_lsn: Lsn = Lsn(0)  # noqa: RUF009 (an int: immutable)
+    #: Set on a *shallow* timeline (received from an LSN on, ``push --since``): its state
+    #: at this LSN is held as images, its records after it; not its ancestors, nor its
+    #: history before. Reads and transfers below it are refused.
+    base_lsn: Lsn | None = None
+    #: False while a shallow timeline's base images are still arriving (unreadable).
+    base_complete: bool = True
 
     @property
     def start_lsn(self) -> Lsn:
         return self.ancestor_lsn if self.ancestor_lsn is not None else Lsn(0)
+
+    @property
+    def history_start(self) -> Lsn:
+        """Every record of the timeline's own with a greater LSN is held here."""
+        return max(self.start_lsn, self.collected_lsn, self.base_lsn or Lsn(0))
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +169,24 @@ class Repository(Protocol):
     ) -> TimelineInfo: ...
 
     def get_timeline(self, timeline_id: TimelineId) -> TimelineInfo: ...
+
+    def create_shallow_timeline(
+        self, timeline_id: TimelineId, ancestor: tuple[TimelineId, Lsn] | None, base_lsn: Lsn
+    ) -> TimelineInfo:
+        """A received timeline held from ``base_lsn`` on (its ``ancestor``, which need not
+        be held here, is kept as its identity). Unreadable until :meth:`finish_base`;
+        :meth:`put_base` stores its state at ``base_lsn`` first."""
+        ...
+
+    def put_base(self, timeline_id: TimelineId, records: Iterable[Record]) -> int:
+        """Store images of a shallow timeline's state at its ``base_lsn`` (every record an
+        IMAGE at that LSN, each key once); outside the history hash. Returns the count."""
+        ...
+
+    def finish_base(self, timeline_id: TimelineId, history_hash: bytes) -> TimelineInfo:
+        """The shallow timeline's base is complete: readable at ``base_lsn``, whose
+        history hash (the sender's, over the history not held here) it takes."""
+        ...
 
     def list_timelines(self) -> list[TimelineInfo]: ...
 

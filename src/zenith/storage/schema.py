@@ -23,7 +23,7 @@ from zenith.errors import InvalidArgument
 #: 3: history hashes, received timelines, pending cursors; batches keyed by their start.
 #: 4: the time of each commit point (history.at), payload bytes GC left unreferenced
 #: (timelines.garbage).
-SCHEMA_VERSION: Final = 4
+SCHEMA_VERSION: Final = 5
 #: The database holds only small index rows now; small pages keep the commit of a small
 #: batch (WAL ingest) small.
 PAGE_SIZE: Final = 4096
@@ -90,7 +90,11 @@ SCHEMA: Final = (
         pending_count    INTEGER NOT NULL DEFAULT 0,
         pending_key      BLOB,
         pending_sum      BLOB,
-        garbage          INTEGER NOT NULL DEFAULT 0
+        garbage          INTEGER NOT NULL DEFAULT 0,
+        collected_lsn    INTEGER NOT NULL DEFAULT 0,
+        base_lsn         INTEGER,
+        foreign_ancestor BLOB,
+        base_done        INTEGER NOT NULL DEFAULT 1
     )""".format(zero="00" * 32),
     """CREATE TABLE branches (
         name     TEXT PRIMARY KEY,
@@ -140,6 +144,16 @@ _MIGRATE_3_TO_4: Final = (
 )
 
 
+#: From version 4: a shallow timeline (received from an LSN on, ``base_lsn``) and what GC
+#: removed from a timeline's own history (``collected_lsn``): none yet.
+_MIGRATE_4_TO_5: Final = (
+    "ALTER TABLE timelines ADD COLUMN collected_lsn INTEGER NOT NULL DEFAULT 0",
+    "ALTER TABLE timelines ADD COLUMN base_lsn INTEGER",
+    "ALTER TABLE timelines ADD COLUMN foreign_ancestor BLOB",
+    "ALTER TABLE timelines ADD COLUMN base_done INTEGER NOT NULL DEFAULT 1",
+)
+
+
 def connect(path: Path, *, durable: bool) -> sqlite3.Connection:
     """A connection in autocommit mode (transactions are explicit), usable from any thread
     that the caller gives it to. A new database file is created 0600 (SQLite gives its
@@ -170,8 +184,12 @@ def prepare(conn: sqlite3.Connection, path: Path) -> bool:
         return False
     row = conn.execute("SELECT value FROM meta WHERE name='schema_version'").fetchone()
     version = int(row[0]) if row is not None else None
-    if version in (2, 3):
-        steps = list(_MIGRATE_3_TO_4)
+    if version in (2, 3, 4):
+        steps = list(_MIGRATE_4_TO_5)
+        if version == 4:  # made before the unpunched table existed, perhaps
+            steps = list(_UNPUNCHED) + steps
+        if version <= 3:
+            steps = list(_MIGRATE_3_TO_4) + steps
         if version == 2:  # its history table is created with the ``at`` column already
             steps = list(_MIGRATE_2_TO_3) + steps[1:]
         for statement in steps:
@@ -183,8 +201,6 @@ def prepare(conn: sqlite3.Connection, path: Path) -> bool:
         raise InvalidArgument(
             f"{path} has schema version {row and row[0]}; this zenith reads {SCHEMA_VERSION}"
         )
-    for statement in _UNPUNCHED:  # version 4 databases made before the table existed
-        conn.execute(statement)
     return False
 
 

@@ -27,6 +27,7 @@ processes). Each thread gets its own connection for reads; an iterator takes its
 from __future__ import annotations
 
 import bisect
+import contextlib
 import hashlib
 import heapq
 import itertools
@@ -34,6 +35,7 @@ import os
 import sqlite3
 import struct
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import closing, contextmanager
 from pathlib import Path
@@ -67,6 +69,7 @@ from zenith.storage.datafile import (
     CorruptDataFile,
     DataFile,
     DataFiles,
+    HistoryCollected,
     file_name,
     mark_removed,
     punch,
@@ -74,6 +77,7 @@ from zenith.storage.datafile import (
     walk,
 )
 from zenith.storage.gc import GcResult, Pins, needed
+from zenith.storage.history import EMPTY, Folder
 from zenith.storage.schema import Transaction
 from zenith.storage.writes import TL_COLUMNS, Row, check_lsn
 
@@ -173,6 +177,8 @@ class SqliteRepository:
         ancestor_tid = None
         if row[2] is not None:
             ancestor_tid = TimelineId(self._row_by_id(conn, row[2])[1])
+        elif row[15] is not None:  # a shallow timeline's ancestor, not held here
+            ancestor_tid = TimelineId(row[15])
         return TimelineInfo(
             timeline_id=TimelineId(row[1]),
             ancestor_id=ancestor_tid,
@@ -183,6 +189,9 @@ class SqliteRepository:
             pending=(
                 Cursor(Lsn(row[9]), row[10], row[11] or b"") if row[9] is not None else None
             ),
+            collected_lsn=Lsn(row[13]),
+            base_lsn=Lsn(row[14]) if row[14] is not None else None,
+            base_complete=bool(row[16]),
         )
 
     def create_timeline(
@@ -219,6 +228,46 @@ class SqliteRepository:
             )
             return self._info(conn, self._row_by_tid(conn, tid))
 
+    def create_shallow_timeline(
+        self, timeline_id: TimelineId, ancestor: tuple[TimelineId, Lsn] | None, base_lsn: Lsn
+    ) -> TimelineInfo:
+        """See :meth:`Repository.create_shallow_timeline`."""
+        tid = TimelineId(timeline_id)
+        base = check_lsn(base_lsn)
+        if ancestor is not None and not check_lsn(ancestor[1]) <= base:
+            raise InvalidArgument(f"base LSN {base} is before the timeline's start {ancestor[1]}")
+        with self._transaction() as conn:
+            if conn.execute(
+                "SELECT 1 FROM timelines WHERE timeline_id = ?", (bytes(tid),)
+            ).fetchone():
+                raise AlreadyExists(f'timeline "{tid}" already exists')
+            conn.execute(
+                "INSERT INTO timelines (timeline_id, ancestor, ancestor_lsn, last_record_lsn,"
+                " min_readable_lsn, received, collected_lsn, base_lsn, foreign_ancestor,"
+                " base_done) VALUES (?, NULL, ?, ?, ?, 1, ?, ?, ?, 0)",
+                (bytes(tid), ancestor[1] if ancestor else None, base, base, base, base,
+                 bytes(ancestor[0]) if ancestor else None),
+            )
+            return self._info(conn, self._row_by_tid(conn, tid))
+
+    def put_base(self, timeline_id: TimelineId, records: Iterable[Record]) -> int:
+        """See :meth:`Repository.put_base` and :func:`writes.put_base`."""
+        return writes.put_base(self, timeline_id, records)
+
+    def finish_base(self, timeline_id: TimelineId, history_hash: bytes) -> TimelineInfo:
+        """See :meth:`Repository.finish_base`."""
+        if not isinstance(history_hash, bytes) or len(history_hash) != 32:
+            raise InvalidArgument("a history hash is 32 bytes")
+        with self._transaction() as conn:
+            row = self._row_by_tid(conn, timeline_id)
+            if row[14] is None or row[16]:
+                raise InvalidArgument(f"timeline {timeline_id} is not receiving a base")
+            conn.execute("UPDATE timelines SET hash = ?, base_done = 1 WHERE id = ?",
+                         (history_hash, row[0]))
+            conn.execute("INSERT OR REPLACE INTO history (tl, lsn, hash, at) VALUES (?, ?, ?, ?)",
+                         (row[0], row[14], history_hash, time.time()))
+            return self._info(conn, self._row_by_tid(conn, timeline_id))
+
     def get_timeline(self, timeline_id: TimelineId) -> TimelineInfo:
         conn = self._conn()
         return self._info(conn, self._row_by_tid(conn, timeline_id))
@@ -239,6 +288,9 @@ class SqliteRepository:
     def _check_readable(self, row: Row, lsn: Lsn, *, what: str = "LSN",
                         before_readable: bool = False) -> None:
         tid = TimelineId(row[1])
+        if not row[16]:
+            raise LsnOutOfRange(f"timeline {tid} is still being received (its base at "
+                                f"{Lsn(row[14] or 0)} is incomplete)")
         if lsn > row[4]:
             raise LsnOutOfRange(
                 f"{what} {lsn} is beyond the last record LSN {Lsn(row[4])} of timeline {tid}"
@@ -535,6 +587,7 @@ class SqliteRepository:
         conn = self._conn()
         row = self._row_by_tid(conn, timeline_id)
         lo, hi = _clamp(after), _clamp(upto)
+        _check_history(row, lo, hi)
         # One statement, so the committed end and the first frame are one snapshot.
         snap = conn.execute(
             "SELECT t.data_end, (SELECT b.start FROM batches b WHERE b.tl = t.id"
@@ -577,6 +630,7 @@ class SqliteRepository:
         lo, hi = _clamp(after), _clamp(upto)
         if lo >= hi:
             return 0, 0
+        _check_history(row, lo, hi)
         conn.execute("BEGIN")
         try:
             count, size = conn.execute(
@@ -605,7 +659,7 @@ class SqliteRepository:
     def ancestry(self, timeline_id: TimelineId) -> list[TimelineInfo]:
         """The timeline and its ancestors, nearest first."""
         chain = [self.get_timeline(timeline_id)]
-        while chain[-1].ancestor_id is not None:
+        while chain[-1].ancestor_id is not None and chain[-1].base_lsn is None:
             chain.append(self.get_timeline(chain[-1].ancestor_id))
         return chain
 
@@ -800,6 +854,13 @@ class SqliteRepository:
                     if cut > row[5]:
                         conn.execute("UPDATE timelines SET min_readable_lsn = ? WHERE id = ?",
                                      (cut, row[0]))
+                        # The history hash at the new start, while every record up to it
+                        # is still here: hashes at and after it never need the records
+                        # GC is about to remove (proofs, a shallow copy's base).
+                        with contextlib.suppress(HistoryCollected):  # an older GC's
+                            conn.execute(  # horizon had no hash: it stays unknown
+                                "INSERT OR IGNORE INTO history (tl, lsn, hash)"
+                                " VALUES (?, ?, ?)", (row[0], cut, self._hash_in(conn, row, cut)))
                     conn.execute("COMMIT")
                     self._pins.epoch += 1
             except BaseException:
@@ -808,6 +869,24 @@ class SqliteRepository:
                 raise
         return cut, sorted(p for p in branch_points | held if p < cut), int(row[0]), \
             int(row[5])
+
+    def _hash_in(self, conn: sqlite3.Connection, row: Row, lsn: int) -> bytes:
+        """The history hash at ``lsn`` inside the caller's transaction (``history_hash``
+        without the lookups it makes on its own)."""
+        found = conn.execute(
+            "SELECT lsn, hash FROM history WHERE tl = ? AND lsn <= ? ORDER BY lsn DESC LIMIT 1",
+            (row[0], lsn)).fetchone()
+        base, digest = (found[0], bytes(found[1])) if found is not None \
+            else (int(row[3] or 0), EMPTY)
+        if base == lsn:
+            return digest
+        folder = Folder(digest)
+        snap = conn.execute("SELECT b.start FROM batches b WHERE b.tl = ? AND b.last_lsn > ?"
+                            " ORDER BY b.last_lsn, b.start LIMIT 1", (row[0], base)).fetchone()
+        if snap is not None:
+            for rec in walk(self._file(row), snap[0], row[6], base, lsn):
+                folder.add(rec.key, rec.lsn, rec.kind, rec.payload)
+        return folder.close()
 
     def _keys_since(self, tl: int, since: int, cut: int) -> list[bytes]:
         """Keys with records in ``(since, cut]``, from the directories of the frames that
@@ -838,8 +917,9 @@ class SqliteRepository:
                                  [d[:3] for d in doomed])
                 conn.executemany("INSERT OR IGNORE INTO unpunched (tl, key, lsn, off, len)"
                                  " VALUES (?, ?, ?, ?, ?)", doomed)
-                conn.execute("UPDATE timelines SET garbage = garbage + ? WHERE id = ?",
-                             (doomed_bytes, tl))
+                conn.execute("UPDATE timelines SET garbage = garbage + ?,"
+                             " collected_lsn = max(collected_lsn, ?) WHERE id = ?",
+                             (doomed_bytes, max(d[2] for d in doomed), tl))
             removed, size = removed + len(doomed), size + doomed_bytes
             doomed, doomed_bytes = [], 0
 
@@ -914,6 +994,16 @@ class SqliteRepository:
 
     def _transaction(self) -> Transaction:
         return Transaction(self._conn(), self._write_lock)
+
+
+def _check_history(row: Row, lo: int, hi: int) -> None:
+    """A range of a shallow timeline's records must lie after its base (the images there
+    are no records of its history)."""
+    if lo < hi and row[14] is not None and (lo < row[14] or not row[16]):
+        raise HistoryCollected(
+            f"timeline {TimelineId(row[1])} is held here from {Lsn(row[14])} on (received "
+            f"shallow): its records after {Lsn(lo)} are not all here",
+            hint="transfer it from a pageserver that holds its history, or with --since")
 
 
 def _clamp(lsn: int) -> int:

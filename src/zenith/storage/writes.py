@@ -24,7 +24,13 @@ from zenith.ids import TimelineId
 from zenith.lsn import Lsn
 from zenith.storage import redo
 from zenith.storage.api import MAX_STORED_LSN, Cursor, Record, RecordKind, WriteResult
-from zenith.storage.datafile import CorruptDataFile, FrameWriter, file_name, walk
+from zenith.storage.datafile import (
+    CorruptDataFile,
+    FrameWriter,
+    HistoryCollected,
+    file_name,
+    walk,
+)
 from zenith.storage.history import EMPTY, Folder, OpenLsn, record_digest
 from zenith.storage.schema import Transaction
 
@@ -33,12 +39,14 @@ if TYPE_CHECKING:
 
 TL_COLUMNS: Final = (
     "id, timeline_id, ancestor, ancestor_lsn, last_record_lsn, min_readable_lsn, data_end,"
-    " received, hash, pending_lsn, pending_count, pending_key, pending_sum"
+    " received, hash, pending_lsn, pending_count, pending_key, pending_sum,"
+    " collected_lsn, base_lsn, foreign_ancestor, base_done"
 )
 #: A timelines row, in ``TL_COLUMNS`` order.
 Row = tuple[
     int, bytes, int | None, int | None, int, int, int,
     int, bytes, int | None, int, bytes | None, bytes | None,
+    int, int | None, bytes | None, int,
 ]
 #: Records in one data-file frame: a larger batch given in LSN order is split.
 FRAME_RECORDS: Final = 65536
@@ -101,6 +109,8 @@ def put_records(
     with txn as conn:
         row = repo._row_by_tid(conn, timeline_id)
         internal, current, data_end = row[0], Lsn(row[4]), row[6]
+        if not row[16]:
+            raise InvalidArgument(f"timeline {timeline_id} is still receiving its base")
         pending = (
             OpenLsn(row[9], row[10], int.from_bytes(row[12] or b"", "big"))
             if row[9] is not None else None
@@ -224,6 +234,10 @@ def history_hash(repo: SqliteRepository, timeline_id: TimelineId, lsn: Lsn) -> b
             f"LSN {lsn} is outside timeline {timeline_id}'s history ({start}, "
             f"{Lsn(row[4])}]"
         )
+    if row[14] is not None and (lsn < row[14] or not row[16]):
+        raise HistoryCollected(
+            f"timeline {timeline_id} is held here from {Lsn(row[14])} on (received "
+            f"shallow): its history hash at {lsn} is not known here")
     found = conn.execute(
         "SELECT lsn, hash FROM history WHERE tl = ? AND lsn <= ? ORDER BY lsn DESC LIMIT 1",
         (row[0], lsn),
@@ -235,6 +249,39 @@ def history_hash(repo: SqliteRepository, timeline_id: TimelineId, lsn: Lsn) -> b
     for rec in repo.iter_records(timeline_id, Lsn(base), lsn):
         folder.add(rec.key, rec.lsn, rec.kind, rec.payload)
     return folder.close()
+
+
+def put_base(repo: SqliteRepository, timeline_id: TimelineId,
+             records: Iterable[Record]) -> int:
+    """Append base images to a shallow timeline whose base is incomplete (one
+    transaction; no history hash: the base stands in for history not held here)."""
+    txn = repo._transaction()
+    with txn as conn:
+        row = repo._row_by_tid(conn, timeline_id)
+        base = row[14]
+        if base is None or row[16]:
+            raise InvalidArgument(f"timeline {timeline_id} is not receiving a base")
+        internal, data_end = row[0], row[6]
+        writer: FrameWriter | None = None
+        count = 0
+        for rec in records:
+            rec.validate()
+            if rec.lsn != base or rec.kind is not RecordKind.IMAGE:
+                raise InvalidArgument(
+                    f"a base holds images at {Lsn(base)}; got a {rec.kind.name.lower()} "
+                    f"at {rec.lsn}")
+            if writer is None:
+                writer = _start_frame(repo, row, txn)
+            elif len(writer.entries) >= FRAME_RECORDS:
+                data_end = _finish_frame(repo, conn, internal, writer)
+                count += len(writer.entries)
+                writer = FrameWriter(writer.f, data_end)
+            writer.add(rec.key, int(rec.lsn), int(rec.kind), rec.payload)
+        if writer is not None:
+            data_end = _finish_frame(repo, conn, internal, writer)
+            count += len(writer.entries)
+        conn.execute("UPDATE timelines SET data_end = ? WHERE id = ?", (data_end, internal))
+        return count
 
 
 def _start_frame(repo: SqliteRepository, row: Row, txn: Transaction) -> FrameWriter:
@@ -266,7 +313,7 @@ def _finish_frame(
     end = w.finish()
     try:
         # ``internal`` is an int from the database: safe to inline, and it keeps each
-        # row tuple the directory entry itrepo.
+        # row tuple the directory entry itself.
         conn.executemany(
             f"INSERT INTO records (tl, key, lsn, kind, off, len)"
             f" VALUES ({internal:d}, ?, ?, ?, ?, ?)",

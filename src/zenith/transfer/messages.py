@@ -16,8 +16,9 @@ The exchange (docs/push-pull.md tells it for users)::
     Proof {hashes}                      ->
                                         <-   PlanMsg {status, ranges, ...}
     dry run:  Summary {records, bytes}  ->
-    per range:
-      Range {timeline, after, upto, resume} ->
+    per range (a shallow transfer's first range is a *base*: the state at ``after`` as
+    images, then the history hash there in its RangeEnd):
+      Range {timeline, after, upto, resume, base} ->
       DATA ...                          ->   applied in groups, durable
                                         <-   Ack {timeline, lsn, pending}
       RangeEnd {upto, records, bytes, hash} ->
@@ -30,6 +31,7 @@ This module imports nothing heavy: the CLI uses :class:`TransferResult`,
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections.abc import Callable
@@ -42,7 +44,7 @@ from zenith.ids import TimelineId
 from zenith.lsn import Lsn
 from zenith.storage.api import KEY_SIZE, Cursor, TimelineInfo
 
-PROTOCOL_VERSION: Final = 2
+PROTOCOL_VERSION: Final = 3
 #: Seconds a transfer waits for a silent peer (config.toml ``transfer_timeout``).
 DEFAULT_TIMEOUT: Final = 60.0
 #: Bound on one control message's JSON (an offer of MAX_CHAIN timelines fits easily).
@@ -153,6 +155,9 @@ def _timeline_json(tl: TimelineInfo) -> dict[str, Any]:
         "ancestor_lsn": str(tl.ancestor_lsn) if tl.ancestor_lsn is not None else None,
         "last_record_lsn": str(tl.last_record_lsn),
         "min_readable_lsn": str(tl.min_readable_lsn),
+        # The sender holds every record of the timeline's own after this LSN (not
+        # before: GC removed some, or it is shallow there).
+        "history_from": str(tl.history_start),
     }
 
 
@@ -165,7 +170,12 @@ def _timeline(f: _Fields) -> TimelineInfo:
         last_record_lsn=f.lsn("last_record_lsn"),
         min_readable_lsn=f.lsn("min_readable_lsn"),
     )
-    if tl.last_record_lsn < tl.start_lsn or tl.min_readable_lsn < tl.start_lsn:
+    if f.optional("history_from"):
+        whole_after = f.lsn("history_from")
+        if whole_after > tl.start_lsn:
+            tl = dataclasses.replace(tl, collected_lsn=whole_after)
+    if tl.last_record_lsn < tl.start_lsn or tl.min_readable_lsn < tl.start_lsn \
+            or tl.history_start > tl.last_record_lsn:
         raise TransferAborted(f"{f.what}: timeline {tl.timeline_id} ends before it starts")
     return tl
 
@@ -246,8 +256,10 @@ class Offer(Message):
             raise TransferAborted("OFFER: the chain is empty")
         for i, tl in enumerate(chain):
             parent = chain[i - 1] if i else None
-            if (parent is None) != (tl.ancestor_id is None):
-                raise TransferAborted("OFFER: the chain does not start at a root timeline")
+            # A chain starts at a root, or at a timeline the sender holds from an LSN on
+            # (shallow: neither its ancestors nor its history before are there).
+            if parent is not None and tl.ancestor_id is None:
+                raise TransferAborted("OFFER: the chain is not a line of descent")
             if parent is not None:
                 assert tl.ancestor_lsn is not None
                 if tl.ancestor_id != parent.timeline_id or \
@@ -273,60 +285,79 @@ class Point:
 
 @dataclass(frozen=True)
 class Ask(Message):
+    """The points to prove; ``since_time`` (seconds since the epoch): the receiver's
+    history window, in time, for a new copy: which LSN of the source is that old?"""
+
     TYPE: ClassVar[FrameType] = FrameType.ASK
     points: tuple[Point, ...]
+    since_time: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"points": [{"timeline_id": str(p.timeline_id), "lsn": str(p.lsn)}
-                           for p in self.points]}
+                           for p in self.points], "since_time": self.since_time}
 
     @classmethod
     def from_json(cls, f: _Fields) -> Ask:
+        since = None
+        if f.optional("since_time"):
+            since = f.value["since_time"]
+            if isinstance(since, bool) or not isinstance(since, int | float) \
+                    or not 0 <= since < 1e11:
+                raise f._bad("since_time", "a time in seconds")
         return cls(tuple(
             Point(p.tid("timeline_id"), p.lsn("lsn"))
             for p in (_Fields(x, "ASK.points[]") for x in f.items("points", MAX_CHAIN))
-        ))
+        ), None if since is None else float(since))
 
 
 @dataclass(frozen=True)
 class Proof(Message):
-    """The sender's history hash at each asked point, in the order asked."""
+    """The sender's history hash at each asked point, in the order asked; ``since``: the
+    newest commit point of the source at or before the asked time (None: none that old)."""
 
     TYPE: ClassVar[FrameType] = FrameType.PROOF
     hashes: tuple[bytes, ...]
+    since: Lsn | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"hashes": [h.hex() for h in self.hashes]}
+        return {"hashes": [h.hex() for h in self.hashes],
+                "since": str(self.since) if self.since is not None else None}
 
     @classmethod
     def from_json(cls, f: _Fields) -> Proof:
         raw = f.items("hashes", MAX_CHAIN)
-        return cls(tuple(_Fields({"h": h}, "PROOF.hashes[]").hex("h", HASH_SIZE) for h in raw))
+        return cls(tuple(_Fields({"h": h}, "PROOF.hashes[]").hex("h", HASH_SIZE) for h in raw),
+                   f.lsn("since") if f.optional("since") else None)
 
 
 @dataclass(frozen=True)
 class RangeRequest:
     """Records of ``timeline_id`` with lsn in ``(after, upto]``, less the first
     ``resume.count`` of LSN ``resume.lsn`` (already durable on the receiver). ``create``:
-    the receiver lacks the timeline and creates it from the offer."""
+    the receiver lacks the timeline and creates it from the offer. ``base``: instead of
+    records, the timeline's state at ``after`` (= ``upto``) as images, the start of a
+    shallow copy; the receiver creates the timeline held from there on."""
 
     timeline_id: TimelineId
     after: Lsn
     upto: Lsn
     create: bool
     resume: Cursor | None = None
+    base: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return {"timeline_id": str(self.timeline_id), "after": str(self.after),
                 "upto": str(self.upto), "create": self.create,
-                "resume": _cursor_json(self.resume)}
+                "resume": _cursor_json(self.resume), "base": self.base}
 
     @classmethod
     def from_json(cls, f: _Fields) -> RangeRequest:
         r = cls(f.tid("timeline_id"), f.lsn("after"), f.lsn("upto"), f.boolean("create"),
-                _cursor(f, "resume"))
+                _cursor(f, "resume"), f.boolean("base") if f.optional("base") else False)
         if r.after > r.upto or (r.resume is not None and not r.after < r.resume.lsn <= r.upto):
             raise TransferAborted(f"{f.what}: range ({r.after}, {r.upto}] is malformed")
+        if r.base and (r.after != r.upto or not r.create or r.resume is not None):
+            raise TransferAborted(f"{f.what}: a base is the state at one LSN of a new timeline")
         return r
 
 
@@ -554,17 +585,22 @@ class TransferArgs:
     ``branch_push`` (pageserver to pageserver): one definition for both ends."""
 
     FLAGS: ClassVar[tuple[str, ...]] = ("force", "dry_run")
-    PERFORM_USAGE: ClassVar[str] = "<branch> <uri> <remote_branch> [force] [dry_run]"
+    PERFORM_USAGE: ClassVar[str] = \
+        "<branch> <uri> <remote_branch> [force] [dry_run] [since=LSN|WINDOW|all]"
 
     branch: str
     uri: str
     remote_branch: str
     force: bool = False
     dry_run: bool = False
+    #: How much history a new copy gets (``--since``): an LSN, a window ("2h",
+    #: "1GiB") or "all"; None: the destination's history window.
+    since: str | None = None
 
     def flag_words(self) -> list[str]:
-        """``[force] [dry_run]``, as :func:`parse_flags` reads them."""
-        return (["force"] if self.force else []) + (["dry_run"] if self.dry_run else [])
+        """``[force] [dry_run] [since=...]``, as :func:`parse_flags` reads them."""
+        return (["force"] if self.force else []) + (["dry_run"] if self.dry_run else []) \
+            + ([f"since={self.since}"] if self.since is not None else [])
 
     def perform_words(self, verb: str) -> list[str]:
         return [f"perform_{verb}", self.branch, self.uri, self.remote_branch,
@@ -572,16 +608,24 @@ class TransferArgs:
 
     @classmethod
     def parse_perform(cls, args: list[str]) -> TransferArgs:
-        if not 3 <= len(args) <= 5:
+        if not 3 <= len(args) <= 6:
             raise InvalidArgument(f"expected {cls.PERFORM_USAGE}")
-        force, dry_run = parse_flags(args[3:])
-        return cls(args[0], args[1], args[2], force, dry_run)
+        force, dry_run, since = parse_flags(args[3:])
+        return cls(args[0], args[1], args[2], force, dry_run, since)
 
 
-def parse_flags(words: list[str]) -> tuple[bool, bool]:
-    """``[force] [dry_run]`` words to ``(force, dry_run)``."""
-    unknown = [w for w in words if w.lower() not in TransferArgs.FLAGS]
-    if unknown:
-        raise InvalidArgument(f"unknown option {unknown[0]!r}: expected force or dry_run")
-    lowered = {w.lower() for w in words}
-    return "force" in lowered, "dry_run" in lowered
+def parse_flags(words: list[str]) -> tuple[bool, bool, str | None]:
+    """``[force] [dry_run] [since=...]`` words to ``(force, dry_run, since)``."""
+    since = None
+    flags = set()
+    for w in words:
+        if w.lower().startswith("since="):
+            since = w[len("since="):]
+            if not since or len(since) > 64:
+                raise InvalidArgument("since= takes an LSN, a window or all")
+        elif w.lower() in TransferArgs.FLAGS:
+            flags.add(w.lower())
+        else:
+            raise InvalidArgument(
+                f"unknown option {w!r:.60}: expected force, dry_run or since=...")
+    return "force" in flags, "dry_run" in flags, since

@@ -11,7 +11,10 @@ and the receiver's repository, so every case is tested without I/O. DESIGN §6:
 * a transfer writes only the destination's own chain, and never moves another branch:
   it creates timelines, extends the timeline the destination name points to, or extends
   an unnamed one (an ancestor kept up to a branch point, or what an interrupted transfer
-  left) — and only timelines this pageserver received, never ones it writes itself.
+  left) — and only timelines this pageserver received, never ones it writes itself;
+* a timeline the receiver lacks is sent from where the sender's history is whole, or
+  from the requested depth (``--since``, or the destination's history window), as a
+  *shallow* copy: its state at that LSN as images (a base), then its records after it.
 """
 
 from __future__ import annotations
@@ -34,6 +37,20 @@ class Send:
     request: RangeRequest
 
 
+@dataclass(frozen=True)
+class Depth:
+    """How much history a new copy of a branch gets: from ``lsn``, from ``distance``
+    bytes of WAL before the head, or from ``seconds`` ago (the sender finds the LSN);
+    none of them: all of it. ``explicit``: the user asked (``--since``), rather than
+    the destination's history window."""
+
+    text: str
+    lsn: Lsn | None = None
+    distance: int | None = None
+    seconds: float | None = None
+    explicit: bool = False
+
+
 @dataclass
 class Plan:
     status: Status
@@ -41,6 +58,8 @@ class Plan:
     old: TimelineInfo | None
     source: TimelineInfo
     sends: list[Send] = field(default_factory=list)
+    #: Where a shallow copy starts (the base's LSN), or None.
+    base: Lsn | None = None
 
     def to_message(self, dry_run: bool, compression: str | None) -> PlanMsg:
         return PlanMsg(self.status, self.message, dry_run, self.old,
@@ -48,10 +67,13 @@ class Plan:
 
 
 def _held(repo: Repository, tid: TimelineId) -> TimelineInfo | None:
+    """The timeline as held here; None if it is not, or if its shallow base did not
+    arrive whole (the receiver starts it again)."""
     try:
-        return repo.get_timeline(tid)
+        held = repo.get_timeline(tid)
     except UnknownTimeline:
         return None
+    return held if held.base_complete else None
 
 
 def _needed(chain: tuple[TimelineInfo, ...], i: int) -> Lsn:
@@ -80,9 +102,12 @@ def make_plan(
     *,
     pushing: bool,
     force: bool,
+    since: Lsn | None = None,
+    depth: Depth | None = None,
 ) -> Plan:
     """Decide what to receive for branch ``dest_name`` from the offered ``chain`` (root
-    first). ``mismatched``: the timelines whose proof failed, with the LSN of the proof."""
+    first). ``mismatched``: the timelines whose proof failed, with the LSN of the proof.
+    ``since``: the oldest LSN a new copy needs (resolved from ``depth``); None: all."""
     source = chain[-1]
     try:
         old: TimelineInfo | None = repo.get_branch(dest_name).timeline
@@ -159,10 +184,16 @@ def make_plan(
             f"together). Transfer {others[0]} instead, or branch from it there "
             f"(zenith branch create {dest_name} --from {others[0]})"
         )
-    sends = _sends(repo, chain, old, dest_name, named)
+    sends = _sends(repo, chain, old, dest_name, named, since)
     if isinstance(sends, str):
         return reject(sends)
-    return Plan(status, message, old, source, sends)
+    base = next((s.request.after for s in sends if s.request.base), None)
+    if base is not None:
+        why = (f"--since {depth.text}" if depth is not None and depth.explicit else
+               f"the {here} history window {depth.text}" if depth is not None and since
+               else "the history before it was collected on the sending side")
+        message += f" (shallow: history from {base} on, by {why})"
+    return Plan(status, message, old, source, sends, base)
 
 
 def _names(repo: Repository) -> dict[TimelineId, list[str]]:
@@ -194,20 +225,71 @@ def _branch_point(repo: Repository, tl: TimelineInfo, ancestor: TimelineId) -> L
     return None
 
 
+def _base(chain: tuple[TimelineInfo, ...], first: int, since: Lsn) -> tuple[int, Lsn] | None:
+    """Where a new copy of ``chain[first:]`` starts: None for its whole history (possible
+    and wanted), else the timeline index and LSN of the lowest base that covers ``since``
+    and that the sender can give (it reads the state there; it holds every record of the
+    timelines after it). At equal LSNs the later timeline (fewer timelines to create)."""
+    whole = [tl.history_start <= tl.start_lsn and not (i == 0 and tl.ancestor_id)
+             for i, tl in enumerate(chain)]
+    if since <= chain[first].start_lsn and all(whole[first:]):
+        return None
+    best: tuple[int, Lsn] | None = None
+    for k in range(first, len(chain)):
+        if not all(whole[k + 1:]):
+            continue
+        tl = chain[k]
+        at = max(since, tl.start_lsn, tl.history_start, tl.min_readable_lsn)
+        if at <= _needed(chain, k) and (best is None or at <= best[1]):
+            best = (k, Lsn(at))
+    return best
+
+
 def _sends(
     repo: Repository, chain: tuple[TimelineInfo, ...], old: TimelineInfo | None, dest: str,
-    named: dict[TimelineId, list[str]],
+    named: dict[TimelineId, list[str]], since: Lsn | None = None,
 ) -> list[Send] | str:
     """For each timeline of the chain, root first, the records the receiver lacks up to
     where the chain needs it; or why it may not write them."""
     sends: list[Send] = []
+    helds = [_held(repo, tl.timeline_id) for tl in chain]
+    # Timelines below the highest one held here are this side's business (held, or not
+    # needed under a shallow copy); a new copy starts above it.
+    top = max((i for i, h in enumerate(helds) if h is not None), default=-1)
+    first = top + 1
+    shallow: tuple[int, list[Send]] | None = None
+    if first < len(chain):
+        # A depth applies to a branch new here; otherwise only what the sender can give.
+        base = _base(chain, first, since if since is not None and top < 0 else Lsn(0))
+        if base is None and first == 0 and chain[0].ancestor_id is not None:
+            return "rejected: the sender holds no base for its shallow timeline"
+        if base is not None:
+            k, at = base
+            tl = chain[k]
+            first_sends = [Send(tl, RangeRequest(tl.timeline_id, at, at, create=True,
+                                                 base=True))]
+            if at < _needed(chain, k):
+                first_sends.append(Send(tl, RangeRequest(tl.timeline_id, at,
+                                                         _needed(chain, k), create=False)))
+            shallow = (k, first_sends)
+            first = k + 1
     for i, tl in enumerate(chain):
         needed = _needed(chain, i)
-        held = _held(repo, tl.timeline_id)
+        held = helds[i]
+        if shallow is not None and i == shallow[0]:
+            sends.extend(shallow[1])
+            continue
         if held is None:
+            if i < first:
+                continue  # below a shallow copy here or being made
             request = RangeRequest(tl.timeline_id, tl.start_lsn, needed, create=True)
             sends.append(Send(tl, request))
             continue
+        if held.last_record_lsn < needed and held.last_record_lsn < tl.history_start:
+            return (f"rejected: timeline {tl.timeline_id} is held here up to "
+                    f"{held.last_record_lsn}, and the sender holds its history only from "
+                    f"{tl.history_start} on (collected there); delete the branch here and "
+                    "transfer it again (a shallow copy)")
         if held.last_record_lsn >= needed:
             continue
         ours = old is not None and held.timeline_id == old.timeline_id \

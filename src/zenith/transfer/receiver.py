@@ -21,12 +21,13 @@ import asyncio
 import concurrent.futures
 import contextlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from zenith.errors import ObjectInUse, PushRejected, TransferAborted
+from zenith.errors import ObjectInUse, PushRejected, TransferAborted, UnknownTimeline
 from zenith.ids import TimelineId
 from zenith.lsn import Lsn
-from zenith.storage import Cursor, Record, Repository
+from zenith.storage import Cursor, Record, RecordKind, Repository
 from zenith.storage.history import record_digest
 from zenith.transfer.channel import (
     Channel,
@@ -54,7 +55,7 @@ from zenith.transfer.messages import (
     TransferResult,
 )
 from zenith.transfer.offload import Offload, to_thread
-from zenith.transfer.plan import Plan, Send, make_plan, points_to_prove
+from zenith.transfer.plan import Depth, Plan, Send, make_plan, points_to_prove
 
 #: Read-ahead while the previous group commits, and the most one transaction takes, in
 #: decompressed bytes (a single frame larger than either still passes, alone): the
@@ -75,25 +76,31 @@ async def receive_branch(
     timeout: float = DEFAULT_TIMEOUT,
     locks: TransferLocks | None = None,
     offload: Offload = to_thread,
+    depth: Depth | None = None,
 ) -> TransferResult:
     """Receive into branch ``dest_name``. ``pushing`` says whether the peer is pushing to
     us (for the wording and rules of DESIGN §6). Raises PushRejected when the plan
     rejects; anything the sender does wrong is TransferAborted with nothing published
-    beyond what was acknowledged. ``offload`` runs the storage steps in a thread."""
+    beyond what was acknowledged. ``offload`` runs the storage steps in a thread.
+    ``depth``: how much history a new copy gets (None: all the sender has)."""
     started = time.monotonic()
     offer = await read_message(channel, Offer, timeout)
     # Negotiate without locks (a peer that goes silent meanwhile holds nothing), then lock
     # what the plan writes — the destination name and the timelines it sends — and check
     # under the locks that nothing changed meanwhile.
-    points, mismatched = await _prove(channel, repo, offer, timeout, offload)
-    plan = await offload(
-        make_plan, repo, dest_name, offer.chain, mismatched, pushing=pushing, force=force)
-    keys = [f"branch:{dest_name}", *(f"timeline:{s.request.timeline_id}" for s in plan.sends)]
+    points, mismatched, since = await _prove(channel, repo, offer, depth, timeout, offload)
+
+    def planned() -> Plan:
+        return make_plan(repo, dest_name, offer.chain, mismatched, pushing=pushing,
+                         force=force, since=since, depth=depth)
+
+    plan = await offload(planned)
+    keys = [f"branch:{dest_name}",
+            *dict.fromkeys(f"timeline:{s.request.timeline_id}" for s in plan.sends)]
     writes = plan.status not in (Status.REJECTED, Status.UP_TO_DATE) and not dry_run
     async with (locks or TransferLocks()).hold(keys if writes else [], wait=timeout):
         if writes:
-            plan = await _recheck(repo, dest_name, offer, points, mismatched, plan, pushing,
-                                  force, offload)
+            plan = await _recheck(repo, dest_name, offer, points, plan, planned, offload)
         answer = plan.to_message(dry_run, "zstd" if "zstd" in offer.compression else None)
         await send(channel, answer, timeout)
 
@@ -121,13 +128,28 @@ async def receive_branch(
 
 
 async def _prove(
-    channel: Channel, repo: Repository, offer: Offer, timeout: float, offload: Offload
-) -> tuple[list[Point], dict[TimelineId, Lsn]]:
-    """Ask for proofs where our history overlaps the offer; the points asked and the
-    timelines whose proof differs from our own hash."""
+    channel: Channel, repo: Repository, offer: Offer, depth: Depth | None, timeout: float,
+    offload: Offload,
+) -> tuple[list[Point], dict[TimelineId, Lsn], Lsn | None]:
+    """Ask for proofs where our history overlaps the offer; the points asked, the
+    timelines whose proof differs from our own hash, and the oldest LSN ``depth`` asks
+    a new copy for (None: all)."""
     points = await offload(points_to_prove, repo, offer.chain)
-    await send(channel, Ask(tuple(points)), timeout)
+    since_time = time.time() - depth.seconds \
+        if depth is not None and depth.seconds is not None else None
+    await send(channel, Ask(tuple(points), since_time), timeout)
     proof = await read_message(channel, Proof, timeout)
+    since: Lsn | None = None
+    if depth is not None:
+        head = offer.source.last_record_lsn
+        if depth.lsn is not None:
+            since = depth.lsn
+        elif depth.distance is not None:
+            since = Lsn(max(0, int(head) - depth.distance))
+        elif depth.seconds is not None:
+            since = proof.since
+        if since is not None and since > head:
+            since = head
     if len(proof.hashes) != len(points):
         raise TransferAborted(f"asked for {len(points)} proofs, got {len(proof.hashes)}")
     ours = await offload(
@@ -135,19 +157,17 @@ async def _prove(
     mismatched = {p.timeline_id: p.lsn
                   for p, mine, theirs in zip(points, ours, proof.hashes, strict=True)
                   if mine != theirs}
-    return points, mismatched
+    return points, mismatched, since
 
 
 async def _recheck(
-    repo: Repository, dest_name: str, offer: Offer, points: list[Point],
-    mismatched: dict[TimelineId, Lsn], plan: Plan, pushing: bool, force: bool,
-    offload: Offload,
+    repo: Repository, dest_name: str, offer: Offer, points: list[Point], plan: Plan,
+    planned: Callable[[], Plan], offload: Offload,
 ) -> Plan:
     """Under the locks, plan again; if what we asked the peer to prove changed meanwhile
     (another transfer, a local write), the peer must start over."""
     now = await offload(points_to_prove, repo, offer.chain)
-    again = await offload(
-        make_plan, repo, dest_name, offer.chain, mismatched, pushing=pushing, force=force)
+    again = await offload(planned)
     # The same proof points: the proofs still hold, and the new plan (say, "diverged" now
     # that another push created the branch) is sound — if it writes only what we locked.
     locked = {s.request.timeline_id for s in plan.sends}
@@ -269,25 +289,65 @@ def _apply(repo: Repository, tid: TimelineId, frames: list[_Decoded], after: Lsn
             written.last_record_lsn, written.pending)
 
 
+def _create(repo: Repository, item: Send) -> None:
+    """Create the timeline a range starts (a shallow one for a base), after dropping what
+    an interrupted shallow copy of it left (its base incomplete: never readable)."""
+    tl, request = item.timeline, item.request
+    with contextlib.suppress(UnknownTimeline):
+        if not repo.get_timeline(tl.timeline_id).base_complete:
+            repo.delete_timeline(tl.timeline_id)
+    ancestor = (tl.ancestor_id, tl.ancestor_lsn) \
+        if tl.ancestor_id is not None and tl.ancestor_lsn is not None else None
+    if request.base:
+        repo.create_shallow_timeline(tl.timeline_id, ancestor, request.after)
+    else:
+        repo.create_timeline(tl.timeline_id, ancestor, min_readable_lsn=tl.min_readable_lsn,
+                             received=True)
+
+
+def _apply_base(repo: Repository, tid: TimelineId, frames: list[_Decoded], at: Lsn,
+                after_key: bytes) -> tuple[_Applied, bytes]:
+    """Check a base's decoded frames (images at ``at``, keys ascending past ``after_key``)
+    and store them in one transaction; the last key. Runs in a worker thread."""
+    batch: list[Record] = []
+    failure: TransferAborted | None = None
+    for decoded in frames:
+        try:
+            records, _digests = decoded.result()
+        except TransferAborted as exc:
+            failure = exc
+            break
+        for rec in records:
+            if rec.lsn != at or rec.kind is not RecordKind.IMAGE or rec.key <= after_key:
+                failure = TransferAborted(
+                    f"base of timeline {tid}: a {rec.kind.name} of key {rec.key.hex()} at "
+                    f"{rec.lsn} is not the next key's image at {at}")
+                break
+            after_key = rec.key
+            batch.append(rec)
+        if failure is not None:
+            break
+    repo.put_base(tid, batch)
+    if failure is not None:
+        raise failure
+    return _Applied(len(batch), sum(len(r.payload) for r in batch), at), after_key
+
+
 async def _receive_range(
     channel: Channel, repo: Repository, item: Send, state: Progress,
     progress: ProgressFn | None, timeout: float, offload: Offload,
 ) -> None:
-    request, tl = item.request, item.timeline
+    request = item.request
     head = await read_message(channel, Range, timeout)
     if head.request != request:
         raise TransferAborted("the sender announced another range than the plan asked for")
     state.records_total, state.bytes_total = head.total_records, head.total_bytes
     if request.create:
-        await offload(
-            repo.create_timeline, tl.timeline_id,
-            (tl.ancestor_id, tl.ancestor_lsn)
-            if tl.ancestor_id is not None and tl.ancestor_lsn is not None else None,
-            min_readable_lsn=tl.min_readable_lsn, received=True,
-        )
+        await offload(_create, repo, item)
     records, nbytes = 0, 0
     end: RangeEnd | None = None
     last = request.resume.lsn if request.resume else request.after
+    base_key = b""  # a base's keys come in ascending order, each once
     ahead = _ReadAhead()
     decoder = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="zenith-decode")
     pump = asyncio.create_task(_pump(channel, ahead, decoder, timeout))
@@ -298,8 +358,14 @@ async def _receive_range(
             if data:
                 # One transaction for every frame that arrived while the last one
                 # committed: the commit rate follows fsync's latency, not the frame rate.
-                applied, published, pending = await offload(
-                    _apply, repo, request.timeline_id, data, request.after, request.upto, last)
+                if request.base:
+                    applied, base_key = await offload(
+                        _apply_base, repo, request.timeline_id, data, request.after, base_key)
+                    published, pending = request.after, None
+                else:
+                    applied, published, pending = await offload(
+                        _apply, repo, request.timeline_id, data, request.after, request.upto,
+                        last)
                 last = applied.last_lsn
                 records += applied.records
                 nbytes += applied.payload
@@ -327,8 +393,12 @@ async def _receive_range(
             f"timeline {request.timeline_id}: the range's end does not match what arrived "
             f"({records} records, {nbytes} bytes); kept everything acknowledged"
         )
-    # Publish the range's end only if our records hash to what the sender's do there.
-    await offload(
-        repo.put_records, request.timeline_id, [], request.upto, expect_hash=end.hash)
+    if request.base:
+        # The base stands in for the history before it: its hash is the sender's there.
+        await offload(repo.finish_base, request.timeline_id, end.hash)
+    else:
+        # Publish the range's end only if our records hash to what the sender's do there.
+        await offload(
+            repo.put_records, request.timeline_id, [], request.upto, expect_hash=end.hash)
     state.acked_lsn = request.upto
     await send(channel, Ack(request.timeline_id, request.upto), timeout)

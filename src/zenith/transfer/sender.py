@@ -18,7 +18,9 @@ from dataclasses import dataclass
 from typing import Final
 
 from zenith.errors import PushRejected, TransferAborted
-from zenith.storage import Record, Repository, TimelineInfo
+from zenith.ids import TimelineId
+from zenith.lsn import Lsn
+from zenith.storage import Record, RecordKind, Repository, TimelineInfo
 from zenith.transfer.channel import (
     Channel,
     read_message,
@@ -74,10 +76,13 @@ async def send_branch(
     PushRejected when the receiver refuses, TransferAborted/PeerTimeout when it misbehaves.
     ``offload`` runs the reading steps in a thread."""
     with contextlib.ExitStack() as holds:
-        # What is offered stays sendable until the transfer ends: no GC horizon passes it.
+        # What is offered stays sendable until the transfer ends: no GC moves a horizon
+        # of the chain meanwhile. The chain is read again under the holds: a GC that ran
+        # since the caller read it moved readable starts it does not show.
         for tl in chain:
             holds.enter_context(repo.hold_history(tl.timeline_id, tl.start_lsn))
-        return await _send_branch(channel, repo, chain, compress=compress, progress=progress,
+        fresh = await offload(repo.ancestry, chain[0].timeline_id)
+        return await _send_branch(channel, repo, fresh, compress=compress, progress=progress,
                                   timeout=timeout, frame_target=frame_target, offload=offload)
 
 
@@ -97,7 +102,10 @@ async def _send_branch(
     source = offered[-1]
     await send(channel, Offer(offered, ("zstd",) if compress else ()), timeout)
     ask = await read_message(channel, Ask, timeout)
-    proof = Proof(tuple(await offload(_prove, repo, offered, ask)))
+    since = None
+    if ask.since_time is not None:  # the receiver's window, in time: we know the LSN
+        since = await offload(repo.commit_lsn_at, source.timeline_id, ask.since_time)
+    proof = Proof(tuple(await offload(_prove, repo, offered, ask)), since)
     await send(channel, proof, timeout)
     # The receiver may first wait for another transfer of the same branch to finish.
     plan = await read_message(channel, PlanMsg, 2 * timeout)
@@ -105,6 +113,8 @@ async def _send_branch(
 
     state = Progress()
     for request in ranges:
+        if request.base:
+            continue  # as many images as keys: counted as they go
         n, size = await offload(
             repo.count_records, request.timeline_id, request.after, request.upto
         )
@@ -159,20 +169,27 @@ def _prove(repo: Repository, chain: tuple[TimelineInfo, ...], ask: Ask) -> list[
 
 
 def _check_ranges(plan: PlanMsg, chain: tuple[TimelineInfo, ...]) -> list[RangeRequest]:
-    """The planned ranges must be parts of the offered timelines, each asked at most once,
-    in the chain's order (ancestors first)."""
+    """The planned ranges must be parts of the offered timelines that we hold, each asked
+    at most once (a base may come first), in the chain's order (ancestors first)."""
     order = {t.timeline_id: i for i, t in enumerate(chain)}
-    last = -1
+    last, after_base = -1, False
     for r in plan.ranges:
         i = order.get(r.timeline_id)
-        if i is None or i <= last:
+        if i is None or (i <= last and not (i == last and after_base and not r.base)):
             raise TransferAborted(f"the receiver's plan asks for timeline {r.timeline_id} "
                                   "out of the offer or out of order")
-        last = i
+        last, after_base = i, r.base
         tl = chain[i]
         if not tl.start_lsn <= r.after <= r.upto <= tl.last_record_lsn:
             raise TransferAborted(f"the receiver's plan asks for ({r.after}, {r.upto}] of "
                                   f"timeline {r.timeline_id}, outside its history")
+        if r.base and r.after < max(tl.min_readable_lsn, tl.history_start):
+            raise TransferAborted(f"the receiver's plan asks for the state of timeline "
+                                  f"{r.timeline_id} at {r.after}, where it is not readable")
+        if not r.base and r.after < r.upto and r.after < tl.history_start:
+            raise TransferAborted(f"the receiver's plan asks for records of timeline "
+                                  f"{r.timeline_id} after {r.after}; this side holds them "
+                                  f"from {tl.history_start} on")
     return list(plan.ranges)
 
 
@@ -231,8 +248,12 @@ async def _send_range(
     await _write(channel, encode_frame(FrameType.RANGE, Range(
         request, state.records_total, state.bytes_total).encode()), reader, timeout)
     records, nbytes = 0, 0
-    batches = cut_frames(repo.iter_records(
-        request.timeline_id, request.after, request.upto, skip=request.resume), frame_target)
+    if request.base:
+        source: Iterator[Record] = _images(repo, request.timeline_id, request.after)
+    else:
+        source = repo.iter_records(request.timeline_id, request.after, request.upto,
+                                   skip=request.resume)
+    batches = cut_frames(source, frame_target)
     while True:
         chunk = await offload(_next_frame, batches, compressor)
         if chunk is None:
@@ -249,6 +270,12 @@ async def _send_range(
     digest = await offload(repo.history_hash, request.timeline_id, request.upto)
     end = RangeEnd(request.timeline_id, request.upto, records, nbytes, digest)
     await _write(channel, encode_frame(FrameType.RANGE_END, end.encode()), reader, timeout)
+
+
+def _images(repo: Repository, tid: TimelineId, lsn: Lsn) -> Iterator[Record]:
+    """A shallow copy's base: every key's value at ``lsn`` as an image at ``lsn``."""
+    for key, value in repo.materialize(tid, lsn):
+        yield Record(key, lsn, RecordKind.IMAGE, value)
 
 
 def _next_frame(
