@@ -18,6 +18,7 @@ from benchmarks import (
     ingest_bench,
     pageserver_bench,
     real_push_bench,
+    shallow_bench,
     storage_bench,
     transfer_bench,
 )
@@ -37,6 +38,7 @@ def main() -> None:
         "catch-up": lambda: catchup_bench.run(5 if quick else 30, 2 if quick else 10),
         "export": lambda: export_bench.run(2 if quick else 50),
         "real_push": lambda: real_push_bench.run(2 if quick else 25),
+        "shallow": lambda: shallow_bench.run(5 if quick else 60, 2 if quick else 10),
     }
     load_before = os.getloadavg()[0]
     sections: list[Section] = []
