@@ -26,7 +26,8 @@ def run(seconds: int = 60, scale: int = 10) -> Section:
         f"A pgbench scale-{scale} source (`wal_consistency_checking=all`) imported into "
         f"pageserver A, which follows it while `pgbench -c 2 -T {seconds}` runs (its "
         "history: every page version of that load). Then `zenith push main b --since "
-        "<head>` to a fresh pageserver B (the state at the head as images, no history), "
+        "<head>` to a fresh pageserver B (the state at the head: each page's newest image and "
+        "the deltas after it, as stored; no history), "
         "timed as a whole command; and, for contrast, the full push of the same history "
         "to a fresh pageserver C. Anchor: `pg_basebackup -c fast` (plain format) of the "
         "source after the load, same machine, same run. Digests at the head compared.",
@@ -70,7 +71,8 @@ def run(seconds: int = 60, scale: int = 10) -> Section:
                 ps.stop()
     section.add(f"pg_basebackup of {size / MiB:.0f} MiB (anchor)", f"{base_s:.2f} s", "1.00")
     section.add(f"shallow push (--since the head) after {wal / MiB:.0f} MiB of WAL followed: "
-                f"{s_mib:.0f} MiB in {s_records:,} page images",
+                f"{s_mib:.0f} MiB in {s_records:,} records (each page's image and the deltas "
+                "after it)",
                 f"{shallow_s:.2f} s", f"{shallow_s / base_s:.2f}", "<= 1.5")
     section.add("  the same, transfer only (as the pageserver reports it)",
                 f"{shallow_x:.2f} s", f"{shallow_x / base_s:.2f}", "")

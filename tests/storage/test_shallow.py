@@ -59,13 +59,22 @@ def test_a_shallow_copy_reads_as_the_source_from_its_base(
         b.get_value(dev, key(0), base)
     with pytest.raises(InvalidArgument, match="receiving its base"):
         b.put_records(dev, [Record(key(0), Lsn(0x800), RecordKind.IMAGE, b"x")])
-    images = [Record(k, base, RecordKind.IMAGE, v) for k, v in a.materialize(dev, base)]
-    assert b.put_base(dev, images[:3]) == 3
-    b.put_base(dev, images[3:])
-    with pytest.raises(InvalidArgument, match="images at"):
-        b.put_base(dev, [Record(key(99), base, RecordKind.DELTA, make_patch([(0, b"x")]))])
+    # The base as the sender reads it: each key's image and the deltas after it, from
+    # dev and from main below the branch point, as stored (no redo).
+    needed = list(a.base_records(dev, base))
+    assert {r.kind for r in needed} == {RecordKind.IMAGE, RecordKind.DELTA}
+    assert any(r.lsn < Lsn(0x400) for r in needed)  # main's records
+    assert [(r.key, r.lsn) for r in needed] == sorted((r.key, r.lsn) for r in needed)
+    assert key(3) in {r.key for r in needed}  # dev's tombstone of key 3 comes later
+    assert b.put_base(dev, needed[:3]) == 3
+    b.put_base(dev, needed[3:])
+    with pytest.raises(InvalidArgument, match="at or below"):
+        b.put_base(dev, [Record(key(99), base, RecordKind.TOMBSTONE)])
+    with pytest.raises(InvalidArgument, match="at or below"):
+        b.put_base(dev, [Record(key(99), Lsn(base + 1), RecordKind.IMAGE, b"x")])
     with pytest.raises(InvalidArgument, match="two records for one key"):
-        b.put_base(dev, [images[0]])
+        b.put_base(dev, [needed[0]])
+    images = [Record(k, base, RecordKind.IMAGE, v) for k, v in a.materialize(dev, base)]
     b.finish_base(dev, a.history_hash(dev, base))
     b.put_records(dev, list(a.iter_records(dev, base, info.last_record_lsn)),
                   info.last_record_lsn, expect_hash=a.history_hash(dev, info.last_record_lsn))

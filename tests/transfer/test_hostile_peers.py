@@ -1044,10 +1044,11 @@ def test_squatted_timeline_id_is_refused_and_can_be_removed(pageserver_factory) 
 # -- shallow copies: a base (the state at one LSN) from a hostile pusher ------------------
 
 BASE_LIES: dict[str, Callable[[list[Record], Lsn], list[Record]]] = {
-    "a delta in the base": lambda rs, at: [rs[0], replace(rs[1], kind=RecordKind.DELTA)],
+    "a tombstone in the base": lambda rs, at: [rs[0], replace(rs[1], kind=RecordKind.TOMBSTONE,
+                                                              payload=b"")],
     "keys out of order": lambda rs, at: [rs[1], rs[0]],
     "one key twice": lambda rs, at: [rs[0], rs[0]],
-    "an image at another LSN": lambda rs, at: [replace(rs[0], lsn=Lsn(at - 8)), rs[1]],
+    "an image after the base's LSN": lambda rs, at: [rs[0], replace(rs[1], lsn=Lsn(at + 8))],
 }
 
 

@@ -179,8 +179,15 @@ class Repository(Protocol):
         ...
 
     def put_base(self, timeline_id: TimelineId, records: Iterable[Record]) -> int:
-        """Store images of a shallow timeline's state at its ``base_lsn`` (every record an
-        IMAGE at that LSN, each key once); outside the history hash. Returns the count."""
+        """Store a shallow timeline's base: what a read at its ``base_lsn`` needs, as
+        :meth:`base_records` gives it (images and deltas at or below that LSN, no
+        tombstones); outside the history hash. Returns the count."""
+        ...
+
+    def base_records(self, timeline_id: TimelineId, lsn: Lsn) -> Iterator[Record]:
+        """The records a read at ``lsn`` needs, key by key in key order (each key's newest
+        image at or below it and the deltas after that, across the ancestry; nothing for a
+        key without a value there): a shallow copy's base, as stored."""
         ...
 
     def finish_base(self, timeline_id: TimelineId, history_hash: bytes) -> TimelineInfo:

@@ -680,11 +680,25 @@ class SqliteRepository:
             _check_key(lo)
         if hi is not None:
             _check_key(hi)
+        chain = self._read_chain(timeline_id, lsn)
+        return self._materialize(chain, lo or bytes(KEY_SIZE), hi, cancel)
+
+    def base_records(self, timeline_id: TimelineId, lsn: Lsn) -> Iterator[Record]:
+        """The records a read at ``lsn`` needs, key by key in key order (each key's newest
+        image at or below it and the deltas after that, across the ancestry; nothing for
+        a key without a value there): a shallow copy's base, sent as stored, no redo."""
+        chain = self._read_chain(timeline_id, lsn)
+        for _key, items in self._needed_at(chain, bytes(KEY_SIZE), None, None):
+            for key, lsn_, kind, loc in items:
+                yield Record(key, Lsn(lsn_), RecordKind(kind), self._payload(loc))
+
+    def _read_chain(self, timeline_id: TimelineId, lsn: Lsn) -> list[tuple[Row, int]]:
+        """(row, bound) of the timeline and its ancestors, root first, for a read at
+        ``lsn`` (which must be readable)."""
         conn = self._conn()
         first = self._row_by_tid(conn, timeline_id)
         self._check_readable(first, check_lsn(lsn))
         row: Row | None = first
-        # (row, bound) from the root ancestor down to this timeline.
         chain: list[tuple[Row, int]] = []
         bound = int(lsn)
         while row is not None:
@@ -692,16 +706,31 @@ class SqliteRepository:
             bound = int(row[3] or 0)
             row = self._row_by_id(conn, row[2]) if row[2] is not None else None
         chain.reverse()
-        return self._materialize(chain, lo or bytes(KEY_SIZE), hi, cancel)
+        return chain
 
     def _materialize(
         self, chain: list[tuple[Row, int]], lo: bytes, hi: bytes | None,
         cancel: threading.Event | None,
     ) -> Iterator[tuple[bytes, bytes]]:
+        for key, items in self._needed_at(chain, lo, hi, cancel):
+            value = self._payload(items[0][3]) if items[0][2] == _IMAGE else None
+            for item in items[1 if items[0][2] == _IMAGE else 0:]:
+                value = redo.apply_delta(value, self._payload(item[3]))
+            if value is not None:
+                yield key, value
+
+    def _needed_at(
+        self, chain: list[tuple[Row, int]], lo: bytes, hi: bytes | None,
+        cancel: threading.Event | None,
+    ) -> Iterator[tuple[bytes, list[tuple[bytes, int, int, _Loc]]]]:
+        """For each key with records in ``[lo, hi)``, in key order, what a read at the
+        chain's bound needs: (key, lsn, kind, where) of its newest image and the deltas
+        after it (all its deltas if it has no image); keys whose newest record is a
+        tombstone are left out. Holds the read against GC while it runs."""
         first, lsn = chain[-1]
         with self._pins.hold(first[0], lsn), closing(self._open()) as conn:
             # Held from here; checked again now: a GC may have moved the readable start
-            # since materialize() looked (it then saw this pin, or the check sees it).
+            # since the caller looked (it then saw this pin, or the check sees it).
             fresh = conn.execute("SELECT min_readable_lsn FROM timelines WHERE id = ?",
                                  (first[0],)).fetchone()
             if fresh is None:
@@ -712,23 +741,24 @@ class SqliteRepository:
                                     f"{Lsn(fresh[0])} on)")
             conn.execute("BEGIN")
 
-            def stream(depth: int, tl: int, bound: int) -> Iterator[tuple[bytes, int, int, _Loc]]:
+            def stream(depth: int, tl: int, bound: int
+                       ) -> Iterator[tuple[bytes, int, int, int, _Loc]]:
                 row = chain[depth][0]
                 if hi is None:
                     cursor = conn.execute(
-                        "SELECT key, kind, off, len FROM records"
+                        "SELECT key, lsn, kind, off, len FROM records"
                         " WHERE tl = ? AND key >= ? AND lsn <= ? ORDER BY key, lsn",
                         (tl, lo, bound),
                     )
                 else:
                     cursor = conn.execute(
-                        "SELECT key, kind, off, len FROM records"
+                        "SELECT key, lsn, kind, off, len FROM records"
                         " WHERE tl = ? AND key >= ? AND key < ? AND lsn <= ? ORDER BY key, lsn",
                         (tl, lo, hi, bound),
                     )
                 while batch := cursor.fetchmany(256):
-                    for key, kind, off, length in batch:
-                        yield key, depth, kind, (row, off, length)
+                    for key, lsn_, kind, off, length in batch:
+                        yield key, depth, lsn_, kind, (row, off, length)
 
             merged = heapq.merge(
                 *(stream(d, row[0], b) for d, (row, b) in enumerate(chain)), key=lambda r: r[:2]
@@ -739,13 +769,13 @@ class SqliteRepository:
                 history = list(group)
                 # Only the newest image (or tombstone) and the deltas after it matter.
                 i = len(history) - 1
-                while i >= 0 and history[i][2] == _DELTA:
+                while i >= 0 and history[i][3] == _DELTA:
                     i -= 1
-                value = self._payload(history[i][3]) if i >= 0 and history[i][2] == _IMAGE else None
-                for item in history[i + 1 :]:
-                    value = redo.apply_delta(value, self._payload(item[3]))
-                if value is not None:
-                    yield key, value
+                if i >= 0 and history[i][3] != _IMAGE:
+                    if i == len(history) - 1:
+                        continue  # a tombstone last: no value
+                    i += 1  # deltas on no value
+                yield key, [(key, h[2], h[3], h[4]) for h in history[max(i, 0):]]
             conn.execute("COMMIT")
 
     def digest(self, timeline_id: TimelineId, lsn: Lsn, *,

@@ -266,10 +266,13 @@ def put_base(repo: SqliteRepository, timeline_id: TimelineId,
         count = 0
         for rec in records:
             rec.validate()
-            if rec.lsn != base or rec.kind is not RecordKind.IMAGE:
+            if rec.lsn > base or rec.kind is RecordKind.TOMBSTONE:
                 raise InvalidArgument(
-                    f"a base holds images at {Lsn(base)}; got a {rec.kind.name.lower()} "
-                    f"at {rec.lsn}")
+                    f"a base holds images and deltas at or below {Lsn(base)}; got a "
+                    f"{rec.kind.name.lower()} at {rec.lsn}")
+            if rec.kind is RecordKind.DELTA and not redo.is_known(rec.payload):
+                raise InvalidArgument(
+                    f"delta record at {rec.lsn} has unknown redo type {rec.payload[0]}")
             if writer is None:
                 writer = _start_frame(repo, row, txn)
             elif len(writer.entries) >= FRAME_RECORDS:

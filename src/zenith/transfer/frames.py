@@ -149,8 +149,9 @@ def encode_records(records: list[Record]) -> bytes:
     return b"".join(parts)
 
 
-def decode_records(body: bytes) -> list[Record]:
-    """A DATA body to its records, in LSN order; every length and value is checked."""
+def decode_records(body: bytes, *, lsn_order: bool = True) -> list[Record]:
+    """A DATA body to its records, in LSN order (``lsn_order=False``: a shallow copy's
+    base, in key order); every length and value is checked."""
     if len(body) < DATA_HEADER.size:
         raise TransferAborted("truncated DATA frame")
     (count,) = DATA_HEADER.unpack_from(body)
@@ -169,7 +170,7 @@ def decode_records(body: bytes) -> list[Record]:
         pos += size
         if pos + length > len(body):
             raise TransferAborted("truncated record payload in DATA frame")
-        if kind not in _KINDS or lsn < previous or lsn == 0:
+        if kind not in _KINDS or (lsn < previous and lsn_order) or lsn == 0:
             raise TransferAborted(f"invalid record (kind {kind}, lsn {lsn}) in DATA frame")
         records.append(Record(key, Lsn(lsn), _KINDS[kind], body[pos : pos + length]))
         pos += length

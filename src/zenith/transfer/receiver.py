@@ -184,6 +184,11 @@ _Decoded = concurrent.futures.Future[tuple[list[Record], list[int]]]
 _Item = _Decoded | Frame | BaseException
 
 
+def _decode_base(data: bytes) -> tuple[list[Record], list[int]]:
+    """Check and decode one DATA frame of a base (records in key order, not hashed)."""
+    return decode_records(decode_frame(data).body, lsn_order=False), []
+
+
 def _decode_data(data: bytes) -> tuple[list[Record], list[int]]:
     """Check and decode one DATA frame, and compute its records' history digests (in the
     decoding thread, beside the thread that stores the previous group)."""
@@ -228,7 +233,7 @@ class _ReadAhead:
 
 
 async def _pump(channel: Channel, ahead: _ReadAhead, decoder: concurrent.futures.Executor,
-                timeout: float) -> None:
+                timeout: float, base: bool = False) -> None:
     """Read one range's frames up to its RANGE_END, handing each DATA frame to the
     decoding thread; a failure is queued after the good frames before it. Only the frame
     type is looked at here."""
@@ -238,7 +243,8 @@ async def _pump(channel: Channel, ahead: _ReadAhead, decoder: concurrent.futures
             if len(data) >= HEADER.size and data[0] == FrameType.DATA:
                 raw_len = HEADER.unpack_from(data)[4]  # checked (bounded) when decoded
                 size = max(raw_len, len(data))
-                await ahead.put(decoder.submit(_decode_data, data), size)
+                await ahead.put(decoder.submit(_decode_base if base else _decode_data, data),
+                                size)
                 continue
             frame = decode_frame(data)
             if frame.type is not FrameType.RANGE_END:
@@ -306,9 +312,10 @@ def _create(repo: Repository, item: Send) -> None:
 
 
 def _apply_base(repo: Repository, tid: TimelineId, frames: list[_Decoded], at: Lsn,
-                after_key: bytes) -> tuple[_Applied, bytes]:
-    """Check a base's decoded frames (images at ``at``, keys ascending past ``after_key``)
-    and store them in one transaction; the last key. Runs in a worker thread."""
+                after: tuple[bytes, int]) -> tuple[_Applied, tuple[bytes, int]]:
+    """Check a base's decoded frames (records at or below ``at``, in (key, lsn) order past
+    ``after``: each key's image and the deltas after it) and store them in one
+    transaction; the last (key, lsn). Runs in a worker thread."""
     batch: list[Record] = []
     failure: TransferAborted | None = None
     for decoded in frames:
@@ -318,19 +325,20 @@ def _apply_base(repo: Repository, tid: TimelineId, frames: list[_Decoded], at: L
             failure = exc
             break
         for rec in records:
-            if rec.lsn != at or rec.kind is not RecordKind.IMAGE or rec.key <= after_key:
+            if rec.lsn > at or rec.kind is RecordKind.TOMBSTONE \
+                    or (rec.key, int(rec.lsn)) <= after:
                 failure = TransferAborted(
-                    f"base of timeline {tid}: a {rec.kind.name} of key {rec.key.hex()} at "
-                    f"{rec.lsn} is not the next key's image at {at}")
+                    f"base of timeline {tid}: a {rec.kind.name.lower()} of key "
+                    f"{rec.key.hex()} at {rec.lsn} is not a next record at or below {at}")
                 break
-            after_key = rec.key
+            after = (rec.key, int(rec.lsn))
             batch.append(rec)
         if failure is not None:
             break
     repo.put_base(tid, batch)
     if failure is not None:
         raise failure
-    return _Applied(len(batch), sum(len(r.payload) for r in batch), at), after_key
+    return _Applied(len(batch), sum(len(r.payload) for r in batch), at), after
 
 
 async def _receive_range(
@@ -347,10 +355,10 @@ async def _receive_range(
     records, nbytes = 0, 0
     end: RangeEnd | None = None
     last = request.resume.lsn if request.resume else request.after
-    base_key = b""  # a base's keys come in ascending order, each once
+    base_at = (b"", 0)  # a base's records come in (key, lsn) order
     ahead = _ReadAhead()
     decoder = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="zenith-decode")
-    pump = asyncio.create_task(_pump(channel, ahead, decoder, timeout))
+    pump = asyncio.create_task(_pump(channel, ahead, decoder, timeout, request.base))
     try:
         while True:
             group = await ahead.take_group()
@@ -359,8 +367,8 @@ async def _receive_range(
                 # One transaction for every frame that arrived while the last one
                 # committed: the commit rate follows fsync's latency, not the frame rate.
                 if request.base:
-                    applied, base_key = await offload(
-                        _apply_base, repo, request.timeline_id, data, request.after, base_key)
+                    applied, base_at = await offload(
+                        _apply_base, repo, request.timeline_id, data, request.after, base_at)
                     published, pending = request.after, None
                 else:
                     applied, published, pending = await offload(

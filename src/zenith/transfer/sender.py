@@ -18,9 +18,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from zenith.errors import PushRejected, TransferAborted
-from zenith.ids import TimelineId
-from zenith.lsn import Lsn
-from zenith.storage import Record, RecordKind, Repository, TimelineInfo
+from zenith.storage import Record, Repository, TimelineInfo
 from zenith.transfer.channel import (
     Channel,
     read_message,
@@ -249,7 +247,8 @@ async def _send_range(
         request, state.records_total, state.bytes_total).encode()), reader, timeout)
     records, nbytes = 0, 0
     if request.base:
-        source: Iterator[Record] = _images(repo, request.timeline_id, request.after)
+        # What a read at the base needs, as stored (no redo here or there).
+        source: Iterator[Record] = repo.base_records(request.timeline_id, request.after)
     else:
         source = repo.iter_records(request.timeline_id, request.after, request.upto,
                                    skip=request.resume)
@@ -270,12 +269,6 @@ async def _send_range(
     digest = await offload(repo.history_hash, request.timeline_id, request.upto)
     end = RangeEnd(request.timeline_id, request.upto, records, nbytes, digest)
     await _write(channel, encode_frame(FrameType.RANGE_END, end.encode()), reader, timeout)
-
-
-def _images(repo: Repository, tid: TimelineId, lsn: Lsn) -> Iterator[Record]:
-    """A shallow copy's base: every key's value at ``lsn`` as an image at ``lsn``."""
-    for key, value in repo.materialize(tid, lsn):
-        yield Record(key, lsn, RecordKind.IMAGE, value)
 
 
 def _next_frame(
