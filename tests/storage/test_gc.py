@@ -44,12 +44,16 @@ ops = st.lists(st.one_of(
     # LSN while GC runs: neither may see a version missing.
     st.tuples(st.just("push"), st.integers(0, 3), st.floats(0, 1)),
     st.tuples(st.just("export"), st.integers(0, 3), st.floats(0, 1)),
+    # A shallow copy of a branch to another repository from a readable LSN (after GCs):
+    # it reads as the model from there on.
+    st.tuples(st.just("copy"), st.integers(0, 3), st.floats(0, 1)),
 ), min_size=3, max_size=25)
 
 
 class Harness:
-    def __init__(self, repo: SqliteRepository) -> None:
+    def __init__(self, repo: SqliteRepository, other: SqliteRepository | None = None) -> None:
         self.repo = repo
+        self.other = other
         self.model = Model()
         self.lsn = 0x100
         self.readable: dict[TimelineId, int] = {}
@@ -133,6 +137,24 @@ class Harness:
                 assert self.repo.get_value(tid, key, Lsn(at)) == self.model.value(tid, key, at)
         assert self.readable[tid] <= at
 
+    def copy(self, name: str, pick: float) -> None:
+        """A shallow copy, as a transfer makes it: the records a read at ``at`` needs,
+        the history hash there, then the records after it, checked by their hash."""
+        assert self.other is not None
+        tid = self.model.branches[name]
+        tl = self.model.timelines[tid]
+        lsns = self.points(tid)
+        at = Lsn(lsns[int(pick * (len(lsns) - 1))])
+        copy = TimelineId.generate()
+        self.other.create_shallow_timeline(copy, None, at)
+        self.other.put_base(copy, self.repo.base_records(tid, at))
+        self.other.finish_base(copy, self.repo.history_hash(tid, at))
+        last = Lsn(tl.last)
+        self.other.put_records(copy, list(self.repo.iter_records(tid, at, last)), last,
+                               expect_hash=self.repo.history_hash(tid, last))
+        for x in (p for p in lsns if p >= at):
+            assert self.other.digest(copy, Lsn(x)) == self.model.digest(tid, x), hex(x)
+
     def points(self, tid: TimelineId) -> list[int]:
         """LSNs worth reading on ``tid``: every record LSN and its readable start."""
         tl = self.model.timelines[tid]
@@ -157,8 +179,9 @@ def test_gc_keeps_every_promised_read(tmp_path_factory: pytest.TempPathFactory,
                                       program: list[tuple[object, ...]]) -> None:
     path = tmp_path_factory.mktemp("gc") / "r.db"
     repo = open_repository(path, durable=False)
+    other = open_repository(path.with_name("o.db"), durable=False)
     try:
-        h = Harness(repo)
+        h = Harness(repo, other)
         for op in program:
             if op[0] == "write":
                 h.write(h.branch(int(op[1])), list(op[2]))  # type: ignore[arg-type]
@@ -168,11 +191,14 @@ def test_gc_keeps_every_promised_read(tmp_path_factory: pytest.TempPathFactory,
                 h.gc(h.branch(int(op[1])), float(op[2]))  # type: ignore[arg-type]
             elif op[0] == "push":
                 h.push_during_gc(h.branch(int(op[1])), float(op[2]))  # type: ignore[arg-type]
+            elif op[0] == "copy":
+                h.copy(h.branch(int(op[1])), float(op[2]))  # type: ignore[arg-type]
             else:
                 h.export_during_gc(h.branch(int(op[1])), float(op[2]))  # type: ignore[arg-type]
             h.check()
     finally:
         repo.close()
+        other.close()
 
 
 def test_gc_removes_what_nothing_reads_and_counts_it(tmp_path: Path) -> None:
