@@ -688,9 +688,15 @@ class SqliteRepository:
         image at or below it and the deltas after that, across the ancestry; nothing for
         a key without a value there): a shallow copy's base, sent as stored, no redo."""
         chain = self._read_chain(timeline_id, lsn)
+        files: dict[int, DataFile] = {}  # opened on first use: an empty timeline has none
+        kinds = {int(k): k for k in RecordKind}
         for _key, items in self._needed_at(chain, bytes(KEY_SIZE), None, None):
-            for key, lsn_, kind, loc in items:
-                yield Record(key, Lsn(lsn_), RecordKind(kind), self._payload(loc))
+            for key, lsn_, kind, (row, off, length) in items:
+                f = files.get(row[0])
+                if f is None:
+                    f = files[row[0]] = self._file(row)
+                payload = f.pread(off, length) if length else b""
+                yield Record(key, Lsn(lsn_), kinds[kind], payload)
 
     def _read_chain(self, timeline_id: TimelineId, lsn: Lsn) -> list[tuple[Row, int]]:
         """(row, bound) of the timeline and its ancestors, root first, for a read at
