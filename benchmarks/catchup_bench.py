@@ -117,9 +117,10 @@ def recorded_chunks(limit: int | None = None, skip: int = 0, src: Path = WAL_DIR
 
 
 def replay(limit: int | None = None, skip: int = 0, *, durable: bool = True) -> tuple[
-        float, float, int]:
+        float, float, int, int]:
     """Replay the recorded stream (from ``skip`` bytes on, ``limit`` bytes of it) into a
-    fresh repository: ``(seconds, cpu seconds, WAL bytes)``."""
+    fresh repository: ``(seconds, cpu seconds, WAL bytes, bytes the repository takes on
+    disk)``."""
     start, _end, chunks = recorded_chunks(limit, skip)
     data = list(chunks)  # read before the clock starts: the files may not be cached
     with tempfile.TemporaryDirectory(prefix="zenith-bench-", dir=os.environ.get("TMPDIR")) as d:
@@ -136,7 +137,8 @@ def replay(limit: int | None = None, skip: int = 0, *, durable: bool = True) -> 
             done = ingest.last_lsn
         finally:
             repo.close()
-    return wall, cpu, done - start
+        stored = sum(p.stat().st_blocks * 512 for p in Path(d).rglob("*") if p.is_file())
+    return wall, cpu, done - start, stored
 
 
 # -- the section: pageserver and standby, stopped during pgbench ------------------------------
@@ -202,9 +204,11 @@ def run(seconds: int = 30, scale: int = 10) -> Section:
                 f"{ps_cpu / (backlog / 1024):.1f} CPU s/GiB)",
                 f"{ps_rate / standby_rate:.2f}", ">= 0.5")
     if (WAL_DIR / "meta.json").exists():
-        wall, cpu, n = replay(REPLAY_BYTES, REPLAY_SKIP)
+        wall, cpu, n, stored = replay(REPLAY_BYTES, REPLAY_SKIP)
         section.add("recorded stream replayed from files",
                     f"{n / MiB / wall:.0f} MiB/s, {cpu / (n / (1 << 30)):.1f} CPU s/GiB")
+        section.add("  repository size per MiB of that WAL (index, data files; no "
+                    "compaction yet)", f"{stored / n:.3f} MiB", "", "<= 0.1")
     return section
 
 
@@ -272,13 +276,14 @@ def main(argv: list[str]) -> None:
 
             prof = cProfile.Profile()
             prof.enable()
-            wall, cpu, n = replay(limit, skip)
+            wall, cpu, n, stored = replay(limit, skip)
             prof.disable()
             pstats.Stats(prof).sort_stats("tottime").print_stats(30)
         else:
-            wall, cpu, n = replay(limit, skip)
+            wall, cpu, n, stored = replay(limit, skip)
         print(f"{n / MiB:.0f} MiB of WAL in {wall:.2f} s: {n / MiB / wall:.1f} MiB/s, "
-              f"{cpu / (n / (1 << 30)):.1f} CPU s/GiB")
+              f"{cpu / (n / (1 << 30)):.1f} CPU s/GiB, {stored / n:.3f} bytes stored per "
+              "byte of WAL")
     elif what == "run":
         run(int(argv[1]) if len(argv) > 1 else 30)
 

@@ -127,3 +127,54 @@ def test_encoder_against_the_plain_values(tmp_path: Path) -> None:
         assert enc.encoded > 50 and enc.saved > 50 * 4096
     finally:
         repo.close()
+
+
+def test_compressed_images_read_collect_and_travel_as_images(tmp_path: Path) -> None:
+    """ZIMAGE: the encoder stores a compressible whole image compressed; every reader gets
+    the value, GC treats it as an image (nothing before it is needed), a DATA frame and a
+    shallow base carry it as stored; an incompressible image stays as it is."""
+    from zenith.storage.encode import VersionEncoder
+    from zenith.storage.redo import pack_image, unpack_image
+    from zenith.transfer.frames import decode_records, encode_records
+
+    page = os.urandom(1500) + bytes(6692)  # compresses to about a fifth
+    noise = os.urandom(8192)
+    assert pack_image(noise) is None
+    with pytest.raises(InvalidArgument, match="corrupt compressed image"):
+        unpack_image(b"not zstd")
+    encoder = VersionEncoder()
+    k1, k2 = bytes(17) + b"\x01", bytes(17) + b"\x02"
+    first = encoder.encode([Record(k1, Lsn(0x100), RecordKind.IMAGE, page),
+                            Record(k2, Lsn(0x100), RecordKind.IMAGE, noise)])
+    assert [r.kind for r in first] == [RecordKind.ZIMAGE, RecordKind.IMAGE]
+    assert len(first[0].payload) < len(page) // 4 and encoder.packed == 1
+    changed = bytearray(page)
+    changed[10:20] = os.urandom(10)
+    second = encoder.encode([Record(k1, Lsn(0x200), RecordKind.IMAGE, bytes(changed))])
+    assert second[0].kind is RecordKind.DELTA  # an XOR on the value, not on its packing
+    assert decode_records(encode_records(first)) == first
+
+    repo = open_repository(tmp_path / "r.db", durable=False)
+    other = open_repository(tmp_path / "o.db", durable=False)
+    try:
+        tid = repo.create_branch("main").timeline.timeline_id
+        repo.put_records(tid, [Record(k1, Lsn(0x80), RecordKind.IMAGE, noise)])
+        repo.put_records(tid, first)
+        repo.put_records(tid, second)
+        assert repo.get_value(tid, k1, Lsn(0x100)) == page
+        assert repo.get_value(tid, k1, Lsn(0x200)) == bytes(changed)
+        assert dict(repo.materialize(tid, Lsn(0x200))) == {k1: bytes(changed), k2: noise}
+        # The compressed image at 0x100 is k1's base at the horizon: 0x80 goes.
+        assert repo.gc(tid, Lsn(0x200)).records_removed == 1
+        assert repo.get_value(tid, k1, Lsn(0x200)) == bytes(changed)
+        base = list(repo.base_records(tid, Lsn(0x200)))
+        assert [(r.key, r.kind) for r in base] == [
+            (k1, RecordKind.ZIMAGE), (k1, RecordKind.DELTA), (k2, RecordKind.IMAGE)]
+        copy = repo.get_timeline(tid).timeline_id
+        other.create_shallow_timeline(copy, None, Lsn(0x200))
+        other.put_base(copy, base)
+        other.finish_base(copy, repo.history_hash(tid, Lsn(0x200)))
+        assert other.digest(copy, Lsn(0x200)) == repo.digest(tid, Lsn(0x200))
+    finally:
+        repo.close()
+        other.close()

@@ -81,7 +81,7 @@ from zenith.postgres.redostate import (
 from zenith.postgres.waldecoder import BlockImage, DecodedRecord, RelFileNode
 from zenith.storage import Record, RecordKind, Repository, WriteResult
 from zenith.storage.encode import VersionEncoder
-from zenith.storage.redo import apply_delta
+from zenith.storage.redo import apply_delta, unpack_image
 
 BLCKSZ: Final = pgc.BLCKSZ
 _PAGE_HEADER: Final = pgc.maxalign(pgc.SIZE_OF_PAGE_HEADER_DATA)
@@ -291,6 +291,8 @@ class WalIngest:
                 continue
             if rec.kind is _IMAGE:
                 values[rec.key] = rec.payload
+            elif rec.kind is RecordKind.ZIMAGE:
+                values[rec.key] = unpack_image(rec.payload)
             elif rec.kind is _TOMB:
                 values[rec.key] = None
             else:

@@ -33,6 +33,9 @@ class RecordKind(IntEnum):
     IMAGE = 0  # the whole value at that LSN
     DELTA = 1  # a change on top of the previous value, applied by the redo registry
     TOMBSTONE = 2  # the key has no value from that LSN on
+    #: The whole value at that LSN, zstd-compressed (a frame with its content size): an
+    #: image to every reader, GC and transfer, stored in less space (``redo.unpack``).
+    ZIMAGE = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +59,8 @@ class Record:
             raise InvalidArgument("a tombstone carries no payload")
         if self.kind is RecordKind.DELTA and not self.payload:
             raise InvalidArgument("a delta needs a payload naming its redo type")
+        if self.kind is RecordKind.ZIMAGE and not self.payload:
+            raise InvalidArgument("a compressed image needs a payload")
 
 
 class _RecordSlots:

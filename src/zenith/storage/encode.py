@@ -8,7 +8,9 @@ most ``max_bytes``) and rewrites a batch of records in place of the writer. It m
 every record the writer stores, in order: a delta it cannot apply (a key it does not
 hold) or a tombstone makes it forget the key, and the next image of it is stored whole.
 A new encoder (a restarted writer) starts with nothing and stores images whole at first:
-what is stored is always correct, only smaller when the encoder remembers.
+what is stored is always correct, only smaller when the encoder remembers. A whole image
+of at least :data:`MIN_SIZE` bytes is stored zstd-compressed (``RecordKind.ZIMAGE``) when
+that saves a quarter or more.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from collections.abc import Iterable
 from typing import Final
 
 from zenith.storage.api import Record, RecordKind
-from zenith.storage.redo import apply_delta, make_xor_delta
+from zenith.storage.redo import apply_delta, make_xor_delta, pack_image
 
 #: A key's versions between two whole images: a read applies at most IMAGE_EVERY - 1
 #: deltas on top of an image (each about 20 µs for an 8 KiB page).
@@ -27,7 +29,7 @@ IMAGE_EVERY: Final = 16
 MIN_SIZE: Final = 1024
 DEFAULT_MAX_BYTES: Final = 128 * 1024 * 1024
 
-_IMAGE, _DELTA = RecordKind.IMAGE, RecordKind.DELTA
+_IMAGE, _DELTA, _ZIMAGE = RecordKind.IMAGE, RecordKind.DELTA, RecordKind.ZIMAGE
 
 
 class VersionEncoder:
@@ -35,8 +37,9 @@ class VersionEncoder:
         self.max_bytes = max_bytes
         self._values: OrderedDict[bytes, tuple[bytes, int]] = OrderedDict()
         self._bytes = 0
-        #: Images stored as deltas, and the bytes that saved.
+        #: Images stored as deltas, images stored compressed, and the bytes that saved.
         self.encoded = 0
+        self.packed = 0
         self.saved = 0
 
     def encode(self, records: Iterable[Record]) -> list[Record]:
@@ -56,11 +59,16 @@ class VersionEncoder:
                     self.encoded += 1
                     self.saved += len(value) - len(delta)
                     return Record(key, rec.lsn, _DELTA, delta)
-            if len(value) >= MIN_SIZE:
-                self._remember(key, value, 0)
-            else:
+            if len(value) < MIN_SIZE:
                 self._forget(key)
-            return rec
+                return rec
+            self._remember(key, value, 0)
+            packed = pack_image(value)
+            if packed is None:
+                return rec
+            self.packed += 1
+            self.saved += len(value) - len(packed)
+            return Record(key, rec.lsn, _ZIMAGE, packed)
         if rec.kind is _DELTA and known is not None:
             try:
                 after = apply_delta(known[0], rec.payload)

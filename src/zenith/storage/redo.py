@@ -101,6 +101,22 @@ def _zstd() -> tuple[Any, Any]:
     return pair  # type: ignore[no-any-return,unused-ignore]
 
 
+def pack_image(value: bytes) -> bytes | None:
+    """A compressed image (``RecordKind.ZIMAGE``) of ``value``, or None when it would not
+    save at least a quarter (store the image as it is then)."""
+    body: bytes = _zstd()[0].compress(value)
+    return body if len(body) <= len(value) * 3 // 4 else None
+
+
+def unpack_image(payload: bytes) -> bytes:
+    """The value a ``ZIMAGE`` record holds (bounded: a payload is at most 64 MiB)."""
+    try:
+        value: bytes = _zstd()[1].decompress(payload, max_output_size=MAX_VALUE)
+    except Exception as exc:  # zstd.ZstdError: corrupt, or no content size
+        raise InvalidArgument(f"corrupt compressed image: {exc}") from None
+    return value
+
+
 def make_xor_delta(base: bytes, new: bytes) -> bytes | None:
     """A delta that turns ``base`` into ``new`` (same length), or None when it would not
     be at most half the size of ``new`` (store the image then)."""

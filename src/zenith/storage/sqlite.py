@@ -88,6 +88,9 @@ FULL_SWEEP_EVERY: Final = 16
 #: Keys between two looks at a cancellation event (a few milliseconds of work).
 CANCEL_CHECK_EVERY: Final = 256
 _IMAGE: Final = int(RecordKind.IMAGE)
+_ZIMAGE: Final = int(RecordKind.ZIMAGE)
+#: The kinds that hold a whole value (a read needs nothing before them).
+_IMAGES: Final = (_IMAGE, _ZIMAGE)
 _DELTA: Final = int(RecordKind.DELTA)
 
 #: Where a payload is: the timeline's row, offset, length.
@@ -533,6 +536,7 @@ class SqliteRepository:
         row: Row | None = first
         deltas: list[_Loc] = []
         base: _Loc | None = None
+        zipped = False
         bound = int(lsn)
         while row is not None:
             found = False
@@ -548,7 +552,8 @@ class SqliteRepository:
                             f"key {key.hex()} at {lsn} needs more than {max_deltas} deltas "
                             "applied: refused")
                     continue
-                base = (row, off, length) if kind == _IMAGE else None
+                base = (row, off, length) if kind in _IMAGES else None
+                zipped = kind == _ZIMAGE
                 found = True
                 break
             if found or row[2] is None:
@@ -556,6 +561,8 @@ class SqliteRepository:
             bound = int(row[3] or 0)
             row = self._row_by_id(conn, row[2])
         value = None if base is None else self._payload(base)
+        if value is not None and zipped:
+            value = redo.unpack_image(value)
         for loc in reversed(deltas):
             value = redo.apply_delta(value, self._payload(loc))
         return value
@@ -719,8 +726,11 @@ class SqliteRepository:
         cancel: threading.Event | None,
     ) -> Iterator[tuple[bytes, bytes]]:
         for key, items in self._needed_at(chain, lo, hi, cancel):
-            value = self._payload(items[0][3]) if items[0][2] == _IMAGE else None
-            for item in items[1 if items[0][2] == _IMAGE else 0:]:
+            head = items[0][2]
+            value = self._payload(items[0][3]) if head in _IMAGES else None
+            if value is not None and head == _ZIMAGE:
+                value = redo.unpack_image(value)
+            for item in items[1 if head in _IMAGES else 0:]:
                 value = redo.apply_delta(value, self._payload(item[3]))
             if value is not None:
                 yield key, value
@@ -777,7 +787,7 @@ class SqliteRepository:
                 i = len(history) - 1
                 while i >= 0 and history[i][3] == _DELTA:
                     i -= 1
-                if i >= 0 and history[i][3] != _IMAGE:
+                if i >= 0 and history[i][3] not in _IMAGES:
                     if i == len(history) - 1:
                         continue  # a tombstone last: no value
                     i += 1  # deltas on no value
