@@ -182,10 +182,15 @@ def test_schema_4_is_migrated_to_whole_timelines(tmp_path: Path) -> None:
     repo = open_repository(path)
     tid = repo.create_branch("main").timeline.timeline_id
     repo.put_records(tid, history([3, 2]), Lsn(200))
+    other = repo.create_branch("collected").timeline.timeline_id
+    repo.put_records(other, history([3, 2]), Lsn(200))
     repo.close()
     with sqlite3.connect(path) as conn:  # back to the version 4 layout
         for column in V5_COLUMNS:
             conn.execute(f"ALTER TABLE timelines DROP COLUMN {column}")
+        # as a schema-4 GC leaves it: readable from 150, some bytes removed below
+        conn.execute("UPDATE timelines SET min_readable_lsn = 150, garbage = 10"
+                     " WHERE timeline_id = ?", (bytes(other),))
         conn.execute("UPDATE meta SET value = '4' WHERE name = 'schema_version'")
     repo = open_repository(path)
     try:
@@ -193,6 +198,8 @@ def test_schema_4_is_migrated_to_whole_timelines(tmp_path: Path) -> None:
         assert (info.collected_lsn, info.base_lsn, info.base_complete) == (Lsn(0), None, True)
         assert info.history_start == Lsn(0)
         assert len(list(repo.iter_records(tid, Lsn(0), Lsn(200)))) == 5
+        # Where GC removed records, the history is whole only from its horizon on.
+        assert repo.get_timeline(other).history_start == Lsn(150)
     finally:
         repo.close()
 

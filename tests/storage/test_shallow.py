@@ -146,3 +146,11 @@ def test_the_hash_at_the_horizon_survives_the_records_gc_removes(
     expected = {lsn: a.history_hash(tid, lsn) for lsn in (cut, Lsn(0x303), Lsn(0x403))}
     assert a.gc(tid, cut).records_removed == 7  # rounds 1-2 of keys 0-2, round 1 of key 3
     assert {lsn: a.history_hash(tid, lsn) for lsn in expected} == expected
+
+
+def test_a_shallow_timeline_cannot_descend_from_itself(
+        repos: tuple[SqliteRepository, SqliteRepository]) -> None:
+    _, b = repos
+    tid = TimelineId.generate()
+    with pytest.raises(InvalidArgument, match="descend from itself"):
+        b.create_shallow_timeline(tid, (tid, Lsn(0x100)), Lsn(0x200))

@@ -178,3 +178,33 @@ def test_compressed_images_read_collect_and_travel_as_images(tmp_path: Path) -> 
     finally:
         repo.close()
         other.close()
+
+
+def test_a_compressed_value_that_declares_too_much_is_refused_when_stored(
+        tmp_path: Path) -> None:
+    """zstd allocates what a frame declares, whatever bound the caller gives: a ZIMAGE or
+    an XOR delta is checked on its declared size, and a bomb never gets stored."""
+    import zstandard
+
+    from zenith.storage.redo import MAX_VALUE, unpack_image
+
+    bomb = zstandard.ZstdCompressor(level=19).compress(bytes(MAX_VALUE + 1))
+    assert len(bomb) < 100_000
+    sizeless = zstandard.ZstdCompressor(write_content_size=False).compress(bytes(8192))
+    repo = open_repository(tmp_path / "r.db", durable=False)
+    try:
+        tid = repo.create_branch("main").timeline.timeline_id
+        for payload, fragment in ((bomb, "more than 64 MiB"), (b"not zstd", "corrupt"),
+                                  (sizeless, "declares no size")):
+            with pytest.raises(InvalidArgument, match=fragment):
+                repo.put_records(tid, [Record(bytes(18), Lsn(0x100), RecordKind.ZIMAGE,
+                                              payload)])
+            with pytest.raises(InvalidArgument, match=fragment):
+                unpack_image(payload)
+        assert repo.get_timeline(tid).last_record_lsn == Lsn(0)  # nothing stored
+        page = bytes(8192)
+        big = bytes([XOR_ZSTD]) + zstandard.ZstdCompressor().compress(bytes(2 * 8192))
+        with pytest.raises(InvalidArgument, match="another size"):
+            apply_delta(page, big)
+    finally:
+        repo.close()

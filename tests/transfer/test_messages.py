@@ -106,6 +106,9 @@ def _json(ftype: FrameType, value: object) -> bytes:
     (Offer, {"version": 3, "chain": [{**json.loads(Offer((ROOT,)).encode())["chain"][0],
                                       "history_from": "1/0"}],
              "compression": []}),  # history after its end
+    (Offer, {"version": 3, "chain": [{**json.loads(Offer((CHILD,)).encode())["chain"][0],
+                                      "ancestor_id": str(CHILD.timeline_id)}],
+             "compression": []}),  # its own ancestor
     (Ack, {"timeline_id": str(ROOT.timeline_id), "lsn": "not an lsn"}),
     (Ack, {"timeline_id": str(ROOT.timeline_id), "lsn": 5}),
     (Summary, {"records": -1, "bytes": 0}),

@@ -236,3 +236,46 @@ def test_a_held_timeline_behind_collected_history_is_refused(
     _, p = plan(src, dst, "main", tid)
     assert p.status is Status.REJECTED
     assert "holds its history only from" in p.message and "shallow" in p.message
+
+
+def _shallow_copy(src: SqliteRepository, dst: SqliteRepository, tid: TimelineId, at: Lsn,
+                  name: str) -> None:
+    """What a shallow transfer of ``tid`` from ``at`` leaves on ``dst``."""
+    tl = src.get_timeline(tid)
+    dst.create_shallow_timeline(tid, (tl.ancestor_id, tl.ancestor_lsn)
+                                if tl.ancestor_id and tl.ancestor_lsn is not None else None, at)
+    dst.put_base(tid, src.base_records(tid, at))
+    dst.finish_base(tid, src.history_hash(tid, at))
+    dst.put_records(tid, list(src.iter_records(tid, at, tl.last_record_lsn)),
+                    tl.last_record_lsn, expect_hash=src.history_hash(tid, tl.last_record_lsn))
+    dst.set_branch(name, tid)
+
+
+def test_a_branch_on_a_shallow_copy_is_diverged_not_missing(
+        src: SqliteRepository, dst: SqliteRepository) -> None:
+    main = src.create_branch("main").timeline.timeline_id
+    fill(src, main, range(0x100, 0x110))
+    dev = src.create_branch("dev", "main", Lsn(0x104)).timeline.timeline_id
+    fill(src, dev, range(0x120, 0x128))
+    _shallow_copy(src, dst, dev, Lsn(0x124), "dev")  # its ancestor main is not held there
+    other = src.create_branch("other").timeline.timeline_id
+    fill(src, other, range(0x200, 0x204))
+    _, p = plan(src, dst, "dev", other)
+    assert p.status is Status.REJECTED and "diverged" in p.message
+    _, p = plan(src, dst, "dev", other, force=True)
+    assert p.status is Status.FORCED
+
+
+def test_a_branch_leaving_a_shallow_copy_below_its_base_gets_a_base_of_its_own(
+        src: SqliteRepository, dst: SqliteRepository) -> None:
+    main = src.create_branch("main").timeline.timeline_id
+    fill(src, main, range(0x100, 0x110))
+    dev = src.create_branch("dev", "main", Lsn(0x104)).timeline.timeline_id
+    fill(src, dev, range(0x120, 0x128))
+    _shallow_copy(src, dst, main, Lsn(0x108), "main")
+    points, p = plan(src, dst, "dev", dev)
+    assert points == []  # main is not whole there at 0x104: nothing to prove on it
+    assert p.status is Status.NEW, p.message
+    assert [(s.request.timeline_id, s.request.after, s.request.base) for s in p.sends] == \
+        [(dev, Lsn(0x104), True), (dev, Lsn(0x104), False)]
+    assert "shallow: history from 0/104" in p.message

@@ -105,3 +105,20 @@ def test_a_push_to_a_new_server_sends_what_its_window_needs(pageserver_factory) 
     # Its default window (7 days) keeps all of a branch written just now: a full push.
     full = laptop.cli("push", "other", "cloud", check=True).stdout
     assert "shallow" not in full and records_sent(full) == 30
+
+
+def test_a_branch_leaving_a_shallow_copy_below_its_base(pageserver_factory) -> None:
+    laptop, cloud = pageserver_factory(name="laptop"), pageserver_factory(name="cloud")
+    laptop.cli("origin", "add", "cloud", cloud.uri(), check=True)
+    laptop.cli("generate", "main", "--pages", "60", "--rounds", "2", check=True)
+    fork = lsn_of(laptop, "main")
+    laptop.cli("branch", "create", "dev", "--from", f"main@{fork}", check=True)
+    laptop.cli("generate", "dev", "--pages", "5", "--seed", "3", check=True)
+    laptop.cli("generate", "main", "--pages", "60", "--seed", "4", check=True)
+    laptop.cli("push", "main", "cloud", "--since", lsn_of(laptop, "main"), check=True)
+    # cloud holds main only from its head: dev leaves it before, so dev gets a base of its
+    # own (its branch point's state) instead of main's history, and says so.
+    out = laptop.cli("push", "dev", "cloud", check=True).stdout
+    assert f"shallow: history from {fork} on" in out, out
+    assert cloud.digest("dev") == laptop.digest("dev")
+    assert cloud.digest("main") == laptop.digest("main")

@@ -108,11 +108,34 @@ def pack_image(value: bytes) -> bytes | None:
     return body if len(body) <= len(value) * 3 // 4 else None
 
 
+def _declared_size(payload: bytes, what: str) -> int:
+    """The content size a zstd frame declares. zstd allocates what a frame declares
+    whatever ``max_output_size`` says, so every bound is checked on this first; a frame
+    without one (or not a frame) is refused."""
+    try:
+        import zstandard
+
+        size = int(zstandard.frame_content_size(payload))
+    except Exception as exc:  # zstd.ZstdError: not a zstd frame
+        raise InvalidArgument(f"corrupt {what}: {exc}") from None
+    if size < 0:
+        raise InvalidArgument(f"corrupt {what}: its frame declares no size")
+    return size
+
+
+def check_image(payload: bytes) -> None:
+    """Refuse a ``ZIMAGE`` payload that is no zstd frame or declares more than 64 MiB
+    (checked when stored, so a peer cannot leave a bomb for later readers)."""
+    if _declared_size(payload, "compressed image") > MAX_VALUE:
+        raise InvalidArgument("a compressed image declares more than 64 MiB")
+
+
 def unpack_image(payload: bytes) -> bytes:
-    """The value a ``ZIMAGE`` record holds (bounded: a payload is at most 64 MiB)."""
+    """The value a ``ZIMAGE`` record holds (at most 64 MiB)."""
+    check_image(payload)
     try:
         value: bytes = _zstd()[1].decompress(payload, max_output_size=MAX_VALUE)
-    except Exception as exc:  # zstd.ZstdError: corrupt, or no content size
+    except Exception as exc:  # zstd.ZstdError: corrupt
         raise InvalidArgument(f"corrupt compressed image: {exc}") from None
     return value
 
@@ -133,6 +156,8 @@ def make_xor_delta(base: bytes, new: bytes) -> bytes | None:
 def _apply_xor(base: bytes | None, body: bytes) -> bytes:
     if base is None:
         raise InvalidArgument("an XOR delta needs the value before it")
+    if _declared_size(body, "XOR delta") != len(base):
+        raise InvalidArgument(f"XOR delta for a value of another size than {len(base)}")
     try:
         diff = _zstd()[1].decompress(body, max_output_size=len(base))
     except Exception as exc:  # zstd.ZstdError: a corrupt delta

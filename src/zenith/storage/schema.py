@@ -151,6 +151,9 @@ _MIGRATE_4_TO_5: Final = (
     "ALTER TABLE timelines ADD COLUMN base_lsn INTEGER",
     "ALTER TABLE timelines ADD COLUMN foreign_ancestor BLOB",
     "ALTER TABLE timelines ADD COLUMN base_done INTEGER NOT NULL DEFAULT 1",
+    # GC removed records below its horizon where it counted garbage: the history is whole
+    # only from the readable start on there.
+    "UPDATE timelines SET collected_lsn = min_readable_lsn WHERE garbage > 0",
 )
 
 

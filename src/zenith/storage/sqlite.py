@@ -237,6 +237,8 @@ class SqliteRepository:
         """See :meth:`Repository.create_shallow_timeline`."""
         tid = TimelineId(timeline_id)
         base = check_lsn(base_lsn)
+        if ancestor is not None and ancestor[0] == tid:
+            raise InvalidArgument(f"timeline {tid} cannot descend from itself")
         if ancestor is not None and not check_lsn(ancestor[1]) <= base:
             raise InvalidArgument(f"base LSN {base} is before the timeline's start {ancestor[1]}")
         with self._transaction() as conn:
@@ -298,6 +300,9 @@ class SqliteRepository:
             raise LsnOutOfRange(
                 f"{what} {lsn} is beyond the last record LSN {Lsn(row[4])} of timeline {tid}"
             )
+        if row[14] is not None and lsn < row[14]:  # a shallow timeline's base: no further
+            raise LsnOutOfRange(
+                f"{what} {lsn} is before timeline {tid} is held here (from {Lsn(row[14])} on)")
         if lsn < row[5] and not before_readable:
             raise LsnOutOfRange(
                 f"{what} {lsn} is before timeline {tid} is readable (from {Lsn(row[5])} on)"

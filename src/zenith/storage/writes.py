@@ -145,6 +145,8 @@ def put_records(
                 raise InvalidArgument(
                     f"delta record at {lsn} has unknown redo type {rec.payload[0]}"
                 )
+            if rec.kind is RecordKind.ZIMAGE:
+                redo.check_image(rec.payload)
             if writer is None:
                 writer = _start_frame(repo, row, txn)
             elif len(writer.entries) >= FRAME_RECORDS and writer.in_order \
@@ -273,6 +275,8 @@ def put_base(repo: SqliteRepository, timeline_id: TimelineId,
             if rec.kind is RecordKind.DELTA and not redo.is_known(rec.payload):
                 raise InvalidArgument(
                     f"delta record at {rec.lsn} has unknown redo type {rec.payload[0]}")
+            if rec.kind is RecordKind.ZIMAGE:
+                redo.check_image(rec.payload)
             if writer is None:
                 writer = _start_frame(repo, row, txn)
             elif len(writer.entries) >= FRAME_RECORDS:

@@ -265,8 +265,11 @@ class Offer(Message):
                 if tl.ancestor_id != parent.timeline_id or \
                         tl.ancestor_lsn > parent.last_record_lsn:
                     raise TransferAborted("OFFER: the chain is not a line of descent")
-        if len({t.timeline_id for t in chain}) != len(chain):
+        ids = {t.timeline_id for t in chain}
+        if len(ids) != len(chain):
             raise TransferAborted("OFFER: the chain repeats a timeline")
+        if chain[0].ancestor_id in ids:  # a shallow root's ancestor is outside the chain
+            raise TransferAborted("OFFER: the chain descends from itself")
         compression = tuple(str(c) for c in f.items("compression", 8) if isinstance(c, str))
         return cls(chain, compression, version)
 

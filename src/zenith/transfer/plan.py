@@ -25,7 +25,7 @@ from zenith.errors import UnknownBranch, UnknownTimeline
 from zenith.ids import TimelineId
 from zenith.lsn import Lsn
 from zenith.storage import Repository, TimelineInfo
-from zenith.transfer.messages import PlanMsg, Point, RangeRequest, Status
+from zenith.transfer.messages import MAX_CHAIN, PlanMsg, Point, RangeRequest, Status
 
 
 @dataclass(frozen=True)
@@ -89,8 +89,12 @@ def points_to_prove(repo: Repository, chain: tuple[TimelineInfo, ...]) -> list[P
     points = []
     for i, tl in enumerate(chain):
         held = _held(repo, tl.timeline_id)
-        if held is not None:
-            points.append(Point(tl.timeline_id, min(held.last_record_lsn, _needed(chain, i))))
+        if held is None:
+            continue
+        at = min(held.last_record_lsn, _needed(chain, i))
+        if at < held.history_start or at < tl.history_start:
+            continue  # not whole here or there: the chain cannot use it (see _sends)
+        points.append(Point(tl.timeline_id, at))
     return points
 
 
@@ -189,8 +193,9 @@ def make_plan(
         return reject(sends)
     base = next((s.request.after for s in sends if s.request.base), None)
     if base is not None:
-        why = (f"--since {depth.text}" if depth is not None and depth.explicit else
-               f"the {here} history window {depth.text}" if depth is not None and since
+        asked = depth is not None and since is not None and base == since
+        why = (f"--since {depth.text}" if asked and depth is not None and depth.explicit else
+               f"the {here} history window {depth.text}" if asked and depth is not None
                else "the history before it was collected on the sending side")
         message += f" (shallow: history from {base} on, by {why})"
     return Plan(status, message, old, source, sends, base)
@@ -216,23 +221,30 @@ def _diverged(old: TimelineInfo, source: TimelineInfo, name: str, here: str, the
 
 
 def _branch_point(repo: Repository, tl: TimelineInfo, ancestor: TimelineId) -> Lsn | None:
-    """Where ``tl``'s line of descent leaves timeline ``ancestor``; None if it does not."""
-    while tl.ancestor_id is not None:
+    """Where ``tl``'s line of descent leaves timeline ``ancestor``; None if it does not.
+    The walk ends at a shallow timeline: its ancestor is not held here (identity only)."""
+    for _ in range(MAX_CHAIN):
+        if tl.ancestor_id is None:
+            return None
         assert tl.ancestor_lsn is not None
         if tl.ancestor_id == ancestor:
             return tl.ancestor_lsn
+        if tl.base_lsn is not None:
+            return None
         tl = repo.get_timeline(tl.ancestor_id)
     return None
 
 
-def _base(chain: tuple[TimelineInfo, ...], first: int, since: Lsn) -> tuple[int, Lsn] | None:
+def _base(chain: tuple[TimelineInfo, ...], first: int, since: Lsn, *,
+          must: bool = False) -> tuple[int, Lsn] | None:
     """Where a new copy of ``chain[first:]`` starts: None for its whole history (possible
-    and wanted), else the timeline index and LSN of the lowest base that covers ``since``
-    and that the sender can give (it reads the state there; it holds every record of the
-    timelines after it). At equal LSNs the later timeline (fewer timelines to create)."""
+    and wanted, and not ``must``), else the timeline index and LSN of the lowest base that
+    covers ``since`` and that the sender can give (it reads the state there; it holds
+    every record of the timelines after it). At equal LSNs the later timeline (fewer
+    timelines to create)."""
     whole = [tl.history_start <= tl.start_lsn and not (i == 0 and tl.ancestor_id)
              for i, tl in enumerate(chain)]
-    if since <= chain[first].start_lsn and all(whole[first:]):
+    if since <= chain[first].start_lsn and all(whole[first:]) and not must:
         return None
     best: tuple[int, Lsn] | None = None
     for k in range(first, len(chain)):
@@ -257,10 +269,21 @@ def _sends(
     # needed under a shallow copy); a new copy starts above it.
     top = max((i for i, h in enumerate(helds) if h is not None), default=-1)
     first = top + 1
+    # A held timeline that is not readable (here) where the next one branches from it
+    # cannot be its ancestor: the new copy then starts with a base above it.
+    held_top = helds[top] if top >= 0 else None
+    unusable = held_top is not None and top < len(chain) - 1 and \
+        _needed(chain, top) < max(held_top.min_readable_lsn, held_top.history_start)
     shallow: tuple[int, list[Send]] | None = None
     if first < len(chain):
         # A depth applies to a branch new here; otherwise only what the sender can give.
-        base = _base(chain, first, since if since is not None and top < 0 else Lsn(0))
+        base = _base(chain, first, since if since is not None and top < 0 else Lsn(0),
+                     must=unusable)
+        if base is None and unusable:
+            assert held_top is not None
+            return (f"rejected: timeline {chain[top].timeline_id} is held here from "
+                    f"{held_top.min_readable_lsn} on; the branch leaves it before, and the "
+                    "sender has no base to start a copy above it")
         if base is None and first == 0 and chain[0].ancestor_id is not None:
             return "rejected: the sender holds no base for its shallow timeline"
         if base is not None:
@@ -279,7 +302,7 @@ def _sends(
         if shallow is not None and i == shallow[0]:
             sends.extend(shallow[1])
             continue
-        if held is None:
+        if held is None or (unusable and i <= top):
             if i < first:
                 continue  # below a shallow copy here or being made
             request = RangeRequest(tl.timeline_id, tl.start_lsn, needed, create=True)

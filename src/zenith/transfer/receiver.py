@@ -135,7 +135,7 @@ async def _prove(
     timelines whose proof differs from our own hash, and the oldest LSN ``depth`` asks
     a new copy for (None: all)."""
     points = await offload(points_to_prove, repo, offer.chain)
-    since_time = time.time() - depth.seconds \
+    since_time = max(0.0, time.time() - depth.seconds) \
         if depth is not None and depth.seconds is not None else None
     await send(channel, Ask(tuple(points), since_time), timeout)
     proof = await read_message(channel, Proof, timeout)

@@ -246,6 +246,9 @@ async def _send_range(
     await _write(channel, encode_frame(FrameType.RANGE, Range(
         request, state.records_total, state.bytes_total).encode()), reader, timeout)
     records, nbytes = 0, 0
+    # A base's hash is known before its records go out (refused early if it is not).
+    digest = await offload(repo.history_hash, request.timeline_id, request.upto) \
+        if request.base else None
     if request.base:
         # What a read at the base needs, as stored (no redo here or there).
         source: Iterator[Record] = repo.base_records(request.timeline_id, request.after)
@@ -266,7 +269,8 @@ async def _send_range(
         state.bytes_done += payload
         if progress is not None:
             progress(state)
-    digest = await offload(repo.history_hash, request.timeline_id, request.upto)
+    if digest is None:
+        digest = await offload(repo.history_hash, request.timeline_id, request.upto)
     end = RangeEnd(request.timeline_id, request.upto, records, nbytes, digest)
     await _write(channel, encode_frame(FrameType.RANGE_END, end.encode()), reader, timeout)
 
