@@ -302,7 +302,8 @@ class SqliteRepository:
             )
         if row[14] is not None and lsn < row[14]:  # a shallow timeline's base: no further
             raise LsnOutOfRange(
-                f"{what} {lsn} is before timeline {tid} is held here (from {Lsn(row[14])} on)")
+                f"{what} {lsn} is before timeline {tid} is readable (a shallow copy, held "
+                f"here from {Lsn(row[14])} on)")
         if lsn < row[5] and not before_readable:
             raise LsnOutOfRange(
                 f"{what} {lsn} is before timeline {tid} is readable (from {Lsn(row[5])} on)"
