@@ -251,12 +251,18 @@ def _shallow_copy(src: SqliteRepository, dst: SqliteRepository, tid: TimelineId,
     dst.set_branch(name, tid)
 
 
-def test_a_branch_on_a_shallow_copy_is_diverged_not_missing(
-        src: SqliteRepository, dst: SqliteRepository) -> None:
+def _main_and_dev(src: SqliteRepository) -> tuple[TimelineId, TimelineId]:
+    """main with records at 0x100..0x10F, dev from it at 0x104 with its own at 0x120.."""
     main = src.create_branch("main").timeline.timeline_id
     fill(src, main, range(0x100, 0x110))
     dev = src.create_branch("dev", "main", Lsn(0x104)).timeline.timeline_id
     fill(src, dev, range(0x120, 0x128))
+    return main, dev
+
+
+def test_a_branch_on_a_shallow_copy_is_diverged_not_missing(
+        src: SqliteRepository, dst: SqliteRepository) -> None:
+    _main, dev = _main_and_dev(src)
     _shallow_copy(src, dst, dev, Lsn(0x124), "dev")  # its ancestor main is not held there
     other = src.create_branch("other").timeline.timeline_id
     fill(src, other, range(0x200, 0x204))
@@ -268,10 +274,7 @@ def test_a_branch_on_a_shallow_copy_is_diverged_not_missing(
 
 def test_a_branch_leaving_a_shallow_copy_below_its_base_gets_a_base_of_its_own(
         src: SqliteRepository, dst: SqliteRepository) -> None:
-    main = src.create_branch("main").timeline.timeline_id
-    fill(src, main, range(0x100, 0x110))
-    dev = src.create_branch("dev", "main", Lsn(0x104)).timeline.timeline_id
-    fill(src, dev, range(0x120, 0x128))
+    main, dev = _main_and_dev(src)
     _shallow_copy(src, dst, main, Lsn(0x108), "main")
     points, p = plan(src, dst, "dev", dev)
     assert points == []  # main is not whole there at 0x104: nothing to prove on it

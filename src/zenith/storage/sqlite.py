@@ -77,7 +77,6 @@ from zenith.storage.datafile import (
     walk,
 )
 from zenith.storage.gc import GcResult, Pins, needed
-from zenith.storage.history import EMPTY, Folder
 from zenith.storage.schema import Transaction
 from zenith.storage.writes import TL_COLUMNS, Row, check_lsn
 
@@ -566,9 +565,7 @@ class SqliteRepository:
                 break
             bound = int(row[3] or 0)
             row = self._row_by_id(conn, row[2])
-        value = None if base is None else self._payload(base)
-        if value is not None and zipped:
-            value = redo.unpack_image(value)
+        value = None if base is None else self._image(base, zipped)
         for loc in reversed(deltas):
             value = redo.apply_delta(value, self._payload(loc))
         return value
@@ -576,6 +573,11 @@ class SqliteRepository:
     def _payload(self, loc: _Loc) -> bytes:
         row, offset, length = loc
         return self._file(row).pread(offset, length) if length else b""
+
+    def _image(self, loc: _Loc, zipped: bool) -> bytes:
+        """The value an image record holds (a ``ZIMAGE`` decompressed)."""
+        payload = self._payload(loc)
+        return redo.unpack_image(payload) if zipped else payload
 
     def _file(self, row: Row) -> DataFile:
         """The timeline's open data file. A file missing because the timeline was deleted
@@ -702,14 +704,13 @@ class SqliteRepository:
         a key without a value there): a shallow copy's base, sent as stored, no redo."""
         chain = self._read_chain(timeline_id, lsn)
         files: dict[int, DataFile] = {}  # opened on first use: an empty timeline has none
-        kinds = {int(k): k for k in RecordKind}
         for _key, items in self._needed_at(chain, bytes(KEY_SIZE), None, None):
             for key, lsn_, kind, (row, off, length) in items:
                 f = files.get(row[0])
                 if f is None:
                     f = files[row[0]] = self._file(row)
                 payload = f.pread(off, length) if length else b""
-                yield Record(key, Lsn(lsn_), kinds[kind], payload)
+                yield Record(key, Lsn(lsn_), RecordKind(kind), payload)
 
     def _read_chain(self, timeline_id: TimelineId, lsn: Lsn) -> list[tuple[Row, int]]:
         """(row, bound) of the timeline and its ancestors, root first, for a read at
@@ -733,9 +734,7 @@ class SqliteRepository:
     ) -> Iterator[tuple[bytes, bytes]]:
         for key, items in self._needed_at(chain, lo, hi, cancel):
             head = items[0][2]
-            value = self._payload(items[0][3]) if head in _IMAGES else None
-            if value is not None and head == _ZIMAGE:
-                value = redo.unpack_image(value)
+            value = self._image(items[0][3], head == _ZIMAGE) if head in _IMAGES else None
             for item in items[1 if head in _IMAGES else 0:]:
                 value = redo.apply_delta(value, self._payload(item[3]))
             if value is not None:
@@ -906,39 +905,23 @@ class SqliteRepository:
                     if cut > row[5]:
                         conn.execute("UPDATE timelines SET min_readable_lsn = ? WHERE id = ?",
                                      (cut, row[0]))
-                        # The history hash at the new start, while every record up to it
-                        # is still here: hashes at and after it never need the records
-                        # GC is about to remove (proofs, a shallow copy's base).
-                        with contextlib.suppress(HistoryCollected):  # an older GC's
-                            conn.execute(  # horizon had no hash: it stays unknown
-                                "INSERT OR IGNORE INTO history (tl, lsn, hash)"
-                                " VALUES (?, ?, ?)", (row[0], cut, self._hash_in(conn, row, cut)))
                     conn.execute("COMMIT")
                     self._pins.epoch += 1
             except BaseException:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
+            if cut > row[5]:
+                # The history hash at the new start, while every record up to it is still
+                # here (GC removes them after this returns; reclaim waits for _gc_lock):
+                # hashes at and after it never need what GC removes (proofs, a shallow
+                # copy's base). An older GC's horizon had no hash: it stays unknown.
+                with contextlib.suppress(HistoryCollected):
+                    digest = writes.history_hash(self, timeline_id, Lsn(cut))
+                    conn.execute("INSERT OR IGNORE INTO history (tl, lsn, hash) VALUES (?, ?, ?)",
+                                 (row[0], cut, digest))
         return cut, sorted(p for p in branch_points | held if p < cut), int(row[0]), \
             int(row[5])
-
-    def _hash_in(self, conn: sqlite3.Connection, row: Row, lsn: int) -> bytes:
-        """The history hash at ``lsn`` inside the caller's transaction (``history_hash``
-        without the lookups it makes on its own)."""
-        found = conn.execute(
-            "SELECT lsn, hash FROM history WHERE tl = ? AND lsn <= ? ORDER BY lsn DESC LIMIT 1",
-            (row[0], lsn)).fetchone()
-        base, digest = (found[0], bytes(found[1])) if found is not None \
-            else (int(row[3] or 0), EMPTY)
-        if base == lsn:
-            return digest
-        folder = Folder(digest)
-        snap = conn.execute("SELECT b.start FROM batches b WHERE b.tl = ? AND b.last_lsn > ?"
-                            " ORDER BY b.last_lsn, b.start LIMIT 1", (row[0], base)).fetchone()
-        if snap is not None:
-            for rec in walk(self._file(row), snap[0], row[6], base, lsn):
-                folder.add(rec.key, rec.lsn, rec.kind, rec.payload)
-        return folder.close()
 
     def _keys_since(self, tl: int, since: int, cut: int) -> list[bytes]:
         """Keys with records in ``(since, cut]``, from the directories of the frames that

@@ -141,12 +141,7 @@ def put_records(
                 raise InvalidArgument(
                     f"record at {lsn} is beyond the batch's last record LSN {limit}"
                 )
-            if rec.kind is RecordKind.DELTA and not redo.is_known(rec.payload):
-                raise InvalidArgument(
-                    f"delta record at {lsn} has unknown redo type {rec.payload[0]}"
-                )
-            if rec.kind is RecordKind.ZIMAGE:
-                redo.check_image(rec.payload)
+            _check_payload(rec)
             if writer is None:
                 writer = _start_frame(repo, row, txn)
             elif len(writer.entries) >= FRAME_RECORDS and writer.in_order \
@@ -272,11 +267,7 @@ def put_base(repo: SqliteRepository, timeline_id: TimelineId,
                 raise InvalidArgument(
                     f"a base holds images and deltas at or below {Lsn(base)}; got a "
                     f"{rec.kind.name.lower()} at {rec.lsn}")
-            if rec.kind is RecordKind.DELTA and not redo.is_known(rec.payload):
-                raise InvalidArgument(
-                    f"delta record at {rec.lsn} has unknown redo type {rec.payload[0]}")
-            if rec.kind is RecordKind.ZIMAGE:
-                redo.check_image(rec.payload)
+            _check_payload(rec)
             if writer is None:
                 writer = _start_frame(repo, row, txn)
             elif len(writer.entries) >= FRAME_RECORDS:
@@ -289,6 +280,16 @@ def put_base(repo: SqliteRepository, timeline_id: TimelineId,
             count += len(writer.entries)
         conn.execute("UPDATE timelines SET data_end = ? WHERE id = ?", (data_end, internal))
         return count
+
+
+def _check_payload(rec: Record) -> None:
+    """What storage checks of a payload before it keeps it: a delta's redo type is known,
+    a compressed image declares a bounded size (never a bomb for later readers)."""
+    if rec.kind is RecordKind.DELTA and not redo.is_known(rec.payload):
+        raise InvalidArgument(
+            f"delta record at {rec.lsn} has unknown redo type {rec.payload[0]}")
+    if rec.kind is RecordKind.ZIMAGE:
+        redo.check_image(rec.payload)
 
 
 def _start_frame(repo: SqliteRepository, row: Row, txn: Transaction) -> FrameWriter:
