@@ -5,6 +5,7 @@ also on a new server the branch was pushed to (shallow: its early history is gon
 
 from __future__ import annotations
 
+import re
 import threading
 from pathlib import Path
 
@@ -110,6 +111,18 @@ def test_following_pgbench_with_a_short_window_stays_bounded(pageserver_factory)
         ps.cli("origin", "add", "fresh", fresh.uri(), check=True)
         out = ps.cli("push", "main", "fresh", check=True, timeout=600).stdout
         assert "shallow: history from" in out and "collected on the sending side" in out
+        # The copy holds its images as the transfer sent them (plain); compaction stores
+        # them packed, as the same records, and gives the blocks back.
+        received = disk_bytes(fresh)
+        out = fresh.cli("gc", check=True, timeout=600).stdout
+        m = re.search(r"packed (\d+) page images \((\d+) -> (\d+) bytes\)", out)
+        assert m, out
+        packed, before, after = (int(g) for g in m.groups())
+        compacted = disk_bytes(fresh)
+        print(f"shallow copy: {received / MiB:.1f} MiB; compaction packed {packed} images "
+              f"({before / MiB:.1f} -> {after / MiB:.1f} MiB): {compacted / MiB:.1f} MiB")
+        assert packed > 0 and after < before // 2
+        assert compacted < received - (before - after) // 2
         for spec, expected in ((f"main@{phase1}", expected1), ("main", expected2)):
             with export_dir() as target:
                 check_export(fresh, spec, Path(target) / "pgdata", expected)

@@ -24,8 +24,9 @@ KEYS = [bytes([0] * 17 + [k]) for k in range(4)]
 
 
 def _record(key: bytes, lsn: int, choice: int, salt: int) -> Record:
-    if choice == 0:
-        return Record(key, Lsn(lsn), RecordKind.IMAGE, bytes([salt % 251]) * 24)
+    if choice == 0:  # a third of them a block or more: compaction packs those
+        size = 24 if salt % 3 else 4800
+        return Record(key, Lsn(lsn), RecordKind.IMAGE, bytes([salt % 251]) * size)
     if choice == 1:
         return Record(key, Lsn(lsn), RecordKind.TOMBSTONE)
     return Record(key, Lsn(lsn), RecordKind.DELTA,
@@ -47,6 +48,8 @@ ops = st.lists(st.one_of(
     # A shallow copy of a branch to another repository from a readable LSN (after GCs):
     # it reads as the model from there on.
     st.tuples(st.just("copy"), st.integers(0, 3), st.floats(0, 1)),
+    # Compaction of a branch's timeline while a read holds an LSN of it.
+    st.tuples(st.just("compact"), st.integers(0, 3), st.floats(0, 1)),
 ), min_size=3, max_size=25)
 
 
@@ -155,6 +158,19 @@ class Harness:
         for x in (p for p in lsns if p >= at):
             assert self.other.digest(copy, Lsn(x)) == self.model.digest(tid, x), hex(x)
 
+    def compact(self, name: str, pick: float) -> None:
+        """Compaction while a read at a readable LSN is under way (it looked up places the
+        moves change): that read, and every read after, stay the model's."""
+        tid = self.model.branches[name]
+        lsns = self.points(tid)
+        at = lsns[int(pick * (len(lsns) - 1))]
+        reading = self.repo.materialize(tid, Lsn(at))
+        first = next(reading, None)
+        self.repo.compact(tid, wait=0.0)
+        got = dict(([first] if first is not None else []) + list(reading))
+        assert got == {k: v for k in KEYS
+                       if (v := self.model.value(tid, k, at)) is not None}
+
     def points(self, tid: TimelineId) -> list[int]:
         """LSNs worth reading on ``tid``: every record LSN and its readable start."""
         tl = self.model.timelines[tid]
@@ -193,6 +209,8 @@ def test_gc_keeps_every_promised_read(tmp_path_factory: pytest.TempPathFactory,
                 h.push_during_gc(h.branch(int(op[1])), float(op[2]))  # type: ignore[arg-type]
             elif op[0] == "copy":
                 h.copy(h.branch(int(op[1])), float(op[2]))  # type: ignore[arg-type]
+            elif op[0] == "compact":
+                h.compact(h.branch(int(op[1])), float(op[2]))  # type: ignore[arg-type]
             else:
                 h.export_during_gc(h.branch(int(op[1])), float(op[2]))  # type: ignore[arg-type]
             h.check()

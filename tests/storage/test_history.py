@@ -177,6 +177,34 @@ def test_any_split_gives_the_same_timeline(
 V5_COLUMNS = ("collected_lsn", "base_lsn", "foreign_ancestor", "base_done")
 
 
+def _back_to_5(conn: sqlite3.Connection) -> None:
+    """Undo what schema 6 added (compaction)."""
+    for column in ("compacted", "packed_saving"):
+        conn.execute(f"ALTER TABLE timelines DROP COLUMN {column}")
+    conn.execute("DROP TABLE repacked")
+    conn.execute("UPDATE meta SET value = '5' WHERE name = 'schema_version'")
+
+
+def test_schema_5_is_migrated_to_nothing_compacted(tmp_path: Path) -> None:
+    path = tmp_path / "zenith.db"
+    repo = open_repository(path)
+    tid = repo.create_branch("main").timeline.timeline_id
+    repo.put_records(tid, [Record(bytes(18), Lsn(100), RecordKind.IMAGE, bytes(8192))],
+                     Lsn(100))
+    repo.close()
+    with sqlite3.connect(path) as conn:
+        _back_to_5(conn)
+    repo = open_repository(path)
+    try:
+        assert repo.space(tid) == (8192, 0)
+        result = repo.compact(tid)
+        assert (result.records, result.bytes_before, result.done) == (1, 8192, True)
+        assert repo.get_value(tid, bytes(18), Lsn(100)) == bytes(8192)
+        assert repo.space(tid)[0] == result.bytes_after
+    finally:
+        repo.close()
+
+
 def test_schema_4_is_migrated_to_whole_timelines(tmp_path: Path) -> None:
     path = tmp_path / "zenith.db"
     repo = open_repository(path)
@@ -186,6 +214,7 @@ def test_schema_4_is_migrated_to_whole_timelines(tmp_path: Path) -> None:
     repo.put_records(other, history([3, 2]), Lsn(200))
     repo.close()
     with sqlite3.connect(path) as conn:  # back to the version 4 layout
+        _back_to_5(conn)
         for column in V5_COLUMNS:
             conn.execute(f"ALTER TABLE timelines DROP COLUMN {column}")
         # as a schema-4 GC leaves it: readable from 150, some bytes removed below
@@ -213,6 +242,7 @@ def test_schema_2_is_migrated_with_hashes(tmp_path: Path) -> None:
     repo.close()
     # Take it back to the version 2 layout.
     with sqlite3.connect(path) as conn:
+        _back_to_5(conn)
         for column in ("received", "hash", "pending_lsn", "pending_count", "pending_key",
                        "pending_sum", "garbage", *V5_COLUMNS):
             conn.execute(f"ALTER TABLE timelines DROP COLUMN {column}")
@@ -247,6 +277,7 @@ def test_schema_3_is_migrated_without_commit_times(tmp_path: Path) -> None:
     expected = repo.history_hash(tid, Lsn(200))
     repo.close()
     with sqlite3.connect(path) as conn:  # back to the version 3 layout
+        _back_to_5(conn)
         for column in ("garbage", *V5_COLUMNS):
             conn.execute(f"ALTER TABLE timelines DROP COLUMN {column}")
         conn.execute("ALTER TABLE history DROP COLUMN at")

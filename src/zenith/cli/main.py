@@ -263,9 +263,10 @@ def digest(repo: Repo, target: str) -> None:
 @click.argument("branch", required=False)
 @pass_repo
 def gc(repo: Repo, branch: str | None) -> None:
-    """Remove page versions outside the history windows now (every branch, or BRANCH's
-    timelines). The windows are `pitr` and [pitr_branches] in config.toml; the pageserver
-    also does this every gc_period seconds."""
+    """Remove page versions outside the history windows and compact the rest now (every
+    branch, or BRANCH's timelines). The windows are `pitr` and [pitr_branches] in
+    config.toml; compaction stores old page images compressed, as the same records. The
+    pageserver also does both every gc_period seconds."""
     answer = repo.query("gc", *([branch] if branch else []), timeout=3600.0,
                         on_notice=lambda m: click.echo(m, err=True))
     total = 0
@@ -274,8 +275,11 @@ def gc(repo: Repo, branch: str | None) -> None:
         total += int(row["bytes_reclaimed"] or 0)
         names = row["branches"] or "(no name)"
         kept = f", keeps {row['kept_points']}" if row["kept_points"] else ""
+        packed = int(row["images_packed"] or 0)
+        compacted = (f"; packed {packed} page images ({row['packed_bytes_before']} -> "
+                     f"{row['packed_bytes_after']} bytes)") if packed else ""
         click.echo(f"{names} [{row['timeline_id']}]: readable from {row['horizon']}{kept}; "
-                   f"removed {removed} page versions ({size} bytes)")
+                   f"removed {removed} page versions ({size} bytes){compacted}")
     click.echo(f"gc: {total} bytes given back to the file system ({len(answer.rows)} "
                "timelines)")
 

@@ -2,11 +2,14 @@
 windows (``retention.py``), on demand and in the background.
 
 ``gc [<branch>]`` (admin) collects every timeline some branch runs through (or those of
-one branch's ancestry) at its horizon and answers one row per timeline: its branch names,
-the horizon (the readable start from then on), the LSNs kept below it, the records and
-payload bytes removed, and the timeline's stored and garbage bytes. The background task
-does the same every ``gc_period`` seconds, in the long worker pool, and logs what it
-freed. ``branch_space`` (read) shows, per branch, its window, the oldest LSN it is
+one branch's ancestry) at its horizon, then compacts it (old plain page images stored
+packed, as the same records: ``storage/compaction.py``), and answers one row per timeline:
+its branch names, the horizon (the readable start from then on), the LSNs kept below it,
+the records and payload bytes removed, the images packed with their bytes before and
+after, and the timeline's stored and garbage bytes. The background task does the same
+every ``gc_period`` seconds, in the long worker pool, at a bounded rate (at most
+``BACKGROUND_COMPACT_BYTES`` read per timeline a pass, resting as long as it works), and
+logs what it freed. ``branch_space`` (read) shows, per branch, its window, the oldest LSN it is
 readable at and the payload bytes its timeline holds.
 """
 
@@ -15,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
 from zenith.pageserver.config import RepoConfig
@@ -23,7 +27,7 @@ from zenith.pageserver.retention import collect
 from zenith.pageserver.users import Role, require
 from zenith.pageserver.workers import job_of, workers_of
 from zenith.pgwire.server import Session
-from zenith.storage import GcResult
+from zenith.storage import CompactResult, GcResult
 
 if TYPE_CHECKING:
     from zenith.pageserver.daemon import Pageserver
@@ -31,37 +35,69 @@ if TYPE_CHECKING:
 log = logging.getLogger("zenith.gc")
 
 GC_COLUMNS: Final = ["timeline_id", "branches", "horizon", "kept_points", "records_removed",
-                     "bytes_removed", "bytes_reclaimed", "stored_bytes", "unreclaimed_bytes"]
+                     "bytes_removed", "images_packed", "packed_bytes_before",
+                     "packed_bytes_after", "bytes_reclaimed", "stored_bytes",
+                     "unreclaimed_bytes"]
 SPACE_COLUMNS: Final = ["name", "timeline_id", "window", "readable_from", "last_record_lsn",
                         "stored_bytes", "unreclaimed_bytes"]
 #: Index rows a background GC removes per transaction (a bounded step: readers and
 #: writers interleave with it).
 BACKGROUND_BATCH: Final = 2000
+#: Payload bytes a background pass reads to compact per timeline (the next pass goes on),
+#: and the rest it takes after each chunk, as a fraction of the chunk's time (at most
+#: half of one core).
+BACKGROUND_COMPACT_BYTES: Final = 256 << 20
+BACKGROUND_COMPACT_PAUSE: Final = 1.0
 
 
-def _rows(server: Pageserver, results: list[GcResult]) -> list[list[str | None]]:
+@dataclass(frozen=True, slots=True)
+class Pass:
+    """One timeline's GC and compaction in one pass."""
+
+    gc: GcResult
+    compact: CompactResult | None
+
+    @property
+    def reclaimed(self) -> int:
+        return self.gc.bytes_reclaimed + (self.compact.bytes_reclaimed if self.compact else 0)
+
+
+def _rows(server: Pageserver, results: list[Pass]) -> list[list[str | None]]:
     names: dict[str, list[str]] = {}
     for b in server.repo.list_branches():
         names.setdefault(str(b.timeline.timeline_id), []).append(b.name)
     rows: list[list[str | None]] = []
-    for r in results:
+    for p in results:
+        r, c = p.gc, p.compact
         stored, unreclaimed = server.repo.space(r.timeline_id)
         rows.append([str(r.timeline_id), ",".join(names.get(str(r.timeline_id), [])),
-                     str(r.horizon), " ".join(str(p) for p in r.kept_points),
-                     str(r.records_removed), str(r.bytes_removed), str(r.bytes_reclaimed),
+                     str(r.horizon), " ".join(str(k) for k in r.kept_points),
+                     str(r.records_removed), str(r.bytes_removed),
+                     str(c.records if c else 0), str(c.bytes_before if c else 0),
+                     str(c.bytes_after if c else 0), str(p.reclaimed),
                      str(stored), str(unreclaimed)])
     return rows
 
 
 def run_gc(server: Pageserver, only: str | None = None, *,
-           cancel: threading.Event | None = None, batch_rows: int = 5000) -> list[GcResult]:
-    """One GC pass with the windows of config.toml as they are now (blocking)."""
+           cancel: threading.Event | None = None, batch_rows: int = 5000,
+           compact_bytes: int | None = None, pause: float = 0.0) -> list[Pass]:
+    """One GC pass with the windows of config.toml as they are now, each timeline then
+    compacted (blocking)."""
     default, windows = RepoConfig.load(server.config.path).pitr
-    return collect(server.repo, windows, default, only=only, cancel=cancel,
-                   batch_rows=batch_rows)
+    passes = []
+    for result in collect(server.repo, windows, default, only=only, cancel=cancel,
+                          batch_rows=batch_rows):
+        compacted = None
+        if cancel is None or not cancel.is_set():
+            compacted = server.repo.compact(result.timeline_id, max_bytes=compact_bytes,
+                                            cancel=cancel, pause=pause)
+        passes.append(Pass(result, compacted))
+    return passes
 
 
-@command("gc", "[<branch>]", "remove page versions outside the history windows now")
+@command("gc", "[<branch>]", "remove page versions outside the history windows and "
+         "compact the rest now")
 async def _gc(server: Pageserver, session: Session, args: list[str]) -> None:
     expect_args(args, 0, 1)
     require(session.user, Role.ADMIN, "collect garbage")
@@ -108,17 +144,20 @@ async def background_gc(server: Pageserver, stop: asyncio.Event) -> None:
         cancel = threading.Event()
         try:
             results = await workers_of(server).long.run(
-                run_gc, server, cancel=cancel, batch_rows=BACKGROUND_BATCH)
+                run_gc, server, cancel=cancel, batch_rows=BACKGROUND_BATCH,
+                compact_bytes=BACKGROUND_COMPACT_BYTES, pause=BACKGROUND_COMPACT_PAUSE)
         except asyncio.CancelledError:
             cancel.set()
             raise
         except Exception:
             log.exception("background GC failed")
             continue
-        removed = sum(r.records_removed for r in results)
-        if removed:
-            log.info("GC removed %d page versions (%d bytes) from %d timelines; %d bytes "
-                     "given back to the file system", removed,
-                     sum(r.bytes_removed for r in results),
-                     sum(1 for r in results if r.records_removed),
-                     sum(r.bytes_reclaimed for r in results))
+        removed = sum(r.gc.records_removed for r in results)
+        packed = [r.compact for r in results if r.compact is not None and r.compact.records]
+        if removed or packed:
+            log.info("GC removed %d page versions (%d bytes) from %d timelines; compaction "
+                     "packed %d images (%d -> %d bytes); %d bytes given back to the file "
+                     "system", removed, sum(r.gc.bytes_removed for r in results),
+                     sum(1 for r in results if r.gc.records_removed),
+                     sum(c.records for c in packed), sum(c.bytes_before for c in packed),
+                     sum(c.bytes_after for c in packed), sum(r.reclaimed for r in results))

@@ -20,6 +20,7 @@ from zenith.storage.api import (
     WriteResult,
     validate_branch_name,
 )
+from zenith.storage.compaction import CompactResult
 from zenith.storage.datafile import CorruptDataFile
 from zenith.storage.gc import GcResult
 from zenith.storage.sqlite import SqliteRepository
@@ -27,6 +28,7 @@ from zenith.storage.sqlite import SqliteRepository
 __all__ = [
     "KEY_SIZE",
     "BranchInfo",
+    "CompactResult",
     "CorruptDataFile",
     "Cursor",
     "GcResult",

@@ -19,6 +19,7 @@ from zenith.ids import TimelineId
 from zenith.lsn import Lsn
 
 if TYPE_CHECKING:
+    from zenith.storage.compaction import CompactResult
     from zenith.storage.gc import GcResult
 
 KEY_SIZE: Final = 18
@@ -331,8 +332,15 @@ class Repository(Protocol):
         ...
 
     def space(self, timeline_id: TimelineId) -> tuple[int, int]:
-        """(payload bytes of the records the timeline keeps, removed bytes not yet given
-        back to the file system)."""
+        """(payload bytes, as stored, of the records the timeline keeps; removed bytes not
+        yet given back to the file system)."""
+        ...
+
+    def compact(self, timeline_id: TimelineId, *, max_bytes: int | None = None,
+                cancel: threading.Event | None = None, pause: float = 0.0,
+                wait: float = 5.0) -> CompactResult:
+        """Store the timeline's old plain images compressed, as the same records
+        (``compaction.py``)."""
         ...
 
     def commit_lsn_at(self, timeline_id: TimelineId, when: float) -> Lsn | None:

@@ -41,6 +41,7 @@ from typing import Any, Final
 from zenith.errors import HistoryMismatch, ZenithError
 from zenith.lsn import Lsn
 from zenith.storage.api import Record, RecordKind, _RecordSlots
+from zenith.storage.redo import unpack_image
 
 MAGIC: Final = b"ZNF1"
 HEADER: Final = struct.Struct("<4sIQ")
@@ -77,6 +78,13 @@ class HistoryCollected(ZenithError):
 #: Set in a directory entry's kind byte when GC removed the record (its payload bytes may
 #: be punched out of the file): walks refuse it, nothing reads it by offset any more.
 REMOVED: Final = 0x80
+#: Set in a kind byte (directory entry and index row) when compaction moved an image's
+#: payload into a *pack frame*, zstd-compressed (``redo.pack_image``'s format): the
+#: record is still the same ``IMAGE`` with the same payload to every reader, the history
+#: hash and transfers; only its bytes on disk are fewer (``compaction.py``).
+PACKED: Final = 0x40
+#: Bits of a kind byte that say how a record is stored, not what it is.
+STORAGE_BITS: Final = REMOVED | PACKED
 _KIND_AT: Final = 18 + 8  # the kind byte's offset in an entry
 #: Holes are punched in whole blocks of this size.
 BLOCK: Final = 4096
@@ -350,6 +358,7 @@ def _records(
 ) -> Iterator[Record]:
     unpack_header, iter_entries = HEADER.unpack_from, ENTRY.iter_unpack
     make, record, new_lsn, lsn_type, kinds = _RecordSlots, Record, int.__new__, Lsn, _KINDS
+    rec: Any
     if start >= end:
         return
     m = w.move(start, HEADER.size)
@@ -390,17 +399,21 @@ def _records(
                     kept.append(e)
             entries, skip = kept, (skip_lsn, left, last_key)
         for key, lsn, kind, offset, length in entries:
-            if kind & REMOVED:
-                raise HistoryCollected(
-                    f"the records at {Lsn(lsn)} of data file {f.name} were removed by GC",
-                    hint="read from the timeline's readable start (its GC horizon) on")
             stop = offset + length
             if offset < base or stop > top:
                 m = w.move(offset, length)
                 base, top = w.base, w.top
-            rec: Any = make(
-                key, new_lsn(lsn_type, lsn), kinds[kind], m[offset - base : stop - base]
-            )
+            if kind >= PACKED:
+                if kind & REMOVED:
+                    raise HistoryCollected(
+                        f"the records at {Lsn(lsn)} of data file {f.name} were removed by GC",
+                        hint="read from the timeline's readable start (its GC horizon) on")
+                rec = make(key, new_lsn(lsn_type, lsn), kinds[kind & ~PACKED],
+                           unpack_image(m[offset - base : stop - base]))
+            else:
+                rec = make(
+                    key, new_lsn(lsn_type, lsn), kinds[kind], m[offset - base : stop - base]
+                )
             rec.__class__ = record
             yield rec
 
@@ -427,6 +440,50 @@ def mark_removed(f: DataFile, start: int, records: set[tuple[bytes, int]]) -> li
     if changed:
         _pwrite_all(f.fd, [bytes(raw)], at, len(raw))
     return ranges
+
+
+def write_pack(f: DataFile, start: int, payloads: list[bytes]) -> tuple[int, list[int]]:
+    """Write a *pack frame* at ``start`` (the committed end): a frame of no records whose
+    payload area holds ``payloads`` back to back. Walks step over it (an empty directory);
+    only the index and the directory entries compaction rewrites point into it. Returns
+    the new end and each payload's offset. Nothing is visible until the index commits the
+    new end; on failure the caller truncates back to ``start``."""
+    at = start + HEADER.size
+    offsets = []
+    for p in payloads:
+        offsets.append(at)
+        at += len(p)
+    total = at - start - HEADER.size
+    buffers = [HEADER.pack(MAGIC, 0, total), *payloads]
+    for i in range(0, len(buffers), _MAX_IOV):
+        chunk = buffers[i : i + _MAX_IOV]
+        first = start if i == 0 else offsets[i - 1]
+        _pwrite_all(f.fd, chunk, first, sum(map(len, chunk)))
+    return at, offsets
+
+
+def mark_packed(f: DataFile, start: int, moved: dict[tuple[bytes, int], tuple[int, int]]
+                ) -> set[tuple[bytes, int]]:
+    """Point the entries of the frame at ``start`` whose (key, lsn) is in ``moved`` to
+    their payload's new place ``(offset, length)`` in a pack frame, flagged
+    :data:`PACKED` (a ``REMOVED`` flag stays). Idempotent: after a crash the step is
+    repeated whole. Returns the (key, lsn) found here."""
+    magic, count, payload_bytes = HEADER.unpack(f.pread(start, HEADER.size))
+    if magic != MAGIC:
+        raise CorruptDataFile(f"no frame at offset {start} of data file {f.name}")
+    at = start + HEADER.size + payload_bytes
+    raw = bytearray(f.pread(at, count * ENTRY.size))
+    found: set[tuple[bytes, int]] = set()
+    for i in range(count):
+        key, lsn, kind, _offset, _length = ENTRY.unpack_from(raw, i * ENTRY.size)
+        place = moved.get((key, lsn))
+        if place is None:
+            continue
+        found.add((key, lsn))
+        ENTRY.pack_into(raw, i * ENTRY.size, key, lsn, kind | PACKED, *place)
+    if found:
+        _pwrite_all(f.fd, [bytes(raw)], at, len(raw))
+    return found
 
 
 _FALLOC_FL_KEEP_SIZE: Final = 0x01

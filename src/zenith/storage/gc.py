@@ -80,6 +80,11 @@ class Pins:
         self._held: dict[int, Counter[int]] = {}
         self._walkers: Counter[int] = Counter()
         self._reclaiming: set[int] = set()
+        #: Holds taken per *generation*: a compaction that moved payloads bumps it, and
+        #: gives the old bytes back only once no hold of an older generation is left (a
+        #: read that looked up the old place in the index may still read it).
+        self.generation = 0
+        self._by_generation: Counter[int] = Counter()
 
     @contextmanager
     def walking(self, tl: int) -> Iterator[None]:
@@ -121,16 +126,36 @@ class Pins:
     def hold(self, tl: int, lsn: int) -> Iterator[None]:
         with self.lock:
             self._held.setdefault(tl, Counter())[lsn] += 1
+            generation = self.generation
+            self._by_generation[generation] += 1
         try:
             yield
         finally:
-            with self.lock:
+            with self._changed:
                 held = self._held[tl]
                 held[lsn] -= 1
                 if not held[lsn]:
                     del held[lsn]
                     if not held:
                         del self._held[tl]
+                self._by_generation[generation] -= 1
+                if not self._by_generation[generation]:
+                    del self._by_generation[generation]
+                    self._changed.notify_all()
+
+    def next_generation(self) -> int:
+        """Start a new generation of holds; returns the one that ended. Every read that
+        looks payloads up in the index holds an LSN while it does (page reads,
+        materialize): one that began after this call sees what was committed before it."""
+        with self.lock:
+            self.generation += 1
+            return self.generation - 1
+
+    def wait_generation(self, generation: int, timeout: float) -> bool:
+        """Wait until no hold of ``generation`` or older is left; False on timeout."""
+        with self._changed:
+            return self._changed.wait_for(
+                lambda: not any(g <= generation for g in self._by_generation), timeout)
 
     def held(self, tl: int) -> set[int]:
         """The LSNs held on ``tl`` (the caller holds :attr:`lock`)."""

@@ -23,7 +23,9 @@ from zenith.errors import InvalidArgument
 #: 3: history hashes, received timelines, pending cursors; batches keyed by their start.
 #: 4: the time of each commit point (history.at), payload bytes GC left unreferenced
 #: (timelines.garbage).
-SCHEMA_VERSION: Final = 5
+#: 5: shallow timelines, collected_lsn.
+#: 6: compaction (timelines.compacted, the repacked table).
+SCHEMA_VERSION: Final = 6
 #: The database holds only small index rows now; small pages keep the commit of a small
 #: batch (WAL ingest) small.
 PAGE_SIZE: Final = 4096
@@ -69,6 +71,27 @@ _UNPUNCHED: Final = (
     ) WITHOUT ROWID""",
 )
 
+_REPACKED: Final = (
+    # Images compaction moved into a pack frame (the index points there): ``frame``, the
+    # start of the frame whose directory lists the record (GC flags it there when it
+    # removes the record), and the old place. ``done = 0``: the directory entry and the
+    # old bytes are not dealt with yet (pointed to the new place, punched out, once no
+    # read that may have looked up the old place is left: compaction.py).
+    """CREATE TABLE repacked (
+        tl      INTEGER NOT NULL,
+        key     BLOB NOT NULL,
+        lsn     INTEGER NOT NULL,
+        frame   INTEGER NOT NULL,
+        old_off INTEGER NOT NULL,
+        old_len INTEGER NOT NULL,
+        off     INTEGER NOT NULL,
+        len     INTEGER NOT NULL,
+        done    INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (tl, key, lsn)
+    ) WITHOUT ROWID""",
+    "CREATE INDEX repacked_pending ON repacked (tl) WHERE done = 0",
+)
+
 SCHEMA: Final = (
     """CREATE TABLE meta (
         name  TEXT PRIMARY KEY,
@@ -94,7 +117,9 @@ SCHEMA: Final = (
         collected_lsn    INTEGER NOT NULL DEFAULT 0,
         base_lsn         INTEGER,
         foreign_ancestor BLOB,
-        base_done        INTEGER NOT NULL DEFAULT 1
+        base_done        INTEGER NOT NULL DEFAULT 1,
+        compacted        INTEGER NOT NULL DEFAULT 0,
+        packed_saving    INTEGER NOT NULL DEFAULT 0
     )""".format(zero="00" * 32),
     """CREATE TABLE branches (
         name     TEXT PRIMARY KEY,
@@ -115,6 +140,7 @@ SCHEMA: Final = (
     *_BATCHES,
     *_HISTORY,
     *_UNPUNCHED,
+    *_REPACKED,
 )
 
 #: From version 2: received is unknown for old timelines, so they count as received (new
@@ -157,6 +183,16 @@ _MIGRATE_4_TO_5: Final = (
 )
 
 
+#: From version 5: nothing compacted yet (``compacted``: the data file offset compaction
+#: has looked at every frame before; ``packed_saving``: the bytes packing saved, of the
+#: records still kept).
+_MIGRATE_5_TO_6: Final = (
+    "ALTER TABLE timelines ADD COLUMN compacted INTEGER NOT NULL DEFAULT 0",
+    "ALTER TABLE timelines ADD COLUMN packed_saving INTEGER NOT NULL DEFAULT 0",
+    *_REPACKED,
+)
+
+
 def connect(path: Path, *, durable: bool) -> sqlite3.Connection:
     """A connection in autocommit mode (transactions are explicit), usable from any thread
     that the caller gives it to. A new database file is created 0600 (SQLite gives its
@@ -187,8 +223,10 @@ def prepare(conn: sqlite3.Connection, path: Path) -> bool:
         return False
     row = conn.execute("SELECT value FROM meta WHERE name='schema_version'").fetchone()
     version = int(row[0]) if row is not None else None
-    if version in (2, 3, 4):
-        steps = list(_MIGRATE_4_TO_5)
+    if version in (2, 3, 4, 5):
+        steps = list(_MIGRATE_5_TO_6)
+        if version <= 4:
+            steps = list(_MIGRATE_4_TO_5) + steps
         if version == 4:  # made before the unpunched table existed, perhaps
             steps = list(_UNPUNCHED) + steps
         if version <= 3:
