@@ -182,6 +182,7 @@ def _back_to_5(conn: sqlite3.Connection) -> None:
     for column in ("compacted", "packed_saving"):
         conn.execute(f"ALTER TABLE timelines DROP COLUMN {column}")
     conn.execute("DROP TABLE repacked")
+    conn.execute("DROP TABLE packs")
     conn.execute("UPDATE meta SET value = '5' WHERE name = 'schema_version'")
 
 

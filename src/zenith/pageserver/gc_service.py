@@ -16,11 +16,13 @@ readable at and the payload bytes its timeline holds.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
+from zenith.errors import UnknownTimeline
 from zenith.pageserver.config import RepoConfig
 from zenith.pageserver.page_service import command, expect_args, still_working
 from zenith.pageserver.retention import collect
@@ -81,17 +83,21 @@ def _rows(server: Pageserver, results: list[Pass]) -> list[list[str | None]]:
 
 def run_gc(server: Pageserver, only: str | None = None, *,
            cancel: threading.Event | None = None, batch_rows: int = 5000,
-           compact_bytes: int | None = None, pause: float = 0.0) -> list[Pass]:
+           compact_bytes: int | None = None, pause: float = 0.0,
+           wait: float = 5.0) -> list[Pass]:
     """One GC pass with the windows of config.toml as they are now, each timeline then
-    compacted (blocking)."""
+    compacted (blocking). ``wait``: how long compaction may wait for reads that hold old
+    places before giving their bytes back (else a later pass does)."""
     default, windows = RepoConfig.load(server.config.path).pitr
     passes = []
     for result in collect(server.repo, windows, default, only=only, cancel=cancel,
                           batch_rows=batch_rows):
         compacted = None
         if cancel is None or not cancel.is_set():
-            compacted = server.repo.compact(result.timeline_id, max_bytes=compact_bytes,
-                                            cancel=cancel, pause=pause)
+            # A timeline deleted since its GC has nothing left to compact.
+            with contextlib.suppress(UnknownTimeline):
+                compacted = server.repo.compact(result.timeline_id, max_bytes=compact_bytes,
+                                                cancel=cancel, pause=pause, wait=wait)
         passes.append(Pass(result, compacted))
     return passes
 
@@ -145,7 +151,8 @@ async def background_gc(server: Pageserver, stop: asyncio.Event) -> None:
         try:
             results = await workers_of(server).long.run(
                 run_gc, server, cancel=cancel, batch_rows=BACKGROUND_BATCH,
-                compact_bytes=BACKGROUND_COMPACT_BYTES, pause=BACKGROUND_COMPACT_PAUSE)
+                compact_bytes=BACKGROUND_COMPACT_BYTES, pause=BACKGROUND_COMPACT_PAUSE,
+                wait=0.0)
         except asyncio.CancelledError:
             cancel.set()
             raise

@@ -20,7 +20,8 @@ One pass over a timeline, chunk by chunk (each chunk one write transaction, like
    that saves at least a quarter;
 2. write the packed payloads as one pack frame at the committed end, ``fdatasync``, then in
    one transaction point their index rows there (kind | ``PACKED``), record each move in
-   ``repacked`` (with the frame that lists the record, ``done = 0``), and advance
+   ``repacked`` (with the frame that lists the record, ``done = 0``) and the pack in
+   ``packs`` (with the count of its records kept), and advance
    ``data_end``, ``compacted`` and ``packed_saving``. A crash before the commit leaves
    bytes beyond ``data_end``: cut at the next open, as any batch's;
 3. *finish* (``finish``): start a new generation of read holds and wait until every read
@@ -95,17 +96,20 @@ class _Move:
     packed: bytes
 
 
-def compact(repo: SqliteRepository, timeline_id: TimelineId, *,
+def compact(repo: SqliteRepository, timeline_id: TimelineId, *, lock: threading.Lock,
             max_bytes: int | None = None, cancel: threading.Event | None = None,
             pause: float = 0.0, wait: float = 5.0) -> CompactResult:
     """One compaction pass of the timeline's frames not looked at yet (see the module).
-    ``max_bytes``: stop after reading that many payload bytes (a later pass goes on).
-    ``pause``: sleep this fraction of each chunk's time after it (a bounded rate in the
-    background). ``wait``: how long finishing waits for reads of an older generation."""
+    ``lock``: held while a chunk's moves commit (GC, which reads the index to count what
+    it removes, holds it for its whole run). ``max_bytes``: stop after reading that many
+    payload bytes (a later pass goes on). ``pause``: sleep this fraction of each chunk's
+    time after it (a bounded rate in the background). ``wait``: how long finishing may
+    wait for reads of an older generation at the end of the pass (after each chunk it
+    does not wait: what it cannot finish yet, a later call does)."""
     conn = repo._conn()
     row = repo._row_by_tid(conn, timeline_id)
     tl = row[0]
-    reclaimed = finish(repo, tl, wait=wait)
+    reclaimed = finish(repo, tl, wait=0.0)
     if not row[16]:  # a shallow base still arriving
         return CompactResult(timeline_id, 0, 0, 0, reclaimed, False)
     compacted = conn.execute("SELECT compacted FROM timelines WHERE id = ?", (tl,)).fetchone()
@@ -115,10 +119,22 @@ def compact(repo: SqliteRepository, timeline_id: TimelineId, *,
     records = before = after = read = 0
     complete = True
     chunk: list[_Move] = []
-    chunk_bytes = 0
+    chunk_read = 0  # payload bytes read for this chunk, packed or not
     looked = committed = frames[0][0] if frames else 0  # frames before it: looked at
     began = time.monotonic()
     f: DataFile | None = None
+
+    def commit(upto: int) -> None:
+        nonlocal chunk, chunk_read, committed, records, before, after, reclaimed, began
+        with lock:
+            n, b, a = _commit(repo, tl, chunk, upto)
+        records, before, after = records + n, before + b, after + a
+        chunk, chunk_read, committed = [], 0, upto
+        reclaimed += finish(repo, tl, wait=0.0)  # give the old bytes back as it goes
+        if pause:
+            time.sleep((time.monotonic() - began) * pause)
+        began = time.monotonic()
+
     for i, (start, last_lsn) in enumerate(frames):
         if last_lsn > row[4]:
             complete = False  # pending records above the published end: a later pass
@@ -130,33 +146,35 @@ def compact(repo: SqliteRepository, timeline_id: TimelineId, *,
             raise Cancelled("compaction cancelled; what it packed stays packed")
         if f is None:
             f = repo._file(row)
-        for move in _candidates(repo, f, tl, start):
-            read += move.length
-            chunk.append(move)
-            chunk_bytes += move.length
+        cut = False
+        for length, move in _candidates(repo, f, tl, start):
+            read += length
+            chunk_read += length
+            if move is not None:
+                chunk.append(move)
+            if chunk_read >= CHUNK_BYTES:
+                commit(looked)  # this frame is not looked at whole yet
+            if max_bytes is not None and read >= max_bytes:
+                cut = True
+                break
+        if cut:
+            complete = False
+            break
         looked = frames[i + 1][0] if i + 1 < len(frames) else start + 1
-        if chunk_bytes >= CHUNK_BYTES:
-            n, b, a = _commit(repo, tl, chunk, looked)
-            records, before, after = records + n, before + b, after + a
-            chunk, chunk_bytes, committed = [], 0, looked
-            if pause:
-                time.sleep((time.monotonic() - began) * pause)
-            began = time.monotonic()
     if chunk or looked > committed:
-        n, b, a = _commit(repo, tl, chunk, looked)
-        records, before, after = records + n, before + b, after + a
-    if records:
-        reclaimed += finish(repo, tl, wait=wait)
+        commit(looked)
+    reclaimed += finish(repo, tl, wait=wait)
     pending = conn.execute("SELECT 1 FROM repacked WHERE tl = ? AND done = 0 LIMIT 1",
                            (tl,)).fetchone()
     return CompactResult(timeline_id, records, before, after, reclaimed,
                          complete and pending is None)
 
 
-def _candidates(repo: SqliteRepository, f: DataFile, tl: int, start: int) -> Iterator[_Move]:
-    """The images of the frame at ``start`` worth packing, with their packed payloads.
-    The index row must still be the plain image at that place (GC may have removed it;
-    the directory flags that only later)."""
+def _candidates(repo: SqliteRepository, f: DataFile, tl: int, start: int
+                ) -> Iterator[tuple[int, _Move | None]]:
+    """The images of the frame at ``start`` that may be packed: (their length, the move
+    when packing saves a quarter, else None). The index row must still be the plain image
+    at that place (GC may have removed it; the directory flags that only later)."""
     conn = repo._conn()
     for key, lsn, kind, off, length in read_directory(f, start):
         if kind != _IMAGE or length < BLOCK:
@@ -166,8 +184,7 @@ def _candidates(repo: SqliteRepository, f: DataFile, tl: int, start: int) -> Ite
                 is None:
             continue
         packed = redo.pack_image(f.pread(off, length))
-        if packed is not None:
-            yield _Move(start, key, lsn, off, length, packed)
+        yield length, (None if packed is None else _Move(start, key, lsn, off, length, packed))
 
 
 def _commit(repo: SqliteRepository, tl: int, moves: list[_Move], upto: int
@@ -200,6 +217,8 @@ def _commit(repo: SqliteRepository, tl: int, moves: list[_Move], upto: int
             " done) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0)",
             [(tl, m.key, m.lsn, m.frame, m.off, m.length, off, len(m.packed))
              for m, off in zip(live, offsets, strict=True)])
+        w.execute("INSERT INTO packs (tl, start, end, live) VALUES (?, ?, ?, ?)",
+                  (tl, writer.start, end, len(live)))
         before = sum(m.length for m in live)
         after = sum(len(m.packed) for m in live)
         w.execute("UPDATE timelines SET data_end = ?, compacted = max(compacted, ?),"

@@ -399,18 +399,20 @@ def _records(
                     kept.append(e)
             entries, skip = kept, (skip_lsn, left, last_key)
         for key, lsn, kind, offset, length in entries:
-            stop = offset + length
-            if offset < base or stop > top:
-                m = w.move(offset, length)
-                base, top = w.base, w.top
             if kind >= PACKED:
                 if kind & REMOVED:
                     raise HistoryCollected(
                         f"the records at {Lsn(lsn)} of data file {f.name} were removed by GC",
                         hint="read from the timeline's readable start (its GC horizon) on")
+                # Packed by a compaction that may have committed after this walk took its
+                # end: its pack frame can lie past the mapped end (committed, synced).
                 rec = make(key, new_lsn(lsn_type, lsn), kinds[kind & ~PACKED],
-                           unpack_image(m[offset - base : stop - base]))
+                           unpack_image(f.pread(offset, length)))
             else:
+                stop = offset + length
+                if offset < base or stop > top:
+                    m = w.move(offset, length)
+                    base, top = w.base, w.top
                 rec = make(
                     key, new_lsn(lsn_type, lsn), kinds[kind], m[offset - base : stop - base]
                 )

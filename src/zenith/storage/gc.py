@@ -144,9 +144,10 @@ class Pins:
                     self._changed.notify_all()
 
     def next_generation(self) -> int:
-        """Start a new generation of holds; returns the one that ended. Every read that
-        looks payloads up in the index holds an LSN while it does (page reads,
-        materialize): one that began after this call sees what was committed before it."""
+        """Start a new generation of holds; returns the previous one (whose holds may still
+        run: see :meth:`wait_generation`). Every read that looks payloads up in the index
+        holds an LSN while it does (page reads, materialize): one that began after this
+        call sees what was committed before it."""
         with self.lock:
             self.generation += 1
             return self.generation - 1

@@ -24,7 +24,7 @@ from zenith.errors import InvalidArgument
 #: 4: the time of each commit point (history.at), payload bytes GC left unreferenced
 #: (timelines.garbage).
 #: 5: shallow timelines, collected_lsn.
-#: 6: compaction (timelines.compacted, the repacked table).
+#: 6: compaction (timelines.compacted and packed_saving, the repacked and packs tables).
 SCHEMA_VERSION: Final = 6
 #: The database holds only small index rows now; small pages keep the commit of a small
 #: batch (WAL ingest) small.
@@ -90,6 +90,15 @@ _REPACKED: Final = (
         PRIMARY KEY (tl, key, lsn)
     ) WITHOUT ROWID""",
     "CREATE INDEX repacked_pending ON repacked (tl) WHERE done = 0",
+    # Pack frames and how many of their packed records are still kept: GC decrements it
+    # as it removes them, and punches the pack's payloads out when none is left.
+    """CREATE TABLE packs (
+        tl    INTEGER NOT NULL,
+        start INTEGER NOT NULL,
+        end   INTEGER NOT NULL,
+        live  INTEGER NOT NULL,
+        PRIMARY KEY (tl, start)
+    ) WITHOUT ROWID""",
 )
 
 SCHEMA: Final = (

@@ -36,6 +36,7 @@ import sqlite3
 import struct
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from contextlib import closing, contextmanager
 from pathlib import Path
@@ -67,6 +68,7 @@ from zenith.storage.api import (
 )
 from zenith.storage.compaction import CompactResult
 from zenith.storage.datafile import (
+    HEADER,
     PACKED,
     CorruptDataFile,
     DataFile,
@@ -99,6 +101,8 @@ _IMAGES: Final = (_IMAGE, _ZIMAGE, _PACKED_IMAGE)
 _ZIPPED: Final = (_ZIMAGE, _PACKED_IMAGE)
 _DELTA: Final = int(RecordKind.DELTA)
 
+#: A pack frame's header: its payload blocks after it are punched once no record is kept.
+PACK_HEADER: Final = HEADER.size
 #: Where a payload is: the timeline's row, offset, length.
 _Loc = tuple[Row, int, int]
 
@@ -452,7 +456,7 @@ class SqliteRepository:
         """Delete a timeline's rows; return its data file's name, to remove after commit."""
         for table, column in (
             ("records", "tl"), ("batches", "tl"), ("history", "tl"), ("unpunched", "tl"),
-            ("repacked", "tl"), ("timelines", "id")
+            ("repacked", "tl"), ("packs", "tl"), ("timelines", "id")
         ):
             conn.execute(f"DELETE FROM {table} WHERE {column} = ?", (row[0],))
         return file_name(row[1], row[0])
@@ -676,8 +680,13 @@ class SqliteRepository:
             conn.execute("COMMIT")
         count, size = int(count), int(size)
         for start in edges:
-            for _key, lsn, _kind, _off, length in read_directory(self._file(row), start):
+            for key, lsn, kind, _off, length in read_directory(self._file(row), start):
                 if lo < lsn <= hi:
+                    if kind & PACKED:  # the record's own size, as whole batches count it
+                        old = conn.execute("SELECT old_len FROM repacked WHERE tl = ?"
+                                           " AND key = ? AND lsn = ?",
+                                           (row[0], key, lsn)).fetchone()
+                        length = int(old[0]) if old is not None else length
                     count, size = count + 1, size + length
         return count, size
 
@@ -875,6 +884,19 @@ class SqliteRepository:
             ranges = []
             for frame, records in by_frame.items():
                 ranges += mark_removed(f, frame, records)
+            # Packed records removed: a pack frame none of whose records is kept any more
+            # gives all its payload blocks back (packed payloads share blocks).
+            packs = conn.execute("SELECT start, end, live FROM packs WHERE tl = ?"
+                                 " ORDER BY start", (tl,)).fetchall()
+            pack_starts = [int(p[0]) for p in packs]
+            gone: Counter[int] = Counter()
+            for off, *_rest in pending:
+                i = bisect.bisect_right(pack_starts, off) - 1
+                if i >= 0 and off < packs[i][1]:
+                    gone[i] += 1
+            emptied = [i for i, n in gone.items() if packs[i][2] - n <= 0]
+            ranges += [(pack_starts[i] + PACK_HEADER, int(packs[i][1]) - pack_starts[i]
+                        - PACK_HEADER) for i in emptied]
             if self._durable:
                 os.fdatasync(f.fd)  # flagged before any byte is punched
             punched = punch(f, ranges)
@@ -883,6 +905,11 @@ class SqliteRepository:
                               [(tl, off) for off, *_rest in pending])
                 w.executemany("DELETE FROM repacked WHERE tl = ? AND key = ? AND lsn = ?",
                               [(tl, key, lsn) for _off, _len, key, lsn in pending])
+                w.executemany("UPDATE packs SET live = live - ? WHERE tl = ? AND start = ?",
+                              [(n, tl, pack_starts[i]) for i, n in gone.items()
+                               if i not in emptied])
+                w.executemany("DELETE FROM packs WHERE tl = ? AND start = ?",
+                              [(tl, pack_starts[i]) for i in emptied])
             return punched
 
     @contextmanager
@@ -1019,11 +1046,10 @@ class SqliteRepository:
                 wait: float = 5.0) -> CompactResult:
         """Store the timeline's old plain images packed (compressed) where that saves a
         quarter, as the same records (``compaction.py``): one pass over the frames not
-        looked at yet, at most ``max_bytes`` of payloads read. One GC or compaction at a
-        time (a GC reading the index while images move would count them wrong)."""
-        with self._gc_lock:
-            return compaction.compact(self, timeline_id, max_bytes=max_bytes, cancel=cancel,
-                                      pause=pause, wait=wait)
+        looked at yet, at most ``max_bytes`` of payloads read. Moves commit under the GC
+        lock (a GC reading the index while images move would count them wrong)."""
+        return compaction.compact(self, timeline_id, lock=self._gc_lock, max_bytes=max_bytes,
+                                  cancel=cancel, pause=pause, wait=wait)
 
     def garbage(self, timeline_id: TimelineId) -> int:
         """Payload bytes GC removed from the timeline, in all (reclaimed or not yet)."""
