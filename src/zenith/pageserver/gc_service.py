@@ -152,7 +152,7 @@ async def background_gc(server: Pageserver, stop: asyncio.Event) -> None:
             results = await workers_of(server).long.run(
                 run_gc, server, cancel=cancel, batch_rows=BACKGROUND_BATCH,
                 compact_bytes=BACKGROUND_COMPACT_BYTES, pause=BACKGROUND_COMPACT_PAUSE,
-                wait=0.0)
+                wait=1.0)
         except asyncio.CancelledError:
             cancel.set()
             raise

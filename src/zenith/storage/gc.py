@@ -123,11 +123,15 @@ class Pins:
                 self._changed.notify_all()
 
     @contextmanager
-    def hold(self, tl: int, lsn: int) -> Iterator[None]:
+    def hold(self, tl: int, lsn: int, *, index: bool = False) -> Iterator[None]:
+        """Hold ``lsn`` on ``tl``. ``index``: the holder looks payload places up in the
+        index (a page read, materialize): it counts in the current generation."""
+        generation = -1
         with self.lock:
             self._held.setdefault(tl, Counter())[lsn] += 1
-            generation = self.generation
-            self._by_generation[generation] += 1
+            if index:
+                generation = self.generation
+                self._by_generation[generation] += 1
         try:
             yield
         finally:
@@ -138,16 +142,17 @@ class Pins:
                     del held[lsn]
                     if not held:
                         del self._held[tl]
-                self._by_generation[generation] -= 1
-                if not self._by_generation[generation]:
-                    del self._by_generation[generation]
-                    self._changed.notify_all()
+                if index:
+                    self._by_generation[generation] -= 1
+                    if not self._by_generation[generation]:
+                        del self._by_generation[generation]
+                        self._changed.notify_all()
 
     def next_generation(self) -> int:
         """Start a new generation of holds; returns the previous one (whose holds may still
         run: see :meth:`wait_generation`). Every read that looks payloads up in the index
-        holds an LSN while it does (page reads, materialize): one that began after this
-        call sees what was committed before it."""
+        holds an LSN while it does (page reads, materialize: ``hold(..., index=True)``):
+        one that began after this call sees what was committed before it."""
         with self.lock:
             self.generation += 1
             return self.generation - 1

@@ -541,7 +541,7 @@ class SqliteRepository:
         """:meth:`_get_value` holding ``lsn`` on the timeline against GC. ``row`` was read
         after ``epoch``: if a GC moved some timeline's readable start since, it is read
         again, so the readable check sees the GC's horizon or the GC saw the pin."""
-        with self._pins.hold(row[0], int(lsn)):
+        with self._pins.hold(row[0], int(lsn), index=True):
             if self._pins.epoch != epoch:
                 row = self._row_by_id(conn, row[0])
             return self._get_value(conn, row, key, lsn, before_readable=before_readable,
@@ -770,7 +770,7 @@ class SqliteRepository:
         after it (all its deltas if it has no image); keys whose newest record is a
         tombstone are left out. Holds the read against GC while it runs."""
         first, lsn = chain[-1]
-        with self._pins.hold(first[0], lsn), closing(self._open()) as conn:
+        with self._pins.hold(first[0], lsn, index=True), closing(self._open()) as conn:
             # Held from here; checked again now: a GC may have moved the readable start
             # since the caller looked (it then saw this pin, or the check sees it).
             fresh = conn.execute("SELECT min_readable_lsn FROM timelines WHERE id = ?",
