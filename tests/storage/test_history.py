@@ -179,7 +179,7 @@ V5_COLUMNS = ("collected_lsn", "base_lsn", "foreign_ancestor", "base_done")
 
 def _back_to_5(conn: sqlite3.Connection) -> None:
     """Undo what schema 6 added (compaction)."""
-    for column in ("compacted", "packed_saving"):
+    for column in ("compacted", "packed_saving", "base_from"):
         conn.execute(f"ALTER TABLE timelines DROP COLUMN {column}")
     conn.execute("DROP TABLE repacked")
     conn.execute("DROP TABLE packs")

@@ -189,7 +189,8 @@ async def _perform_pull(server: Pageserver, session: Session, args: list[str]) -
         result = await receive_branch(
             stream, server.repo, a.branch, pushing=False, force=a.force, dry_run=a.dry_run,
             progress=reporter.update, timeout=server.config.transfer_timeout,
-            locks=server.transfer_locks, offload=job.run, depth=depth)
+            locks=server.transfer_locks, offload=job.run, depth=depth,
+            principal=f"origin {parse_origin_uri(a.uri).address}")
         await reporter.flush()
     await _send_result(session, a.branch, f"{mask_uri(a.uri)} {a.remote_branch}", result)
 
@@ -208,7 +209,7 @@ async def _branch_push(server: Pageserver, session: Session, args: list[str]) ->
     async with _long_job(server, session) as job:
         await receive_branch(copy, server.repo, name, pushing=True, force=force,
                              dry_run=dry_run, timeout=timeout, locks=server.transfer_locks,
-                             offload=job.run, depth=depth)
+                             offload=job.run, depth=depth, principal=f"user {session.user.name}")
     await _end_copy(copy, timeout, ours_first=False)
 
 

@@ -119,6 +119,10 @@ class TimelineInfo:
     base_lsn: Lsn | None = None
     #: False while a shallow timeline's base images are still arriving (unreadable).
     base_complete: bool = True
+    #: Who sent a shallow timeline's base (``user NAME`` for a push, ``origin HOST:PORT``
+    #: for a pull); None when unknown. Its base is outside the history hash, so only
+    #: that sender's transfers extend the timeline (docs/push-pull.md, "Trust").
+    base_from: str | None = None
 
     @property
     def start_lsn(self) -> Lsn:
@@ -177,11 +181,13 @@ class Repository(Protocol):
     def get_timeline(self, timeline_id: TimelineId) -> TimelineInfo: ...
 
     def create_shallow_timeline(
-        self, timeline_id: TimelineId, ancestor: tuple[TimelineId, Lsn] | None, base_lsn: Lsn
+        self, timeline_id: TimelineId, ancestor: tuple[TimelineId, Lsn] | None, base_lsn: Lsn,
+        *, source: str | None = None,
     ) -> TimelineInfo:
         """A received timeline held from ``base_lsn`` on (its ``ancestor``, which need not
         be held here, is kept as its identity). Unreadable until :meth:`finish_base`;
-        :meth:`put_base` stores its state at ``base_lsn`` first."""
+        :meth:`put_base` stores its state at ``base_lsn`` first. ``source``: who sent the
+        base (a user, an origin), kept in :attr:`TimelineInfo.base_from`."""
         ...
 
     def put_base(self, timeline_id: TimelineId, records: Iterable[Record]) -> int:

@@ -128,7 +128,8 @@ SCHEMA: Final = (
         foreign_ancestor BLOB,
         base_done        INTEGER NOT NULL DEFAULT 1,
         compacted        INTEGER NOT NULL DEFAULT 0,
-        packed_saving    INTEGER NOT NULL DEFAULT 0
+        packed_saving    INTEGER NOT NULL DEFAULT 0,
+        base_from        TEXT
     )""".format(zero="00" * 32),
     """CREATE TABLE branches (
         name     TEXT PRIMARY KEY,
@@ -198,6 +199,9 @@ _MIGRATE_4_TO_5: Final = (
 _MIGRATE_5_TO_6: Final = (
     "ALTER TABLE timelines ADD COLUMN compacted INTEGER NOT NULL DEFAULT 0",
     "ALTER TABLE timelines ADD COLUMN packed_saving INTEGER NOT NULL DEFAULT 0",
+    # Who sent a shallow timeline's base: unknown for those received before (no transfer
+    # extends them: docs/push-pull.md, "Trust").
+    "ALTER TABLE timelines ADD COLUMN base_from TEXT",
     *_REPACKED,
 )
 

@@ -208,6 +208,7 @@ class SqliteRepository:
             collected_lsn=Lsn(row[13]),
             base_lsn=Lsn(row[14]) if row[14] is not None else None,
             base_complete=bool(row[16]),
+            base_from=row[17],
         )
 
     def create_timeline(
@@ -245,7 +246,8 @@ class SqliteRepository:
             return self._info(conn, self._row_by_tid(conn, tid))
 
     def create_shallow_timeline(
-        self, timeline_id: TimelineId, ancestor: tuple[TimelineId, Lsn] | None, base_lsn: Lsn
+        self, timeline_id: TimelineId, ancestor: tuple[TimelineId, Lsn] | None, base_lsn: Lsn,
+        *, source: str | None = None,
     ) -> TimelineInfo:
         """See :meth:`Repository.create_shallow_timeline`."""
         tid = TimelineId(timeline_id)
@@ -262,9 +264,9 @@ class SqliteRepository:
             conn.execute(
                 "INSERT INTO timelines (timeline_id, ancestor, ancestor_lsn, last_record_lsn,"
                 " min_readable_lsn, received, collected_lsn, base_lsn, foreign_ancestor,"
-                " base_done) VALUES (?, NULL, ?, ?, ?, 1, ?, ?, ?, 0)",
+                " base_done, base_from) VALUES (?, NULL, ?, ?, ?, 1, ?, ?, ?, 0, ?)",
                 (bytes(tid), ancestor[1] if ancestor else None, base, base, base, base,
-                 bytes(ancestor[0]) if ancestor else None),
+                 bytes(ancestor[0]) if ancestor else None, source),
             )
             return self._info(conn, self._row_by_tid(conn, tid))
 

@@ -40,13 +40,13 @@ if TYPE_CHECKING:
 TL_COLUMNS: Final = (
     "id, timeline_id, ancestor, ancestor_lsn, last_record_lsn, min_readable_lsn, data_end,"
     " received, hash, pending_lsn, pending_count, pending_key, pending_sum,"
-    " collected_lsn, base_lsn, foreign_ancestor, base_done"
+    " collected_lsn, base_lsn, foreign_ancestor, base_done, base_from"
 )
 #: A timelines row, in ``TL_COLUMNS`` order.
 Row = tuple[
     int, bytes, int | None, int | None, int, int, int,
     int, bytes, int | None, int, bytes | None, bytes | None,
-    int, int | None, bytes | None, int,
+    int, int | None, bytes | None, int, str | None,
 ]
 #: Records in one data-file frame: a larger batch given in LSN order is split.
 FRAME_RECORDS: Final = 65536

@@ -108,10 +108,42 @@ def make_plan(
     force: bool,
     since: Lsn | None = None,
     depth: Depth | None = None,
+    principal: str | None = None,
 ) -> Plan:
     """Decide what to receive for branch ``dest_name`` from the offered ``chain`` (root
     first). ``mismatched``: the timelines whose proof failed, with the LSN of the proof.
-    ``since``: the oldest LSN a new copy needs (resolved from ``depth``); None: all."""
+    ``since``: the oldest LSN a new copy needs (resolved from ``depth``); None: all.
+    ``principal``: who sends. A new shallow copy records it; a shallow copy held here
+    already is built on (extended, named, or said to be up to date) only by the one who
+    sent its base, whose hash is not proven (:func:`_untrusted_base`)."""
+    plan = _plan(repo, dest_name, chain, mismatched, pushing=pushing, force=force,
+                 since=since, depth=depth)
+    if plan.status is Status.REJECTED:
+        return plan
+    untrusted = _untrusted_base(repo, chain, plan.sends, principal)
+    if untrusted is None:
+        return plan
+    here = "remote" if pushing else "local"
+    return Plan(Status.REJECTED, (
+        f"rejected: timeline {untrusted} is held on the {here} side as a shallow copy "
+        "whose base came from another user or origin; the base is not covered by the "
+        "history hash, so this transfer does not build on it. An admin there can remove "
+        f"it (zenith timeline delete {untrusted}, after deleting or moving the branches "
+        "on it); the transfer then sends a base of its own"), plan.old, plan.source)
+
+
+def _plan(
+    repo: Repository,
+    dest_name: str,
+    chain: tuple[TimelineInfo, ...],
+    mismatched: dict[TimelineId, Lsn],
+    *,
+    pushing: bool,
+    force: bool,
+    since: Lsn | None = None,
+    depth: Depth | None = None,
+) -> Plan:
+    """:func:`make_plan` but for the shallow-base check."""
     source = chain[-1]
     try:
         old: TimelineInfo | None = repo.get_branch(dest_name).timeline
@@ -199,6 +231,22 @@ def make_plan(
                else "the history before it was collected on the sending side")
         message += f" (shallow: history from {base} on, by {why})"
     return Plan(status, message, old, source, sends, base)
+
+
+def _untrusted_base(repo: Repository, chain: tuple[TimelineInfo, ...], sends: list[Send],
+                    principal: str | None) -> TimelineId | None:
+    """The shallow timeline held here that the branch would read through (its base
+    stands in for all history before it) if another sender than ``principal`` sent its
+    base, else None. Walks the chain down from the source: timelines this transfer
+    creates whole, or holds whole, read their ancestors; a base it sends is its own."""
+    based = {s.request.timeline_id for s in sends if s.request.base}
+    for tl in reversed(chain):
+        if tl.timeline_id in based:
+            return None
+        held = _held(repo, tl.timeline_id)
+        if held is not None and held.base_lsn is not None:
+            return None if held.base_from == principal else tl.timeline_id
+    return None
 
 
 def _names(repo: Repository) -> dict[TimelineId, list[str]]:

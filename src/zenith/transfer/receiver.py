@@ -77,12 +77,16 @@ async def receive_branch(
     locks: TransferLocks | None = None,
     offload: Offload = to_thread,
     depth: Depth | None = None,
+    principal: str | None = None,
 ) -> TransferResult:
     """Receive into branch ``dest_name``. ``pushing`` says whether the peer is pushing to
     us (for the wording and rules of DESIGN §6). Raises PushRejected when the plan
     rejects; anything the sender does wrong is TransferAborted with nothing published
     beyond what was acknowledged. ``offload`` runs the storage steps in a thread.
-    ``depth``: how much history a new copy gets (None: all the sender has)."""
+    ``depth``: how much history a new copy gets (None: all the sender has).
+    ``principal``: who sends (``user NAME``, ``origin HOST:PORT``): a shallow copy keeps
+    it, and only the same principal's transfers build on that copy (its base is outside
+    the history hash)."""
     started = time.monotonic()
     offer = await read_message(channel, Offer, timeout)
     # Negotiate without locks (a peer that goes silent meanwhile holds nothing), then lock
@@ -92,7 +96,7 @@ async def receive_branch(
 
     def planned() -> Plan:
         return make_plan(repo, dest_name, offer.chain, mismatched, pushing=pushing,
-                         force=force, since=since, depth=depth)
+                         force=force, since=since, depth=depth, principal=principal)
 
     plan = await offload(planned)
     keys = [f"branch:{dest_name}",
@@ -117,7 +121,8 @@ async def receive_branch(
 
         state = Progress()
         for item in plan.sends:
-            await _receive_range(channel, repo, item, state, progress, timeout, offload)
+            await _receive_range(channel, repo, item, state, progress, timeout, offload,
+                                 principal)
         # Only if the name still points where the plan found it (a local write may have
         # forked it meanwhile): never undo someone else's move.
         await offload(repo.move_branch, dest_name, plan.source.timeline_id,
@@ -295,7 +300,7 @@ def _apply(repo: Repository, tid: TimelineId, frames: list[_Decoded], after: Lsn
             written.last_record_lsn, written.pending)
 
 
-def _create(repo: Repository, item: Send) -> None:
+def _create(repo: Repository, item: Send, principal: str | None) -> None:
     """Create the timeline a range starts (a shallow one for a base), after dropping what
     an interrupted shallow copy of it left (its base incomplete: never readable)."""
     tl, request = item.timeline, item.request
@@ -305,7 +310,7 @@ def _create(repo: Repository, item: Send) -> None:
     ancestor = (tl.ancestor_id, tl.ancestor_lsn) \
         if tl.ancestor_id is not None and tl.ancestor_lsn is not None else None
     if request.base:
-        repo.create_shallow_timeline(tl.timeline_id, ancestor, request.after)
+        repo.create_shallow_timeline(tl.timeline_id, ancestor, request.after, source=principal)
     else:
         repo.create_timeline(tl.timeline_id, ancestor, min_readable_lsn=tl.min_readable_lsn,
                              received=True)
@@ -343,7 +348,7 @@ def _apply_base(repo: Repository, tid: TimelineId, frames: list[_Decoded], at: L
 
 async def _receive_range(
     channel: Channel, repo: Repository, item: Send, state: Progress,
-    progress: ProgressFn | None, timeout: float, offload: Offload,
+    progress: ProgressFn | None, timeout: float, offload: Offload, principal: str | None,
 ) -> None:
     request = item.request
     head = await read_message(channel, Range, timeout)
@@ -351,7 +356,7 @@ async def _receive_range(
         raise TransferAborted("the sender announced another range than the plan asked for")
     state.records_total, state.bytes_total = head.total_records, head.total_bytes
     if request.create:
-        await offload(_create, repo, item)
+        await offload(_create, repo, item, principal)
     records, nbytes = 0, 0
     end: RangeEnd | None = None
     last = request.resume.lsn if request.resume else request.after
