@@ -18,6 +18,7 @@ from zenith.storage.api import (
     Repository,
     TimelineInfo,
     WriteResult,
+    checked_record,
     validate_branch_name,
 )
 from zenith.storage.compaction import CompactResult
@@ -38,6 +39,7 @@ __all__ = [
     "SqliteRepository",
     "TimelineInfo",
     "WriteResult",
+    "checked_record",
     "open_repository",
     "validate_branch_name",
 ]

@@ -29,9 +29,8 @@ import google_crc32c
 import zstandard
 
 from zenith.errors import TransferAborted
-from zenith.lsn import Lsn
 from zenith.pgwire.messages import DEFAULT_MAX_MESSAGE_SIZE
-from zenith.storage import KEY_SIZE, Record, RecordKind
+from zenith.storage import KEY_SIZE, Record, RecordKind, checked_record
 from zenith.transfer.messages import MAX_JSON, FrameType, M, Message, decode
 
 HEADER: Final = struct.Struct(">BBHIII")
@@ -159,6 +158,7 @@ def decode_records(body: bytes, *, lsn_order: bool = True) -> list[Record]:
     records: list[Record] = []
     previous = 0
     size = RECORD_HEADER.size
+    make = checked_record
     if count == 0:
         raise TransferAborted("a DATA frame without records")
     if count * size > len(body):
@@ -172,7 +172,9 @@ def decode_records(body: bytes, *, lsn_order: bool = True) -> list[Record]:
             raise TransferAborted("truncated record payload in DATA frame")
         if kind not in _KINDS or (lsn < previous and lsn_order) or lsn == 0:
             raise TransferAborted(f"invalid record (kind {kind}, lsn {lsn}) in DATA frame")
-        records.append(Record(key, Lsn(lsn), _KINDS[kind], body[pos : pos + length]))
+        # Fields checked above and by the layout (key and LSN sizes): storage checks the
+        # rest (LSN range, payload) when it keeps the record.
+        records.append(make(key, lsn, kind, body[pos : pos + length]))
         pos += length
         previous = lsn
     if pos != len(body):
