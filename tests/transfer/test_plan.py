@@ -236,6 +236,13 @@ def test_a_held_timeline_behind_collected_history_is_refused(
     _, p = plan(src, dst, "main", tid)
     assert p.status is Status.REJECTED
     assert "holds its history only from" in p.message and "shallow" in p.message
+    assert "delete the branch main here" in p.message
+    # Held unnamed (a branch here starts on it): the remedy names the timeline.
+    dst.create_branch("child", "main", Lsn(0x108))
+    dst.delete_branch("main")
+    _, p = plan(src, dst, "main", tid)
+    assert p.status is Status.REJECTED
+    assert f"zenith timeline delete {tid}" in p.message, p.message
 
 
 def _shallow_copy(src: SqliteRepository, dst: SqliteRepository, tid: TimelineId, at: Lsn,

@@ -357,10 +357,14 @@ def _sends(
             sends.append(Send(tl, request))
             continue
         if held.last_record_lsn < needed and held.last_record_lsn < tl.history_start:
+            names = named.get(held.timeline_id)
+            remedy = (f"delete the branch {', '.join(names)} here" if names else
+                      f"remove it here (zenith timeline delete {tl.timeline_id}, after the "
+                      "branches that start on it)")
             return (f"rejected: timeline {tl.timeline_id} is held here up to "
                     f"{held.last_record_lsn}, and the sender holds its history only from "
-                    f"{tl.history_start} on (collected there); delete the branch here and "
-                    "transfer it again (a shallow copy)")
+                    f"{tl.history_start} on (collected there); {remedy} and transfer it "
+                    "again (a shallow copy)")
         if held.last_record_lsn >= needed:
             continue
         ours = old is not None and held.timeline_id == old.timeline_id \
