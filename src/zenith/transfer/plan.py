@@ -357,8 +357,8 @@ def _sends(
             sends.append(Send(tl, request))
             continue
         if held.last_record_lsn < needed and held.last_record_lsn < tl.history_start:
-            names = named.get(held.timeline_id)
-            remedy = (f"delete the branch {', '.join(names)} here" if names else
+            holders = named.get(held.timeline_id)
+            remedy = (f"delete the branch {', '.join(holders)} here" if holders else
                       f"remove it here (zenith timeline delete {tl.timeline_id}, after the "
                       "branches that start on it)")
             return (f"rejected: timeline {tl.timeline_id} is held here up to "

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import dataclasses
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Final
 
@@ -73,15 +73,24 @@ async def send_branch(
     ``Repository.ancestry`` gives them) and send what the receiver asks for. Raises
     PushRejected when the receiver refuses, TransferAborted/PeerTimeout when it misbehaves.
     ``offload`` runs the reading steps in a thread."""
-    with contextlib.ExitStack() as holds:
-        # What is offered stays sendable until the transfer ends: no GC moves a horizon
-        # of the chain meanwhile. The chain is read again under the holds: a GC that ran
-        # since the caller read it moved readable starts it does not show.
+    with contextlib.ExitStack() as planned, contextlib.ExitStack() as offered:
+        # What is offered stays sendable until the plan says what will be sent: no GC
+        # moves a horizon of the chain meanwhile. The chain is read again under the holds:
+        # a GC that ran since the caller read it moved readable starts it does not show.
         for tl in chain:
-            holds.enter_context(repo.hold_history(tl.timeline_id, tl.start_lsn))
+            offered.enter_context(repo.hold_history(tl.timeline_id, tl.start_lsn))
+
+        def narrow(ranges: list[RangeRequest]) -> None:
+            """Once planned, hold only where each range starts (GC may collect what the
+            receiver does not need while a long transfer runs), then let the rest go."""
+            for request in ranges:
+                planned.enter_context(repo.hold_history(request.timeline_id, request.after))
+            offered.close()
+
         fresh = await offload(repo.ancestry, chain[0].timeline_id)
         return await _send_branch(channel, repo, fresh, compress=compress, progress=progress,
-                                  timeout=timeout, frame_target=frame_target, offload=offload)
+                                  timeout=timeout, frame_target=frame_target, offload=offload,
+                                  narrow=narrow)
 
 
 async def _send_branch(
@@ -94,6 +103,7 @@ async def _send_branch(
     timeout: float,
     frame_target: int,
     offload: Offload,
+    narrow: Callable[[list[RangeRequest]], None],
 ) -> TransferResult:
     started = time.monotonic()
     offered = tuple(reversed(chain))
@@ -108,6 +118,7 @@ async def _send_branch(
     # The receiver may first wait for another transfer of the same branch to finish.
     plan = await read_message(channel, PlanMsg, 2 * timeout)
     ranges = _check_ranges(plan, offered)
+    narrow(ranges)
 
     state = Progress()
     for request in ranges:
