@@ -1,8 +1,9 @@
 """Fixtures shared by the tests that run real pageserver processes (a pytest plugin).
 
 A pageserver is set up as a user would: ``zenith init`` then ``zenith start`` on a free
-loopback port in a temporary directory, and always ``zenith stop``-ped (killed if need be)
-when the test ends, whatever happened.
+loopback port in a temporary directory, and always stopped (killed if need be) when the
+test ends, whatever happened: as ``zenith stop`` stops it (SIGTERM, then wait until it has
+shut down), all of a test's pageservers at once and without a CLI process each.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
@@ -124,6 +126,54 @@ def make_pageserver(base: Path, *init_args: str) -> PageserverProc:
     return ps
 
 
+def start_together(*pageservers: PageserverProc) -> tuple[PageserverProc, ...]:
+    """``zenith start`` on each of ``pageservers`` at the same time (each its own CLI
+    process, as from several shells); they are returned once every one serves."""
+    with ThreadPoolExecutor(len(pageservers)) as pool:
+        for started in [pool.submit(ps.start) for ps in pageservers]:
+            started.result()
+    return pageservers
+
+
+def started_pageservers(factory: Callable[..., PageserverProc], *names: str
+                        ) -> tuple[PageserverProc, ...]:
+    """``factory(name=n)`` for each of ``names`` (``pageserver_factory``), but with their
+    ``zenith start``s at the same time."""
+    return start_together(*(factory(name=n, start=False) for n in names))
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` still runs (a zombie that nobody reaps has finished)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
+
+
+def stop_all(pageservers: Iterable[PageserverProc], timeout: float = 30) -> None:
+    """Stop every running one of ``pageservers`` as ``zenith stop`` does (SIGTERM, then
+    wait until its pid file is gone and it has exited), all at once; one still running
+    after ``timeout`` seconds is killed."""
+    running = []
+    for ps in pageservers:
+        pid_path = ps.config.pid_path
+        pid = running_pid(pid_path)
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+            running.append((pid_path, pid))
+    deadline = time.monotonic() + timeout
+    for pid_path, pid in running:
+        while running_pid(pid_path) is not None or _alive(pid):
+            if time.monotonic() > deadline:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                time.sleep(0.2)
+                break
+            time.sleep(0.02)
+
+
 @pytest.fixture
 def pageserver_factory(tmp_path: Path) -> Iterator[callable]:  # type: ignore[valid-type]
     started: list[PageserverProc] = []
@@ -136,8 +186,7 @@ def pageserver_factory(tmp_path: Path) -> Iterator[callable]:  # type: ignore[va
         return ps
 
     yield factory
-    for ps in started:
-        ps.stop()
+    stop_all(started)
 
 
 @pytest.fixture

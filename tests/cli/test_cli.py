@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import re
 import stat
+import subprocess
 import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from tests.fixtures import PageserverProc, free_port, zenith
+from tests.fixtures import PageserverProc, free_port, make_pageserver, stop_all, zenith
 from zenith.pageserver.pidfile import running_pid
 
 
@@ -36,9 +39,21 @@ def _all_commands() -> list[list[str]]:
     return out
 
 
-@pytest.mark.parametrize("words", _all_commands(), ids=lambda w: " ".join(w) or "zenith")
-def test_every_command_has_help(words: list[str]) -> None:
-    res = zenith(*words, "--help")
+COMMANDS = _all_commands()
+
+
+@pytest.fixture(scope="module")
+def helps() -> dict[str, subprocess.CompletedProcess[str]]:
+    """``zenith ... --help`` of every command, each a fresh process, two at a time."""
+    with ThreadPoolExecutor(2) as pool:
+        done = pool.map(lambda words: zenith(*words, "--help"), COMMANDS)
+        return {" ".join(words): res for words, res in zip(COMMANDS, done, strict=True)}
+
+
+@pytest.mark.parametrize("words", COMMANDS, ids=lambda w: " ".join(w) or "zenith")
+def test_every_command_has_help(helps: dict[str, subprocess.CompletedProcess[str]],
+                                words: list[str]) -> None:
+    res = helps[" ".join(words)]
     assert res.returncode == 0 and "Usage:" in res.stdout, res.stderr
 
 
@@ -114,6 +129,18 @@ def test_branches_generate_and_digest(pageserver: PageserverProc) -> None:
     assert copy == mid_digest
 
 
+@pytest.fixture(scope="module")
+def with_main(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PageserverProc]:
+    """One pageserver with a branch ``main``, shared by the refusals (which change nothing)."""
+    ps = make_pageserver(tmp_path_factory.mktemp("refusals") / "ps")
+    try:
+        ps.start()
+        ps.cli("generate", "main", "--pages", "2", check=True)
+        yield ps
+    finally:
+        stop_all([ps])
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -129,10 +156,9 @@ def test_branches_generate_and_digest(pageserver: PageserverProc) -> None:
         (["user", "remove", "admin"], "last admin"),
     ],
 )
-def test_errors_are_one_clear_line(pageserver: PageserverProc, args: list[str],
+def test_errors_are_one_clear_line(with_main: PageserverProc, args: list[str],
                                    message: str) -> None:
-    pageserver.cli("generate", "main", "--pages", "2", check=True)
-    res = pageserver.cli(*args)
+    res = with_main.cli(*args)
     assert res.returncode == 1, res.stdout
     assert res.stderr.startswith("error: ") and message in res.stderr
     assert "Traceback" not in res.stderr

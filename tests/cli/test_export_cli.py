@@ -17,7 +17,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from tests.fixtures import PageserverProc
+from tests.fixtures import PageserverProc, started_pageservers
 from tests.pgcluster import PG_USER, PgCluster, as_postgres
 from tests.postgres.test_export_pg import amcheck
 
@@ -56,8 +56,7 @@ class Started(PgCluster):
 
 
 def test_export_through_push_and_origin(pageserver_factory) -> None:  # type: ignore[no-untyped-def]
-    a: PageserverProc = pageserver_factory(name="a")
-    b: PageserverProc = pageserver_factory(name="b")
+    a, b = started_pageservers(pageserver_factory, "a", "b")
     a.cli("origin", "add", "b", b.uri(), check=True)
     out = Path(tempfile.mkdtemp(prefix="zenith-export-"))  # the postgres user must reach it
     os.chmod(out, 0o755)
@@ -67,7 +66,9 @@ def test_export_through_push_and_origin(pageserver_factory) -> None:  # type: ig
         a.cli("import", "main", src.uri(), check=True)
         src.psql("CREATE TABLE extra AS SELECT g, repeat('x', g % 300) AS s"
                  " FROM generate_series(1, 3000) g")
-        src.psql("UPDATE pgbench_accounts SET abalance = aid % 13 WHERE aid % 7 = 0")
+        # one row in 70, some 1400 rows (each change carries its page in the WAL here: one
+        # row in 7 was some 380 MiB of WAL to ingest, push and export)
+        src.psql("UPDATE pgbench_accounts SET abalance = aid % 13 WHERE aid % 70 = 0")
         mid = src.psql("SELECT pg_current_wal_flush_lsn()")
         at_mid = contents(src)
         src.run("pgbench", "-t", "200", "-c", "2", "-h", "127.0.0.1", "-p", str(src.port),

@@ -25,6 +25,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -39,7 +40,7 @@ from tests.cli.realpg import (
     sent,
     table_contents,
 )
-from tests.fixtures import PageserverProc, make_pageserver
+from tests.fixtures import PageserverProc, make_pageserver, started_pageservers, stop_all
 from tests.pgcluster import PGBIN, PgCluster
 from zenith.lsn import Lsn
 
@@ -74,15 +75,15 @@ def _import(ps: PageserverProc, pg: PgCluster) -> int:
 
 
 def test_real_cluster_push_pull_export(source: PgCluster, pageserver_factory) -> None:  # type: ignore[no-untyped-def]
-    a: PageserverProc = pageserver_factory(name="a")
-    b: PageserverProc = pageserver_factory(name="b")
-    c: PageserverProc = pageserver_factory(name="c")
+    a, b, c = started_pageservers(pageserver_factory, "a", "b", "c")
     a.cli("origin", "add", "b", b.uri(), check=True)
     c.cli("origin", "add", "b", b.uri(), check=True)
     _import(a, source)
 
-    # while A follows: a pgbench run (the middle), then DDL and deletes (the end)
-    pgbench(source, "-T", "5", "-c", "2")
+    # while A follows: a pgbench run (the middle), then DDL and deletes (the end). A count of
+    # transactions, not a duration: 5 s of pgbench wrote some 300 MiB of WAL (every record
+    # carries its pages) that A had to ingest and every transfer and export to carry.
+    pgbench(source, "-t", "500", "-c", "2")
     at_mid = table_contents(source)
     mid = flush_lsn(source)
     source.psql("CREATE TABLE extra AS SELECT g, repeat('x', g % 300) AS s"
@@ -94,31 +95,40 @@ def test_real_cluster_push_pull_export(source: PgCluster, pageserver_factory) ->
     source.psql("UPDATE pgbench_tellers SET note = 'teller ' || tid WHERE tid % 3 = 0")
     source.psql("DELETE FROM extra WHERE g % 3 = 0")
     source.psql("DELETE FROM pgbench_accounts WHERE aid % 1000 = 0")
-    at_end = table_contents(source)
     end = flush_lsn(source)
+
+    # The source is written no more: its contents at the end are read (by PostgreSQL) while
+    # A catches up and the branch travels (by the pageservers), on the other core.
+    with ThreadPoolExecutor(1) as pool:
+        ending = pool.submit(table_contents, source)
+        waited = a.cli("wait", "main", end, "--timeout", "120")
+        assert waited.returncode == 0, waited.stderr
+        a.cli("detach", "main", check=True)
+        digest = a.digest("main")
+        last = str(a.branch("main")["last_record_lsn"])
+
+        pushed = a.cli("push", "main", "b", timeout=600)
+        assert pushed.returncode == 0, pushed.stderr
+        assert pushed.stdout.startswith(f"* [new branch] main -> b:main 0/0..{last}, "), \
+            pushed.stdout
+        pulled = c.cli("pull", "main", "b", timeout=600)
+        assert pulled.returncode == 0, pulled.stderr
+        assert pulled.stdout.startswith(f"* [new branch] b:main -> main 0/0..{last}, "), \
+            pulled.stdout
+        assert sent(pulled.stdout)[0] == sent(pushed.stdout)[0]
+        assert b.digest("main") == digest
+        assert c.digest("main") == digest
+        assert c.branch("main")["timeline_id"] == a.branch("main")["timeline_id"]
+        at_end = ending.result()
     assert at_end != at_mid and "extra" in at_end and "extra" not in at_mid
 
-    waited = a.cli("wait", "main", end, "--timeout", "120")
-    assert waited.returncode == 0, waited.stderr
-    a.cli("detach", "main", check=True)
-    digest = a.digest("main")
-    last = str(a.branch("main")["last_record_lsn"])
-
-    pushed = a.cli("push", "main", "b", timeout=600)
-    assert pushed.returncode == 0, pushed.stderr
-    assert pushed.stdout.startswith(f"* [new branch] main -> b:main 0/0..{last}, "), pushed.stdout
-    pulled = c.cli("pull", "main", "b", timeout=600)
-    assert pulled.returncode == 0, pulled.stderr
-    assert pulled.stdout.startswith(f"* [new branch] b:main -> main 0/0..{last}, "), pulled.stdout
-    assert sent(pulled.stdout)[0] == sent(pushed.stdout)[0]
-    assert b.digest("main") == digest
-    assert c.digest("main") == digest
-    assert c.branch("main")["timeline_id"] == a.branch("main")["timeline_id"]
-
-    # C's copy, two generations away from the source, exported at both moments
-    with export_dir() as out:
-        check_export(c, f"main@{mid}", out / "mid", at_mid)
-        check_export(c, "main", out / "end", at_end)
+    # C's copy, two generations away from the source, exported at both moments (the two
+    # exports and their checks at the same time: each its own directory and postgres)
+    with export_dir() as out, ThreadPoolExecutor(2) as pool:
+        checks = [pool.submit(check_export, c, f"main@{mid}", out / "mid", at_mid),
+                  pool.submit(check_export, c, "main", out / "end", at_end)]
+        for check in checks:
+            check.result()
 
 
 # -- an interrupted push of the import LSN -----------------------------------------------------
@@ -138,7 +148,7 @@ def imported(source: PgCluster, tmp_path_factory: pytest.TempPathFactory
         a.cli("detach", "main", check=True)
         yield a, import_lsn
     finally:
-        a.stop()
+        stop_all([a])
 
 
 def _repo_bytes(ps: PageserverProc) -> int:

@@ -610,17 +610,24 @@ HOSTILE = {
 }
 
 
+@pytest.fixture(scope="module")
+def exporter(tmp_path_factory: pytest.TempPathFactory) -> PageserverProc:
+    """One repository for the hostile origins (not started: an export from an origin runs
+    in the CLI); a refused export writes nothing to it, each case adds an origin of its own."""
+    return make_pageserver(tmp_path_factory.mktemp("exporter") / "repo")
+
+
 @pytest.mark.parametrize("case", sorted(HOSTILE))
-def test_hostile_tar_members_are_refused(tmp_path: Path, case: str) -> None:
+def test_hostile_tar_members_are_refused(exporter: PageserverProc, tmp_path: Path,
+                                         case: str) -> None:
     members, message = HOSTILE[case]
     fake = FakeOrigin(_tar(_member_dir("base"), *members))
     try:
-        ps = make_pageserver(tmp_path / "repo")
         uri = f"postgresql://evil@127.0.0.1:{fake.port}/zenith?sslmode=disable"
-        ps.cli("origin", "add", "evil", uri, check=True)
+        exporter.cli("origin", "add", f"evil-{case}", uri, check=True)
         target = tmp_path / "out" / "data"
         target.mkdir(parents=True)
-        res = ps.cli("export", "evil:main", str(target))
+        res = exporter.cli("export", f"evil-{case}:main", str(target))
         assert res.returncode == 1, (res.stdout, res.stderr)
         assert "refused tar member" in res.stderr and message in res.stderr, res.stderr
         assert list(target.iterdir()) == []

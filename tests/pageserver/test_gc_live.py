@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tests.fixtures import PageserverProc
+from tests.fixtures import PageserverProc, start_together
 from zenith.lsn import Lsn
 
 pytestmark = pytest.mark.timeout(240)
@@ -70,8 +70,8 @@ def test_gc_keeps_the_window_and_branch_points(pageserver_factory) -> None:
 def test_background_gc_then_pushes(pageserver_factory) -> None:
     src = pageserver_factory(start=False)
     set_config(src, gc_period=1)
-    src.start()
-    dst, fresh = pageserver_factory(), pageserver_factory()
+    dst, fresh = pageserver_factory(start=False), pageserver_factory(start=False)
+    start_together(src, dst, fresh)
     src.cli("generate", "main", "--pages", "2000", "--rounds", "3", check=True)
     first = src.branch("main")["last_record_lsn"]
     src.cli("generate", "main", "--pages", "2000", "--rounds", "1", "--seed", "9", check=True)

@@ -19,7 +19,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from tests.fixtures import PageserverProc, make_pageserver
+from tests.fixtures import PageserverProc, make_pageserver, stop_all
 from zenith.errors import (
     ConnectionFailed,
     InvalidArgument,
@@ -86,7 +86,7 @@ def limited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PageserverProc
     try:
         yield ps
     finally:
-        ps.stop()
+        stop_all([ps])
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +99,7 @@ def impatient(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PageserverPr
     try:
         yield ps
     finally:
-        ps.stop()
+        stop_all([ps])
 
 
 def _state(ps: PageserverProc) -> list[tuple[str | None, str]]:
@@ -352,7 +352,7 @@ def patient(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PageserverProc
     try:
         yield ps
     finally:
-        ps.stop()
+        stop_all([ps])
 
 
 def _last_lsn(ps: PageserverProc) -> Lsn:

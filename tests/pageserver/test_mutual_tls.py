@@ -12,7 +12,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from tests.fixtures import PageserverProc, free_port
+from tests.fixtures import PageserverProc, free_port, start_together
 from zenith.pageserver.quoting import command_text
 
 pytestmark = pytest.mark.timeout(180)
@@ -143,12 +143,12 @@ def test_push_and_pull_over_mutual_tls_without_passwords(pageserver_factory,
                                                          tmp_path: Path) -> None:
     cloud = pageserver_factory("--tls", name="cloud", start=False)
     port = add_listener(cloud, "cert")
-    cloud.start()
+    laptop = pageserver_factory(name="laptop", start=False)
+    start_together(cloud, laptop)
     cloud.cli("user", "add", "laptop", "--role", "push", "--no-password", check=True)
     certs = tmp_path / "laptop-certs"
     cloud.cli("tls", "client-cert", "laptop", "--out", str(certs), check=True)
 
-    laptop = pageserver_factory(name="laptop")
     laptop.cli("generate", "main", "--pages", "200", "--rounds", "3", check=True)
     uri = tls_uri(port, "laptop", ca=cloud.path / "tls" / "ca.crt",
                   cert=certs / "laptop.crt", key=certs / "laptop.key")
@@ -176,9 +176,9 @@ def test_a_uri_from_the_wire_may_not_name_any_key_file(pageserver_factory,
     read (here: another repository's admin key on the same machine)."""
     cloud = pageserver_factory("--tls", name="cloud", start=False)
     port = add_listener(cloud, "cert")
-    cloud.start()
+    other = pageserver_factory(name="other", start=False)
+    start_together(cloud, other)
     cloud.cli("generate", "secret", "--pages", "5", check=True)
-    other = pageserver_factory(name="other")
     tls = cloud.path / "tls"
     stolen = tls_uri(port, "admin", ca=tls / "ca.crt", cert=tls / "admin.crt",
                      key=tls / "admin.key")

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 
-from tests.fixtures import PageserverProc, make_pageserver
+from tests.fixtures import PageserverProc, make_pageserver, stop_all
 from zenith.errors import Cancelled
 from zenith.lsn import Lsn
 from zenith.pageserver.page_service import SYNTHETIC_REL
@@ -85,7 +85,7 @@ def big(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Big]:
             b.one_digest = time.perf_counter() - start
         yield b
     finally:
-        ps.stop()
+        stop_all([ps])
 
 
 class Digests:

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tests.fixtures import PageserverProc
+from tests.fixtures import PageserverProc, started_pageservers
 from tests.transfer.faultproxy import FaultProxy, Faults
 from tests.transfer.test_push_pull import records_sent
 
@@ -55,7 +55,7 @@ def _check_consistent(src: PageserverProc, dst: PageserverProc, tid: str) -> int
 
 
 def test_receiver_killed_during_push_resumes(pageserver_factory) -> None:  # type: ignore[no-untyped-def]
-    laptop, cloud = pageserver_factory(name="laptop"), pageserver_factory(name="cloud")
+    laptop, cloud = started_pageservers(pageserver_factory, "laptop", "cloud")
     laptop.cli("origin", "add", "cloud", cloud.uri(), check=True)
     laptop.cli("generate", "main", "--pages", str(PAGES), check=True)
     src = laptop.branch("main")
@@ -89,7 +89,7 @@ def test_receiver_killed_during_push_resumes(pageserver_factory) -> None:  # typ
 
 
 def test_sender_killed_during_pull(pageserver_factory) -> None:  # type: ignore[no-untyped-def]
-    cloud, laptop = pageserver_factory(name="cloud"), pageserver_factory(name="laptop")
+    cloud, laptop = started_pageservers(pageserver_factory, "cloud", "laptop")
     laptop.cli("origin", "add", "cloud", cloud.uri(), check=True)
     cloud.cli("generate", "main", "--pages", str(PAGES), check=True)
     src = cloud.branch("main")
@@ -116,7 +116,7 @@ def test_sender_killed_during_pull(pageserver_factory) -> None:  # type: ignore[
 def test_corrupted_frame_is_rejected(pageserver_factory, bad_frame: int) -> None:  # type: ignore[no-untyped-def]
     """A proxy flips a byte of one DATA frame: the receiver's CRC32C check refuses it,
     keeps what came before, sets no name; a clean push then completes."""
-    laptop, cloud = pageserver_factory(name="laptop"), pageserver_factory(name="cloud")
+    laptop, cloud = started_pageservers(pageserver_factory, "laptop", "cloud")
     laptop.cli("generate", "main", "--pages", "1000", check=True)
     tid = str(laptop.branch("main")["timeline_id"])
     with FaultProxy(cloud.port, Faults(corrupt_data_frame=bad_frame)) as proxy:
@@ -138,7 +138,7 @@ def test_corrupted_frame_is_rejected(pageserver_factory, bad_frame: int) -> None
 def test_connection_cut_inside_one_lsn_resumes(pageserver_factory) -> None:  # type: ignore[no-untyped-def]
     """One LSN far larger than a frame (as a base-backup import makes): a transfer cut in
     its middle keeps a durable cursor inside it, and the next one sends only the rest."""
-    laptop, cloud = pageserver_factory(name="laptop"), pageserver_factory(name="cloud")
+    laptop, cloud = started_pageservers(pageserver_factory, "laptop", "cloud")
     laptop.cli("generate", "main", "--pages", "2000", "--one-lsn", check=True)
     src = laptop.branch("main")
     tid = str(src["timeline_id"])

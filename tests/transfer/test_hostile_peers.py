@@ -27,7 +27,13 @@ from typing import Any
 import pytest
 import zstandard
 
-from tests.fixtures import PageserverProc, make_pageserver
+from tests.fixtures import (
+    PageserverProc,
+    make_pageserver,
+    start_together,
+    started_pageservers,
+    stop_all,
+)
 from tests.transfer.hostile_peer import (
     RawPeer,
     Source,
@@ -114,8 +120,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     base = tmp_path_factory.mktemp("hostile")
     a, s = make_pageserver(base / "a"), make_pageserver(base / "s")
     try:
-        a.start()
-        s.start()
+        start_together(a, s)
         a.cli("origin", "add", "s", s.uri(), check=True)
         a.cli("generate", "main", "--pages", "24", check=True)
         a.cli("push", "main", "s", check=True)
@@ -132,8 +137,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         assert source.tip.last_record_lsn > l1
         yield World(a, s, source, l1, itertools.count(1))
     finally:
-        s.stop()
-        a.stop()
+        stop_all([s, a])
 
 
 # -- checks -------------------------------------------------------------------------------
@@ -843,7 +847,7 @@ def test_second_name_on_a_named_timeline_is_refused(pageserver_factory) -> None:
     """A pusher tries to name main's timeline ``evil`` too (nothing to write: the plan
     would be NEW with no records). Two names of one timeline would move together, so a
     later fast-forward of ``evil`` would move main: the second name itself is refused."""
-    a, s = pageserver_factory(name="a"), pageserver_factory(name="s")
+    a, s = started_pageservers(pageserver_factory, "a", "s")
     s.add_user(*PUSHER, "push")
     a.cli("origin", "add", "s", s.uri(), check=True)
     a.cli("generate", "main", "--pages", "10", check=True)
@@ -975,7 +979,10 @@ def test_puller_that_stops_reading(pageserver_factory) -> None:  # type: ignore[
             tl = offer.source
             await peer.send(PlanMsg(Status.NEW, "", False, None, (
                 RangeRequest(tl.timeline_id, Lsn(0), tl.last_record_lsn, True),)))
-            await asyncio.sleep(2 * TIMEOUT + 1)  # silent, and reading nothing
+            # silent, and reading nothing: dropped within 2 * TIMEOUT + 1 seconds
+            deadline = time.monotonic() + 2 * TIMEOUT + 1
+            while server_holds(s.port, local_port(peer)) and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
             return server_holds(s.port, local_port(peer))
 
     assert not run(scenario()), "the server still holds the silent puller's connection"
@@ -991,7 +998,7 @@ def test_squatted_timeline_id_is_refused_and_can_be_removed(pageserver_factory) 
     real history is then refused as diverged — never grafted — and the admin removes the
     squatter: the branch (and with it the timeline), or an unnamed leftover with
     `zenith timeline delete`; then the real push goes through."""
-    a, s = pageserver_factory(name="a"), pageserver_factory(name="s")
+    a, s = started_pageservers(pageserver_factory, "a", "s")
     s.add_user(*PUSHER, "push")
     a.cli("origin", "add", "s", s.uri(), check=True)
     a.cli("generate", "main", "--pages", "12", check=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.fixtures import PageserverProc
+from tests.fixtures import PageserverProc, started_pageservers
 
 
 def _timelines(ps: PageserverProc) -> dict[str, dict[str, object]]:
@@ -15,7 +15,7 @@ def _timelines(ps: PageserverProc) -> dict[str, dict[str, object]]:
 
 @pytest.fixture
 def trio(pageserver_factory) -> tuple[PageserverProc, PageserverProc, PageserverProc]:  # type: ignore[no-untyped-def]
-    a, b, c = (pageserver_factory(name=n) for n in ("a", "b", "c"))
+    a, b, c = started_pageservers(pageserver_factory, "a", "b", "c")
     for ps in (a, c):
         ps.cli("origin", "add", "cloud", b.uri(), check=True)
     # A writes main and pushes it; C pulls it; both then add history of their own.

@@ -11,12 +11,12 @@ import time
 
 import pytest
 
-from tests.fixtures import PageserverProc, free_port
+from tests.fixtures import PageserverProc, free_port, started_pageservers
 
 
 @pytest.fixture
 def pair(pageserver_factory) -> tuple[PageserverProc, PageserverProc]:  # type: ignore[no-untyped-def]
-    laptop, cloud = pageserver_factory(name="laptop"), pageserver_factory(name="cloud")
+    laptop, cloud = started_pageservers(pageserver_factory, "laptop", "cloud")
     laptop.cli("origin", "add", "cloud", cloud.uri(), check=True)
     return laptop, cloud
 
@@ -146,7 +146,7 @@ def test_diverged_rejected_then_forced(pair: tuple[PageserverProc, PageserverPro
 
 
 def test_pull_into_a_third_repository(pageserver_factory) -> None:  # type: ignore[no-untyped-def]
-    a, b, c = (pageserver_factory(name=n) for n in ("a", "b", "c"))
+    a, b, c = started_pageservers(pageserver_factory, "a", "b", "c")
     a.cli("origin", "add", "b", b.uri(), check=True)
     c.cli("origin", "add", "b", b.uri(), check=True)
     a.cli("generate", "main", "--pages", "50", "--rounds", "2", check=True)
@@ -227,7 +227,7 @@ def test_origins(pageserver: PageserverProc) -> None:
 
 
 def test_concurrent_pushes_to_one_branch(pageserver_factory) -> None:  # type: ignore[no-untyped-def]
-    a, b, cloud = (pageserver_factory(name=n) for n in ("a", "b", "cloud"))
+    a, b, cloud = started_pageservers(pageserver_factory, "a", "b", "cloud")
     for ps, seed in ((a, "1"), (b, "2")):
         ps.cli("origin", "add", "cloud", cloud.uri(), check=True)
         ps.cli("generate", "main", "--pages", "1500", "--seed", seed, check=True)

@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from tests.fixtures import PageserverProc
+from tests.fixtures import PageserverProc, start_together, started_pageservers
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -26,7 +26,7 @@ def lsn_of(ps: PageserverProc, branch: str) -> str:
 
 
 def test_push_since_an_lsn_then_incremental_then_onwards(pageserver_factory) -> None:
-    laptop, cloud, third = (pageserver_factory(name=n) for n in ("laptop", "cloud", "third"))
+    laptop, cloud, third = started_pageservers(pageserver_factory, "laptop", "cloud", "third")
     laptop.cli("origin", "add", "cloud", cloud.uri(), check=True)
     third.cli("origin", "add", "cloud", cloud.uri(), check=True)
     laptop.cli("generate", "main", "--pages", "200", "--rounds", "3", check=True)
@@ -68,7 +68,7 @@ def test_push_since_an_lsn_then_incremental_then_onwards(pageserver_factory) -> 
 
 
 def test_pull_since_a_window_and_all(pageserver_factory) -> None:
-    laptop, cloud = pageserver_factory(name="laptop"), pageserver_factory(name="cloud")
+    laptop, cloud = started_pageservers(pageserver_factory, "laptop", "cloud")
     laptop.cli("origin", "add", "cloud", cloud.uri(), check=True)
     cloud.cli("generate", "main", "--pages", "100", "--rounds", "4", check=True)
     # A window of 0 bytes of WAL: the head's state alone.
@@ -90,11 +90,11 @@ def test_pull_since_a_window_and_all(pageserver_factory) -> None:
 
 
 def test_a_push_to_a_new_server_sends_what_its_window_needs(pageserver_factory) -> None:
-    laptop = pageserver_factory(name="laptop")
+    laptop = pageserver_factory(name="laptop", start=False)
     cloud = pageserver_factory(name="cloud", start=False)
     with cloud.config.updating() as doc:
         doc["pitr_branches"] = {"main": "0B"}
-    cloud.start()
+    start_together(laptop, cloud)
     laptop.cli("origin", "add", "cloud", cloud.uri(), check=True)
     laptop.cli("generate", "main", "--pages", "100", "--rounds", "3", check=True)
     laptop.cli("generate", "other", "--pages", "10", "--rounds", "3", check=True)
@@ -108,7 +108,7 @@ def test_a_push_to_a_new_server_sends_what_its_window_needs(pageserver_factory) 
 
 
 def test_a_branch_leaving_a_shallow_copy_below_its_base(pageserver_factory) -> None:
-    laptop, cloud = pageserver_factory(name="laptop"), pageserver_factory(name="cloud")
+    laptop, cloud = started_pageservers(pageserver_factory, "laptop", "cloud")
     laptop.cli("origin", "add", "cloud", cloud.uri(), check=True)
     laptop.cli("generate", "main", "--pages", "60", "--rounds", "2", check=True)
     fork = lsn_of(laptop, "main")

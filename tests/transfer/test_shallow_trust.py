@@ -12,7 +12,7 @@ from dataclasses import replace
 
 import pytest
 
-from tests.fixtures import PageserverProc
+from tests.fixtures import started_pageservers
 from tests.transfer.hostile_peer import RawPeer, Source, fetch
 from zenith.lsn import Lsn
 from zenith.storage import Record, RecordKind
@@ -58,8 +58,7 @@ async def plant(uri: str, name: str, source: Source, at: Lsn) -> Done:
 
 
 def test_a_planted_base_is_never_built_on_by_another_sender(pageserver_factory) -> None:  # type: ignore[no-untyped-def]
-    a: PageserverProc = pageserver_factory(name="a")
-    s: PageserverProc = pageserver_factory(name="s")
+    a, s = started_pageservers(pageserver_factory, "a", "s")
     s.add_user(*PUSHER, "push")
     a.cli("generate", "main", "--pages", "40", "--rounds", "3", check=True)
     source = asyncio.run(fetch(a.uri(), "main"))

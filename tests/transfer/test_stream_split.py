@@ -5,7 +5,9 @@ one clean transfer (frames may end inside one LSN; resume continues from the cur
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -15,6 +17,8 @@ from zenith.lsn import Lsn
 from zenith.storage import Record, RecordKind, SqliteRepository, open_repository
 from zenith.transfer.receiver import receive_branch
 from zenith.transfer.sender import send_branch
+
+T = TypeVar("T")
 
 
 class Pipe:
@@ -42,12 +46,23 @@ class End:
         await self.outbox.queue.put(data)
 
 
+async def closing(outbox: Pipe, side: Coroutine[Any, Any, T]) -> T:
+    """Run one side; once it ends, however, its peer reads the end of the stream, as when a
+    connection closes (else a peer still reading, say an ACK reader whose cancellation
+    came with an ACK, waits out the silence timeout: 5 s, in some interrupted runs)."""
+    try:
+        return await side
+    finally:
+        outbox.queue.put_nowait(None)
+
+
 async def transfer(src: SqliteRepository, dst: SqliteRepository, *, target: int,
                    cut_after: int = 0) -> bool:
     a, b = Pipe(), Pipe()
     chain = src.ancestry(src.get_branch("main").timeline.timeline_id)
-    sender = send_branch(End(b, a, cut_after), src, chain, frame_target=target, timeout=5)
-    receiver = receive_branch(End(a, b), dst, "main", pushing=True, timeout=5)
+    sender = closing(a, send_branch(End(b, a, cut_after), src, chain, frame_target=target,
+                                    timeout=5))
+    receiver = closing(b, receive_branch(End(a, b), dst, "main", pushing=True, timeout=5))
     results = await asyncio.gather(sender, receiver, return_exceptions=True)
     return not any(isinstance(r, BaseException) for r in results)
 
