@@ -67,7 +67,10 @@ def test_receiver_killed_during_push_resumes(pageserver_factory) -> None:  # typ
     for fraction in (0.1, 0.4, 0.7):
         push = _start_push(laptop, "push", "main", "cloud")
         deadline = time.monotonic() + 120
-        while _progress(cloud, tid) < final * fraction:
+        # Past the fraction, and past where the last run left it: on a loaded machine the
+        # last kill may land beyond the next fraction, and a kill before this push has sent
+        # anything finds it still connecting ("cannot reach remote"), not interrupted.
+        while _progress(cloud, tid) < max(final * fraction, reached[-1] + 1 if reached else 0):
             assert push.poll() is None, push.communicate()
             assert time.monotonic() < deadline
             time.sleep(0.01)
