@@ -24,7 +24,7 @@ from urllib.parse import quote
 import pytest
 
 from zenith.pageserver.config import RepoConfig
-from zenith.pageserver.pidfile import running_pid
+from zenith.pageserver.pidfile import process_alive, running_pid
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -142,15 +142,6 @@ def started_pageservers(factory: Callable[..., PageserverProc], *names: str
     return start_together(*(factory(name=n, start=False) for n in names))
 
 
-def _alive(pid: int) -> bool:
-    """Whether ``pid`` still runs (a zombie that nobody reaps has finished)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
-
-
 def stop_all(pageservers: Iterable[PageserverProc], timeout: float = 30) -> None:
     """Stop every running one of ``pageservers`` as ``zenith stop`` does (SIGTERM, then
     wait until its pid file is gone and it has exited), all at once; one still running
@@ -165,7 +156,7 @@ def stop_all(pageservers: Iterable[PageserverProc], timeout: float = 30) -> None
             running.append((pid_path, pid))
     deadline = time.monotonic() + timeout
     for pid_path, pid in running:
-        while running_pid(pid_path) is not None or _alive(pid):
+        while running_pid(pid_path) is not None or process_alive(pid):
             if time.monotonic() > deadline:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)

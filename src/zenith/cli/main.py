@@ -33,7 +33,7 @@ from zenith.pageserver.config import (
     resolve_repo_dir,
     secure_repository,
 )
-from zenith.pageserver.pidfile import running_pid
+from zenith.pageserver.pidfile import process_alive, running_pid
 
 
 @click.group(cls=ZenithGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -185,20 +185,11 @@ def stop(repo: Repo, timeout: float) -> None:
         raise InvalidArgument("the pageserver is not running")
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    while running_pid(config.pid_path) is not None or _alive(pid):
+    while running_pid(config.pid_path) is not None or process_alive(pid):
         if time.monotonic() > deadline:
             raise InvalidArgument(f"the pageserver (pid {pid}) did not stop in {timeout:.0f} s")
         time.sleep(0.05)
     click.echo(f"pageserver stopped (pid {pid})")
-
-
-def _alive(pid: int) -> bool:
-    """Whether ``pid`` still runs (a zombie that nobody reaps has finished)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
 
 
 @main.command()

@@ -66,3 +66,13 @@ def running_pid(path: Path) -> int | None:
             return int(first) if first.isdigit() else -1
         fcntl.flock(f.fileno(), fcntl.LOCK_UN)
         return None
+
+
+def process_alive(pid: int) -> bool:
+    """Whether ``pid`` still runs (a zombie that nobody reaps has finished): what a stop
+    waits for after the pid file is released."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
