@@ -23,27 +23,25 @@ pytestmark = pytest.mark.timeout(120)
 PUSHER = ("mallory", "push-pw")
 
 
-async def plant(uri: str, name: str, source: Source, at: Lsn) -> Done:
-    """Push ``source`` as a shallow copy from ``at`` with every base image forged, the
-    honest history hash at ``at`` and the honest records after it."""
+async def raw_push(uri: str, command: str, source: Source,
+                   base: list[Record] | None = None) -> tuple[PlanMsg, Done]:
+    """Push ``source`` by hand (``command``: ``branch_push ...``): honest proofs, hashes
+    and records after the base; ``base``: what to send if the plan asks for one."""
     tid = source.tip.timeline_id
-    newest: dict[bytes, Record] = {}
-    for rec in source.between(tid, Lsn(0), at):
-        newest[rec.key] = rec
-    assert all(r.kind is RecordKind.IMAGE for r in newest.values())
-    forged = [replace(r, payload=b"forged" + r.payload[6:])
-              for _key, r in sorted(newest.items())]
-    async with await RawPeer.open(uri, f"branch_push {name} since={at}") as peer:
+    async with await RawPeer.open(uri, command) as peer:
         await peer.send(source.offer())
         ask = await peer.expect(Ask)
         assert isinstance(ask, Ask)
         await peer.send(Proof(tuple(source.hash_at(p.timeline_id, p.lsn) for p in ask.points)))
         plan = await peer.expect(PlanMsg)
-        assert isinstance(plan, PlanMsg) and plan.ranges and plan.ranges[0].base, plan
+        assert isinstance(plan, PlanMsg) and plan.ranges, plan
         for request in plan.ranges:
             await peer.send(Range(request))
-            records = forged if request.base else \
-                source.between(tid, request.after, request.upto)
+            if request.base:
+                assert base is not None, "a base was not expected"
+                records = base
+            else:
+                records = source.between(tid, request.after, request.upto)
             await peer.send_records(records)
             await peer.send(RangeEnd(tid, request.upto, len(records),
                                      sum(len(r.payload) for r in records),
@@ -54,6 +52,20 @@ async def plant(uri: str, name: str, source: Source, at: Lsn) -> Done:
                 done = frame.message(Done)
                 break
         await peer.stream.finish()
+    return plan, done
+
+
+async def plant(uri: str, name: str, source: Source, at: Lsn) -> Done:
+    """Push ``source`` as a shallow copy from ``at`` with every base image forged, the
+    honest history hash at ``at`` and the honest records after it."""
+    newest: dict[bytes, Record] = {}
+    for rec in source.between(source.tip.timeline_id, Lsn(0), at):
+        newest[rec.key] = rec
+    assert all(r.kind is RecordKind.IMAGE for r in newest.values())
+    forged = [replace(r, payload=b"forged" + r.payload[6:])
+              for _key, r in sorted(newest.items())]
+    plan, done = await raw_push(uri, f"branch_push {name} since={at}", source, forged)
+    assert plan.ranges[0].base, plan
     return done
 
 
@@ -108,26 +120,6 @@ def test_a_planted_base_is_never_built_on_by_another_sender(pageserver_factory) 
 
 async def _extend(uri: str, name: str, source: Source, held: Lsn) -> Done:
     """An honest push of ``source`` onto the copy the same user holds up to ``held``."""
-    tid = source.tip.timeline_id
-    async with await RawPeer.open(uri, f"branch_push {name}") as peer:
-        await peer.send(source.offer())
-        ask = await peer.expect(Ask)
-        assert isinstance(ask, Ask)
-        await peer.send(Proof(tuple(source.hash_at(p.timeline_id, p.lsn) for p in ask.points)))
-        plan = await peer.expect(PlanMsg)
-        assert isinstance(plan, PlanMsg) and plan.ranges, plan
-        for request in plan.ranges:
-            assert not request.base and request.after == held
-            await peer.send(Range(request))
-            records = source.between(tid, request.after, request.upto)
-            await peer.send_records(records)
-            await peer.send(RangeEnd(tid, request.upto, len(records),
-                                     sum(len(r.payload) for r in records),
-                                     source.hash_at(tid, request.upto)))
-        while True:
-            frame = await peer.recv()
-            if frame.type is FrameType.DONE:
-                done = frame.message(Done)
-                break
-        await peer.stream.finish()
+    plan, done = await raw_push(uri, f"branch_push {name}", source)
+    assert all(not r.base and r.after == held for r in plan.ranges), plan
     return done
