@@ -28,7 +28,11 @@ async def read_raw(channel: Channel, timeout: float) -> bytes:
     """The next CopyData payload; the peer's silence beyond ``timeout`` seconds or its end
     of the stream is an error."""
     try:
-        data = await asyncio.wait_for(channel.read(), timeout)
+        # asyncio.timeout, not wait_for: Python 3.11's wait_for returns a result that
+        # arrives together with a cancellation and drops the cancellation, so a sender
+        # cancelling its ACK reader could then wait out a whole silence timeout.
+        async with asyncio.timeout(timeout):
+            data = await channel.read()
     except TimeoutError:
         raise PeerTimeout(
             f"the peer sent nothing for {timeout:g} s; transfer dropped",
@@ -49,7 +53,8 @@ async def write_raw(channel: Channel, data: bytes, timeout: float) -> None:
     buffer stays full) is dropped: the connection is aborted, since it would never take
     an error message either."""
     try:
-        await asyncio.wait_for(channel.write(data), timeout)
+        async with asyncio.timeout(timeout):
+            await channel.write(data)
     except TimeoutError:
         reason = f"the peer read nothing for {timeout:g} s; transfer dropped"
         channel.abort(reason)
