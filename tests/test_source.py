@@ -18,8 +18,9 @@ ALLOWED = {
     "pgwire": set(),
     "transfer": {"storage", "pgwire"},
     "postgres": {"storage", "pgwire"},
-    "pageserver": {"storage", "pgwire", "transfer", "postgres"},
-    "cli": {"pageserver", "pgwire", "storage", "transfer", "postgres"},
+    "bucket": {"storage", "transfer"},
+    "pageserver": {"storage", "pgwire", "transfer", "postgres", "bucket"},
+    "cli": {"pageserver", "pgwire", "storage", "transfer", "postgres", "bucket"},
 }
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from zenith.bucket.layout import is_s3_uri
 from zenith.cli.context import Repo, pass_repo, read_password_stdin
 from zenith.pgwire.conninfo import (
     absolute_file_parameters,
@@ -22,7 +23,8 @@ from zenith.transfer.messages import Progress, Status, TransferArgs, TransferRes
 
 @click.group()
 def origin() -> None:
-    """Manage origins: other pageservers to push to and pull from."""
+    """Manage origins: other pageservers and S3-compatible buckets to push to and pull
+    from."""
 
 
 @origin.command()
@@ -33,8 +35,18 @@ def origin() -> None:
                    "command line).")
 @pass_repo
 def add(repo: Repo, name: str, uri: str, password_stdin: bool) -> None:
-    """Add origin NAME at URI (postgresql://user@host:port, with the password from
-    --password-stdin, or postgresql://user:password@host:port)."""
+    """Add origin NAME at URI: another pageserver (postgresql://user@host:port, with the
+    password from --password-stdin, or postgresql://user:password@host:port), or an
+    S3-compatible bucket (s3://BUCKET/PREFIX, with ?endpoint=URL, ?region=NAME,
+    ?addressing=path|virtual, ?profile=NAME; credentials come from the pageserver's AWS
+    environment or shared credentials file, never from zenith)."""
+    if is_s3_uri(uri):
+        if password_stdin:
+            raise click.UsageError("an s3:// origin takes no password: the pageserver "
+                                   "uses its AWS credentials")
+        repo.config.add_origin(name, uri)
+        click.echo(f"added origin {name}: {uri}")
+        return
     if password_stdin:
         uri = add_password(uri, read_password_stdin())
     # The pageserver opens the certificate files: from its own working directory.

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Final
 import tomlkit
 import tomlkit.exceptions
 
+from zenith.bucket.layout import is_s3_uri, parse_s3_uri
 from zenith.errors import AlreadyExists, InvalidArgument, NotFound, PermissionDenied
 from zenith.pgwire.conninfo import file_parameters, mask_uri, parse_uri
 from zenith.transfer.messages import DEFAULT_TIMEOUT
@@ -625,7 +626,10 @@ class RepoConfig:
             raise InvalidArgument(
                 f"invalid origin name {name!r}", hint="letters, digits, '_', '.', '-'"
             )
-        parse_uri(uri)  # refuses what is not a postgresql:// URI, with the reason
+        if is_s3_uri(uri):
+            parse_s3_uri(uri)  # a bucket: refuses credentials in it, names what is wrong
+        else:
+            parse_uri(uri)  # refuses what is not a postgresql:// URI, with the reason
         if name in self.origins():
             raise AlreadyExists(
                 f'origin "{name}" already exists ({mask_uri(self.origins()[name])})',

@@ -16,17 +16,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Final
 
+from zenith.bucket.layout import S3Location, is_s3_uri, parse_s3_uri
+from zenith.bucket.pull import pull_from_bucket
+from zenith.bucket.push import push_to_bucket
 from zenith.errors import (
     ConnectionFailed,
+    FeatureNotSupported,
     InvalidArgument,
     PeerTimeout,
+    PermissionDenied,
     PushRejected,
     ZenithError,
 )
 from zenith.lsn import Lsn
+from zenith.pageserver.config import RepoConfig
 from zenith.pageserver.page_service import command, expect_args
 from zenith.pageserver.quoting import command_text
 from zenith.pageserver.retention import Window
@@ -53,6 +60,8 @@ if TYPE_CHECKING:
 RESULT_COLUMNS: Final = ["branch", "remote", *TransferResult.COLUMNS]
 CONNECT_TIMEOUT: Final = 10.0
 PROGRESS_EVERY: Final = 0.25  # seconds between progress notices
+#: Where bucket transfers keep segments on their way (in the repository's directory).
+SCRATCH: Final = "scratch"
 
 
 async def _send_result(session: Session, branch: str, remote: str, r: TransferResult) -> None:
@@ -156,11 +165,15 @@ async def _remote_stream(uri: str, verb: str, words: list[str]) -> AsyncIterator
         await conn.close()
 
 
-@command("perform_push", TransferArgs.PERFORM_USAGE, "push a local branch to the pageserver at uri")
+@command("perform_push", TransferArgs.PERFORM_USAGE,
+         "push a local branch to the pageserver or bucket at uri")
 async def _perform_push(server: Pageserver, session: Session, args: list[str]) -> None:
     require(session.user, Role.ADMIN, "start a push")
     a = TransferArgs.parse_perform(args)
     validate_branch_name(a.remote_branch)
+    if is_s3_uri(a.uri):
+        await _push_to_bucket(server, session, a)
+        return
     server.config.check_wire_files(a.uri)
     timeline = server.repo.resolve(a.branch)
     chain = server.repo.ancestry(timeline.timeline_id)
@@ -176,13 +189,16 @@ async def _perform_push(server: Pageserver, session: Session, args: list[str]) -
 
 
 @command("perform_pull", TransferArgs.PERFORM_USAGE,
-         "pull a branch of the pageserver at uri into a local branch")
+         "pull a branch of the pageserver or bucket at uri into a local branch")
 async def _perform_pull(server: Pageserver, session: Session, args: list[str]) -> None:
     require(session.user, Role.ADMIN, "start a pull")
     a = TransferArgs.parse_perform(args)
     validate_branch_name(a.branch)
-    server.config.check_wire_files(a.uri)
     _refuse_followed(server, a.branch)
+    if is_s3_uri(a.uri):
+        await _pull_from_bucket(server, session, a)
+        return
+    server.config.check_wire_files(a.uri)
     depth = _depth(server, a.branch, a.since)
     async with _remote_stream(a.uri, "pull", ["branch_pull", a.remote_branch]) as stream, \
             _Reporter(session) as reporter, _long_job(server, session) as job:
@@ -193,6 +209,48 @@ async def _perform_pull(server: Pageserver, session: Session, args: list[str]) -
             principal=f"origin {parse_origin_uri(a.uri).address}")
         await reporter.flush()
     await _send_result(session, a.branch, f"{mask_uri(a.uri)} {a.remote_branch}", result)
+
+
+def _bucket(server: Pageserver, uri: str) -> S3Location:
+    """A bucket origin named by a client: only one of this repository's origins (the
+    pageserver signs its requests with its own AWS credentials, so a client may not
+    point them at an endpoint of its choosing)."""
+    loc = parse_s3_uri(uri)
+    if uri not in RepoConfig.load(server.config.path).origins().values():  # as now written
+        raise PermissionDenied(
+            "an s3:// URI must be one of this repository's origins",
+            hint="add it first: zenith origin add NAME s3://BUCKET/PREFIX?endpoint=...")
+    return loc
+
+
+async def _push_to_bucket(server: Pageserver, session: Session, a: TransferArgs) -> None:
+    loc = _bucket(server, a.uri)
+    timeline = server.repo.resolve(a.branch)
+    chain = server.repo.ancestry(timeline.timeline_id)
+    # A bucket has no history window of its own: all history unless --since says.
+    depth = _depth(server, a.remote_branch, a.since) if a.since is not None else None
+    async with _Reporter(session) as reporter, _long_job(server, session) as job:
+        result = await job.run(functools.partial(
+            push_to_bucket, server.repo, loc, chain, a.remote_branch, force=a.force,
+            dry_run=a.dry_run, depth=depth, progress=reporter.update,
+            scratch=server.config.path / SCRATCH))
+        await reporter.flush()
+    await _send_result(session, a.branch, f"{loc} {a.remote_branch}", result)
+
+
+async def _pull_from_bucket(server: Pageserver, session: Session, a: TransferArgs) -> None:
+    loc = _bucket(server, a.uri)
+    if a.since is not None:
+        raise FeatureNotSupported(
+            "--since is not supported when pulling from a bucket: it sends all the history "
+            "it holds", hint="pull without --since (push --since makes a shallow copy there)")
+    async with _Reporter(session) as reporter, _long_job(server, session) as job:
+        result = await pull_from_bucket(
+            server.repo, loc, a.remote_branch, a.branch, force=a.force, dry_run=a.dry_run,
+            progress=reporter.update, timeout=server.config.transfer_timeout,
+            locks=server.transfer_locks, offload=job.run, scratch=server.config.path / SCRATCH)
+        await reporter.flush()
+    await _send_result(session, a.branch, f"{loc} {a.remote_branch}", result)
 
 
 @command("branch_push", "<branch> [force] [dry_run] [since=LSN|WINDOW|all]",

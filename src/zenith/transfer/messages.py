@@ -148,6 +148,11 @@ class _Fields:
         return _Fields(self._get(name), f"{self.what}.{name}")
 
 
+#: Checked access to a decoded JSON object, for other codecs of JSON from a peer (the
+#: objects of a bucket origin, ``bucket/layout.py``).
+Fields = _Fields
+
+
 def _timeline_json(tl: TimelineInfo) -> dict[str, Any]:
     return {
         "timeline_id": str(tl.timeline_id),

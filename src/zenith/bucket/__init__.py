@@ -1,0 +1,1 @@
+"""Origins in S3-compatible object storage (docs/s3.md)."""

@@ -1,0 +1,341 @@
+"""Push a branch into a bucket origin: :func:`push_to_bucket`.
+
+The same decisions as a push to a pageserver (``transfer/plan.py`` over a
+:class:`BucketView`), then three steps, each a commit point for what follows it:
+
+1. segments: every planned range cut into segment objects (immutable; one already there
+   from a killed push, with the history hash we hold at its end, is reused, not sent
+   again);
+2. indexes: each timeline's index extended with its new segments, written only if it is
+   still what was read (``If-Match``; ``If-None-Match: *`` for a new timeline);
+3. the ref: written last, the same way. Another push in between makes this one fail with
+   "remote changed", never overwrite it; a push killed before leaves the old ref.
+
+Blocking (storage reads and S3 calls): the pageserver runs it in a worker thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Final
+
+import google_crc32c
+
+from zenith.bucket.layout import (
+    MARKER,
+    PRINCIPAL,
+    Ref,
+    S3Location,
+    Segment,
+    TimelineIndex,
+    encode_marker,
+    index_key,
+    ref_key,
+    segment_key,
+    segments_prefix,
+)
+from zenith.bucket.state import BucketView
+from zenith.bucket.store import Bucket, Conflict
+from zenith.errors import PushRejected
+from zenith.ids import TimelineId
+from zenith.lsn import Lsn
+from zenith.storage import Record, Repository, TimelineInfo
+from zenith.transfer.frames import FRAME_TARGET, RECORD_HEADER, AdaptiveCompressor, encode_records
+from zenith.transfer.messages import (
+    FrameType,
+    Offer,
+    Progress,
+    RangeRequest,
+    Status,
+    TransferResult,
+    decode,
+)
+from zenith.transfer.plan import Depth, Plan, Send, make_plan, points_to_prove
+
+#: A segment is closed at the first LSN boundary past this many bytes of frames.
+SEGMENT_BYTES: Final = 32 << 20
+
+ProgressFn = Callable[[Progress], None]
+
+
+def push_to_bucket(
+    repo: Repository,
+    loc: S3Location,
+    chain: list[TimelineInfo],
+    dest: str,
+    *,
+    force: bool = False,
+    dry_run: bool = False,
+    depth: Depth | None = None,
+    progress: ProgressFn | None = None,
+    scratch: Path,
+    segment_bytes: int = SEGMENT_BYTES,
+) -> TransferResult:
+    """Push the timeline ``chain[0]`` (with its ancestors, nearest first) as branch
+    ``dest`` of the bucket. Raises PushRejected for the cases a pageserver rejects, and
+    when another push moved the branch or its timelines meanwhile."""
+    started = time.monotonic()
+    bucket = Bucket(loc)
+    with contextlib.ExitStack() as holds:
+        for tl in chain:
+            holds.enter_context(repo.hold_history(tl.timeline_id, tl.start_lsn))
+        chain = repo.ancestry(chain[0].timeline_id)
+        # What a receiver would read of our offer (the same encoding: history_from).
+        offer = Offer(tuple(reversed(chain)))
+        offered = decode(Offer, FrameType.OFFER, offer.encode()).chain
+        source = offered[-1]
+        view = BucketView(bucket)
+        points = points_to_prove(view, offered)  # type: ignore[arg-type]
+        mismatched = {p.timeline_id: p.lsn for p in points
+                      if view.hash_at(p.timeline_id, p.lsn)
+                      != repo.history_hash(p.timeline_id, p.lsn)}
+        since = _since(repo, source, depth)
+        plan = make_plan(view, dest, offered, mismatched,  # type: ignore[arg-type]
+                         pushing=True, force=force, since=since, depth=depth,
+                         principal=PRINCIPAL)
+        answer = plan.to_message(dry_run, None)
+
+        def result(records: int, nbytes: int) -> TransferResult:
+            return answer.result(source, records, nbytes, time.monotonic() - started)
+
+        if plan.status is Status.REJECTED:
+            raise PushRejected(plan.message, hint="nothing was changed")
+        if plan.status is Status.UP_TO_DATE:
+            return result(0, 0)
+        state = Progress()
+        for send in plan.sends:
+            if not send.request.base:
+                n, size = repo.count_records(send.request.timeline_id, send.request.after,
+                                             send.request.upto)
+                state.records_total += n
+                state.bytes_total += size
+        if dry_run:
+            return result(state.records_total, state.bytes_total)
+        uploader = _Uploader(repo, bucket, scratch, state, progress, segment_bytes)
+        new: dict[TimelineId, list[Segment]] = {}
+        for send in plan.sends:
+            new.setdefault(send.request.timeline_id, []).extend(uploader.send(send))
+        _commit(bucket, view, plan, offered, new, dest)
+    return result(state.records_done, state.bytes_done)
+
+
+def _since(repo: Repository, source: TimelineInfo, depth: Depth | None) -> Lsn | None:
+    """The oldest LSN a new copy needs, from ``depth`` (as the receiver of a push to a
+    pageserver resolves it)."""
+    if depth is None:
+        return None
+    head = source.last_record_lsn
+    since: Lsn | None = None
+    if depth.lsn is not None:
+        since = depth.lsn
+    elif depth.distance is not None:
+        since = Lsn(max(0, int(head) - depth.distance))
+    elif depth.seconds is not None:
+        since = repo.commit_lsn_at(source.timeline_id, time.time() - depth.seconds)
+    return min(since, head) if since is not None else None
+
+
+class _Uploader:
+    """Cuts planned ranges into segment objects and uploads them."""
+
+    def __init__(self, repo: Repository, bucket: Bucket, scratch: Path, state: Progress,
+                 progress: ProgressFn | None, segment_bytes: int) -> None:
+        self.repo, self.bucket, self.scratch = repo, bucket, scratch
+        self.state, self.progress = state, progress
+        self.segment_bytes = segment_bytes
+        self.compressor = AdaptiveCompressor()
+        self.listed: dict[TimelineId, dict[Lsn, list[tuple[Lsn, str]]]] = {}
+
+    def send(self, send: Send) -> list[Segment]:
+        r = send.request
+        if r.base:
+            return [self._base(r)]
+        segments: list[Segment] = []
+        at = r.after
+        while at < r.upto:
+            seg = self._reuse(r.timeline_id, at, r.upto) or self._build(r.timeline_id, at,
+                                                                         r.upto)
+            segments.append(seg)
+            at = seg.upto
+            self.state.acked_lsn = at
+            self._report()
+        return segments
+
+    def _report(self) -> None:
+        if self.progress is not None:
+            self.progress(self.state)
+
+    def _existing(self, tid: TimelineId) -> dict[Lsn, list[tuple[Lsn, str]]]:
+        """Segment objects of the timeline already in the bucket, by their ``after``."""
+        if tid not in self.listed:
+            found: dict[Lsn, list[tuple[Lsn, str]]] = {}
+            for obj in self.bucket.list_objects(segments_prefix(tid)):
+                name = obj.key.rsplit("/", 1)[-1]
+                parts = name.removesuffix(".zseg").split("-")
+                if len(parts) != 2 or not name.endswith(".zseg"):
+                    continue
+                try:
+                    after, upto = Lsn(int(parts[0], 16)), Lsn(int(parts[1], 16))
+                except ValueError:
+                    continue
+                found.setdefault(after, []).append((upto, obj.key))
+            self.listed[tid] = found
+        return self.listed[tid]
+
+    def _reuse(self, tid: TimelineId, at: Lsn, upto: Lsn) -> Segment | None:
+        """A segment a killed push left at ``at``, if its records are ours: the history
+        hash at its end (in its metadata) must be the one we hold there."""
+        for end, key in sorted(self._existing(tid).get(at, []), reverse=True):
+            if end > upto or key != segment_key(tid, at, end):
+                continue
+            head = self.bucket.head(key)
+            if head is None:
+                continue
+            size, meta = head
+            try:
+                seg = Segment(key, at, end, int(meta["records"]), int(meta["bytes"]), size,
+                              int(meta["crc32c"]), bytes.fromhex(meta["hash"]))
+            except (KeyError, ValueError):
+                continue
+            if seg.hash != self.repo.history_hash(tid, end):
+                continue
+            self.state.records_done += seg.records
+            self.state.bytes_done += seg.nbytes
+            return seg
+        return None
+
+    def _build(self, tid: TimelineId, at: Lsn, upto: Lsn) -> Segment:
+        """The next segment from ``at``: records until the first LSN boundary past
+        ``segment_bytes`` of frames (or ``upto``), written to a scratch file, uploaded."""
+        records = self.repo.iter_records(tid, at, upto)
+        with _Scratch(self.scratch) as out:
+            last = at
+            count = nbytes = 0
+            batch: list[Record] = []
+            size = 0
+            try:
+                for rec in records:
+                    if rec.lsn != last and out.size >= self.segment_bytes:
+                        break
+                    if batch and size >= FRAME_TARGET:
+                        out.frame(self.compressor, batch)
+                        batch, size = [], 0
+                    batch.append(rec)
+                    size += len(rec.payload) + RECORD_HEADER.size
+                    last = rec.lsn
+                    count += 1
+                    nbytes += len(rec.payload)
+                    self.state.records_done += 1
+                    self.state.bytes_done += len(rec.payload)
+                else:
+                    last = upto  # every record up to the range's end
+            finally:
+                close = getattr(records, "close", None)
+                if close is not None:
+                    close()
+            if batch:
+                out.frame(self.compressor, batch)
+            seg_hash = self.repo.history_hash(tid, last)
+            key = segment_key(tid, at, last)
+            seg = Segment(key, at, last, count, nbytes, out.size, out.crc, seg_hash)
+            out.upload(self.bucket, seg)
+        return seg
+
+    def _base(self, r: RangeRequest) -> Segment:
+        """A shallow copy's base at ``r.after``: one segment of images, in key order."""
+        digest = self.repo.history_hash(r.timeline_id, r.after)
+        with _Scratch(self.scratch) as out:
+            count = nbytes = 0
+            batch: list[Record] = []
+            size = 0
+            for rec in self.repo.base_records(r.timeline_id, r.after):
+                if batch and size >= FRAME_TARGET:
+                    out.frame(self.compressor, batch)
+                    batch, size = [], 0
+                batch.append(rec)
+                size += len(rec.payload) + RECORD_HEADER.size
+                count += 1
+                nbytes += len(rec.payload)
+                self.state.records_done += 1
+                self.state.bytes_done += len(rec.payload)
+            if batch:
+                out.frame(self.compressor, batch)
+            key = segment_key(r.timeline_id, r.after, r.after, base=True)
+            seg = Segment(key, r.after, r.after, count, nbytes, out.size, out.crc, digest,
+                          base=True)
+            out.upload(self.bucket, seg)
+        self._report()
+        return seg
+
+
+class _Scratch:
+    """A segment being written to a scratch file (frames, with their CRC32C kept)."""
+
+    def __init__(self, directory: Path) -> None:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd, self.path = tempfile.mkstemp(dir=directory, suffix=".zseg")
+        self.file = os.fdopen(fd, "wb")
+        self.size = 0
+        self.crc = 0
+
+    def __enter__(self) -> _Scratch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.file.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+    def frame(self, compressor: AdaptiveCompressor, batch: list[Record]) -> None:
+        wire = compressor.frame(FrameType.DATA, encode_records(batch))
+        self.file.write(wire)
+        self.size += len(wire)
+        self.crc = google_crc32c.extend(self.crc, wire)
+
+    def upload(self, bucket: Bucket, seg: Segment) -> None:
+        self.file.flush()
+        bucket.upload(seg.key, self.path, {
+            "records": str(seg.records), "bytes": str(seg.nbytes), "crc32c": str(seg.crc32c),
+            "hash": seg.hash.hex()})
+
+
+def _commit(bucket: Bucket, view: BucketView, plan: Plan, offered: tuple[TimelineInfo, ...],
+            new: dict[TimelineId, list[Segment]], dest: str) -> None:
+    """Indexes, then the ref: each written only over the state the plan read."""
+    try:
+        if view.marker is None:
+            with contextlib.suppress(Conflict):
+                bucket.put(MARKER, encode_marker(), create=True)
+        for tl in offered:
+            segments = new.get(tl.timeline_id)
+            if not segments:
+                continue
+            held = view.held_index(tl.timeline_id)
+            if held is None:
+                base = segments[0].after if segments[0].base else None
+                index = TimelineIndex(tl.timeline_id, tl.ancestor_id, tl.ancestor_lsn,
+                                      tl.min_readable_lsn, tuple(segments), base)
+                index.check(f"new index of timeline {tl.timeline_id}")
+                bucket.put(index_key(tl.timeline_id), index.encode(), create=True)
+            else:
+                index = held.index.extended(segments)
+                index.check(f"index of timeline {tl.timeline_id}")
+                bucket.put(index_key(tl.timeline_id), index.encode(), if_match=held.etag)
+        source = plan.source
+        ref = Ref(source.timeline_id, source.last_record_lsn).encode()
+        old = view.refs.get(dest)
+        if old is None:
+            bucket.put(ref_key(dest), ref, create=True)
+        else:
+            bucket.put(ref_key(dest), ref, if_match=old.etag)
+    except Conflict:
+        raise PushRejected(
+            f"rejected: remote changed: another push moved {dest} or its timelines in "
+            f"{bucket.where} while this one ran; pull first",
+            hint="the branch was not moved; what this push uploaded is reused next time",
+        ) from None
