@@ -52,3 +52,98 @@ def test_push_then_pull(pair: tuple[PageserverProc, PageserverProc, str]) -> Non
     assert records_sent(got) == 7
     assert cloud.digest("main") == laptop.digest("main")
     assert cloud.digest(f"main@{old}") == laptop.digest(f"main@{old}")
+
+
+def test_cases_as_with_a_pageserver(pair: tuple[PageserverProc, PageserverProc, str]) -> None:
+    laptop, cloud, _ = pair
+    assert laptop.cli("branch", "list", "--origin", "backup", check=True).stdout.strip() == \
+        "origin backup has no branches yet"
+    laptop.cli("generate", "main", "--pages", "50", check=True)
+    laptop.cli("push", "main", "backup", check=True)
+    head = laptop.branch("main")
+    listed = laptop.cli("branch", "list", "--origin", "backup", check=True).stdout
+    assert re.search(rf"^main\s+{head['timeline_id']}\s+-\s+{head['last_record_lsn']}$",
+                     listed, re.M), listed
+
+    # dry runs change nothing
+    laptop.cli("generate", "main", "--pages", "5", "--seed", "2", check=True)
+    dry = laptop.cli("push", "main", "backup", "--dry-run", check=True).stdout
+    assert dry.startswith(f"(dry run) main -> backup:main {head['last_record_lsn']}.."), dry
+    assert records_sent(dry) == 5
+    assert laptop.cli("branch", "list", "--origin", "backup", check=True).stdout == listed
+    dry = cloud.cli("pull", "main", "backup", "--dry-run", check=True).stdout
+    assert dry.startswith("(dry run) * [new branch] backup:main -> main 0/0.."), dry
+    assert records_sent(dry) == 50
+    assert not cloud.query("branch_list")
+
+    # a child branch sends only its own records, on top of its ancestor
+    cloud.cli("pull", "main", "backup", check=True)
+    laptop.cli("push", "main", "backup", check=True)
+    laptop.cli("branch", "create", "dev", "--from", "main", check=True)
+    laptop.cli("generate", "dev", "--pages", "3", "--seed", "3", check=True)
+    out = laptop.cli("push", "dev", "backup", check=True).stdout
+    assert out.startswith("* [new branch] dev -> backup:dev"), out
+    assert records_sent(out) == 3
+    refused = cloud.cli("pull", "dev", "backup")  # needs main beyond what main holds here
+    assert refused.returncode != 0 and "transfer main first" in refused.stderr
+    assert records_sent(cloud.cli("pull", "main", "backup", check=True).stdout) == 5
+    out = cloud.cli("pull", "dev", "backup", check=True).stdout
+    assert records_sent(out) == 3
+    assert cloud.digest("dev") == laptop.digest("dev")
+
+    # the remote is ahead of a stale copy: pull first
+    stale = cloud.cli("push", "main", "backup:dev")
+    assert stale.returncode != 0
+    assert "rejected" in stale.stderr
+    laptop.cli("generate", "main", "--pages", "2", "--seed", "4", check=True)
+    laptop.cli("push", "main", "backup", check=True)
+    behind = cloud.cli("push", "main", "backup")
+    assert behind.returncode != 0
+    assert "rejected: remote is ahead" in behind.stderr and "pull first" in behind.stderr
+
+    # diverged: another pageserver's own history under the same name
+    cloud.cli("generate", "mine", "--pages", "4", "--seed", "5", check=True)
+    diverged = cloud.cli("push", "mine", "backup:main")
+    assert diverged.returncode != 0
+    assert "rejected: histories diverged" in diverged.stderr and "--force" in diverged.stderr
+    forced = cloud.cli("push", "mine", "backup:main", "--force", check=True).stdout
+    assert forced.startswith("+ mine -> backup:main") and "(forced update" in forced, forced
+    mine = cloud.branch("mine")
+    listed = laptop.cli("branch", "list", "--origin", "backup", check=True).stdout
+    assert re.search(rf"^main\s+{mine['timeline_id']}\s", listed, re.M), listed
+    refused = laptop.cli("push", "main", "backup")
+    assert refused.returncode != 0 and "rejected: histories diverged" in refused.stderr
+
+    # what is not there
+    missing = cloud.cli("pull", "nope", "backup")
+    assert missing.returncode != 0
+    assert 'branch "nope" not found' in missing.stderr
+    assert "Traceback" not in missing.stderr
+
+
+def test_bad_uris_and_options(pair: tuple[PageserverProc, PageserverProc, str],
+                              s3server: S3Server) -> None:
+    laptop, _, uri = pair
+    secret = "wJalrXUtnFEMI-K7MDENG"
+    bad = laptop.cli("origin", "add", "leaky", f"s3://AKIDEXAMPLE:{secret}@zenith-x/p")
+    assert bad.returncode != 0 and "carries no credentials" in bad.stderr
+    assert secret not in bad.stderr + bad.stdout
+    for wrong, says in ((s3server.uri("zenith-x") + "&colour=blue", "unknown s3:// parameter"),
+                        ("s3://Not_A_Bucket/p", "invalid bucket name"),
+                        ("s3://zenith-x/p?addressing=sideways", "invalid addressing"),
+                        ("s3://zenith-x/p?endpoint=ftp://h", "invalid endpoint")):
+        res = laptop.cli("origin", "add", "x", wrong)
+        assert res.returncode != 0 and says in res.stderr, (wrong, res.stderr)
+    assert "leaky" not in laptop.cli("origin", "list", check=True).stdout
+    laptop.cli("generate", "main", "--pages", "3", check=True)
+    since = laptop.cli("pull", "other", "backup:main", "--since", "0/1")
+    assert since.returncode != 0 and "--since is not supported" in since.stderr
+    # a bucket that does not exist
+    laptop.cli("origin", "add", "void", s3server.uri("zenith-no-such-bucket"), check=True)
+    void = laptop.cli("push", "main", "void")
+    assert void.returncode != 0 and "does not exist" in void.stderr, void.stderr
+    # a client may not point the pageserver's credentials at a bucket of its choosing
+    direct = laptop.query  # psycopg, as an admin of the pageserver
+    with pytest.raises(Exception, match="must be one of this repository's origins"):
+        direct(f"perform_push main '{s3server.uri('zenith-elsewhere')}' main")
+    assert uri in laptop.cli("origin", "list", check=True).stdout

@@ -66,9 +66,21 @@ def _size(n: int) -> str:
 @click.option("-v", "--verbose", is_flag=True,
               help="Also each branch's history window, the oldest LSN it is readable at, "
                    "and the bytes its timeline stores (of them garbage GC left).")
+@click.option("--origin", "origin_name", metavar="NAME",
+              help="List the branches of origin NAME (a pageserver or a bucket) instead.")
 @pass_repo
-def list_(repo: Repo, verbose: bool) -> None:
+def list_(repo: Repo, verbose: bool, origin_name: str | None) -> None:
     """Show branches as a tree: name, timeline id, ancestor@LSN, last record LSN."""
+    if origin_name is not None:
+        if verbose:
+            raise click.UsageError("--verbose shows local history only; drop it with --origin")
+        answer = repo.query("perform_list", repo.config.origin(origin_name), timeout=30.0)
+        if not answer.rows:
+            click.echo(f"origin {origin_name} has no branches yet")
+            return
+        for line in render_tree(answer):
+            click.echo(line)
+        return
     answer = repo.query("branch_list")
     if not answer.rows:
         click.echo("no branches yet (create one with `zenith branch create NAME`)")

@@ -23,18 +23,21 @@ from typing import TYPE_CHECKING, Final
 from zenith.bucket.layout import S3Location, is_s3_uri, parse_s3_uri
 from zenith.bucket.pull import pull_from_bucket
 from zenith.bucket.push import push_to_bucket
+from zenith.bucket.state import BucketView
+from zenith.bucket.store import Bucket
 from zenith.errors import (
     ConnectionFailed,
     FeatureNotSupported,
     InvalidArgument,
     PeerTimeout,
     PermissionDenied,
+    ProtocolViolation,
     PushRejected,
     ZenithError,
 )
 from zenith.lsn import Lsn
 from zenith.pageserver.config import RepoConfig
-from zenith.pageserver.page_service import command, expect_args
+from zenith.pageserver.page_service import BRANCH_COLUMNS, branch_rows, command, expect_args
 from zenith.pageserver.quoting import command_text
 from zenith.pageserver.retention import Window
 from zenith.pageserver.users import Role, require
@@ -251,6 +254,36 @@ async def _pull_from_bucket(server: Pageserver, session: Session, a: TransferArg
             locks=server.transfer_locks, offload=job.run, scratch=server.config.path / SCRATCH)
         await reporter.flush()
     await _send_result(session, a.branch, f"{loc} {a.remote_branch}", result)
+
+
+@command("perform_list", "<uri>", "the branches of the pageserver or bucket at uri")
+async def _perform_list(server: Pageserver, session: Session, args: list[str]) -> None:
+    expect_args(args, 1, 1)
+    require(session.user, Role.ADMIN, "list an origin's branches")
+    uri = args[0]
+    if is_s3_uri(uri):
+        loc = _bucket(server, uri)
+
+        def listed() -> list[list[str | None]]:
+            return branch_rows(BucketView(Bucket(loc)).list_branches())
+
+        rows = await job_of(server, session.user).run(listed)
+    else:
+        server.config.check_wire_files(uri)
+        info = parse_origin_uri(uri)
+        conn = await _connect_remote(uri)
+        try:
+            answer = await conn.simple_query("branch_list")
+        except ZenithError as exc:
+            raise type(exc)(f"remote {info.address}: {exc.message}", detail=exc.detail,
+                            hint=exc.hint) from exc
+        finally:
+            await conn.close()
+        if answer.columns != BRANCH_COLUMNS:
+            raise ProtocolViolation(f"remote {info.address} answered branch_list with "
+                                    "other columns")
+        rows = answer.rows
+    await session.send_rows(BRANCH_COLUMNS, rows, f"SELECT {len(rows)}")
 
 
 @command("branch_push", "<branch> [force] [dry_run] [since=LSN|WINDOW|all]",
