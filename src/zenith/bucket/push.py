@@ -204,8 +204,9 @@ class _Uploader:
                 continue
             if seg.hash != self.repo.history_hash(tid, end):
                 continue
-            self.state.records_done += seg.records
-            self.state.bytes_done += seg.nbytes
+            # Not sent again: neither counted as sent nor still to send.
+            self.state.records_total -= seg.records
+            self.state.bytes_total -= seg.nbytes
             return seg
         return None
 

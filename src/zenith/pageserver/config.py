@@ -73,6 +73,7 @@ LIMITS: Final[dict[str, float]] = {
     "worker_wal_threads": 4,
     "long_jobs_per_user": 2,
     "gc_period": 600,
+    "bucket_segment_bytes": 32 * 1024 * 1024,
 }
 
 LIMIT_COMMENTS: Final = (
@@ -91,6 +92,7 @@ LIMIT_COMMENTS: Final = (
     "history windows (docs/storage.md): every branch's, and per branch in [pitr_branches]",
     'pitr = "7d"  # a time ("12h", "30m"), an LSN distance ("2GiB") or "forever"',
     "gc_period = 600  # seconds between background GC runs; 0: only `zenith gc`",
+    "bucket_segment_bytes = 33554432  # a push to a bucket cuts segment objects of about this",
 )
 
 _ORIGIN_NAME: Final = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,62}")
@@ -408,6 +410,12 @@ class RepoConfig:
             raise InvalidArgument(
                 f"{self.path / CONFIG_FILE}: {name} must be {kind} in [{low:g}, {high:g}]")
         return value
+
+    @property
+    def bucket_segment_bytes(self) -> int:
+        """A push to a bucket cuts a new segment object at the first LSN boundary past
+        this many bytes of frames (docs/s3.md)."""
+        return int(self._limit("bucket_segment_bytes", 64 * 1024, 4 << 30, integer=True))
 
     @property
     def max_query_size(self) -> int:

@@ -236,7 +236,8 @@ async def _push_to_bucket(server: Pageserver, session: Session, a: TransferArgs)
         result = await job.run(functools.partial(
             push_to_bucket, server.repo, loc, chain, a.remote_branch, force=a.force,
             dry_run=a.dry_run, depth=depth, progress=reporter.update,
-            scratch=server.config.path / SCRATCH))
+            scratch=server.config.path / SCRATCH,
+            segment_bytes=server.config.bucket_segment_bytes))
         await reporter.flush()
     await _send_result(session, a.branch, f"{loc} {a.remote_branch}", result)
 
