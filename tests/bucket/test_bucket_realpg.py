@@ -44,6 +44,8 @@ def test_real_cluster_through_a_bucket(source: PgCluster, pageserver_factory,  #
     imported = a.cli("import", "main", source.uri(), timeout=600)
     assert imported.returncode == 0, imported.stderr
     pgbench(source, "-t", "200", "-c", "2")
+    middle = flush_lsn(source)
+    at_middle = table_contents(source)
     source.psql("CREATE TABLE extra AS SELECT g, repeat('x', g % 300) AS s"
                 " FROM generate_series(1, 5000) g")
     source.psql("DELETE FROM pgbench_accounts WHERE aid % 100 = 0")
@@ -67,3 +69,8 @@ def test_real_cluster_through_a_bucket(source: PgCluster, pageserver_factory,  #
     assert re.search(rf"^main\s+{a.branch('main')['timeline_id']}\s+-\s+{last}$", listed, re.M)
     with export_dir() as out:
         check_export(b, "main", out / "end", expected)
+        # straight from the bucket, at an LSN in the middle too (the branch is read into a
+        # scratch repository of A's pageserver, then exported)
+        check_export(a, f"backup:main@{middle}", out / "middle", at_middle)
+    for ps in (a, b):  # nothing left in the scratch directories
+        assert not [*(ps.path / "scratch").iterdir()]

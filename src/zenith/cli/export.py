@@ -18,6 +18,7 @@ from typing import Final
 
 import click
 
+from zenith.bucket.layout import is_s3_uri
 from zenith.cli.context import Repo, pass_repo
 from zenith.errors import ConnectionFailed, InvalidArgument, ZenithError
 from zenith.pageserver.quoting import command_text
@@ -214,7 +215,8 @@ def _extract(chunks: queue.Queue[bytes | None], target_fd: int,
         raise
 
 
-async def _export(uri: ConnInfo, target_spec: str, target_fd: int, keep_config: bool) -> int:
+async def _export(uri: ConnInfo, command: tuple[str, ...], target_fd: int,
+                  keep_config: bool) -> int:
     chunks: queue.Queue[bytes | None] = queue.Queue(maxsize=16)
     failed = threading.Event()
     try:
@@ -224,7 +226,7 @@ async def _export(uri: ConnInfo, target_spec: str, target_fd: int, keep_config: 
     total = 0
     async with conn:
         conn.on_notice = _say
-        words = ("fullbackup", target_spec) + (("keep_config",) if keep_config else ())
+        words = command + (("keep_config",) if keep_config else ())
         stream = await conn.copy_out(command_text(*words))
         extractor = asyncio.create_task(asyncio.to_thread(_extract, chunks, target_fd, failed))
         try:
@@ -387,9 +389,10 @@ def export(repo: Repo, target_spec: str, directory: Path, owner: str | None,
            keep_config: bool) -> None:
     """Write BRANCH as of LSN (default: its last record LSN) as a PostgreSQL data directory.
 
-    With ORIGIN: read it straight from that pageserver. The directory must be absent or
-    empty; `postgres -D DIRECTORY` then starts on it (set a port of your own in
-    postgresql.auto.conf: the source's configuration comes along).
+    With ORIGIN: read it straight from that pageserver; from a bucket origin, the local
+    pageserver reads the branch into a scratch repository and exports it from there. The
+    directory must be absent or empty; `postgres -D DIRECTORY` then starts on it (set a
+    port of your own in postgresql.auto.conf: the source's configuration comes along).
 
     The copy is safe to start next to its source: it runs on the next timeline (the
     source's + 1, with its history file), so its WAL never takes a source segment's name;
@@ -398,11 +401,17 @@ def export(repo: Repo, target_spec: str, directory: Path, owner: str | None,
     --keep-config; replication slots are never copied.
     """
     origin, sep, branch_at = target_spec.rpartition(":")
-    # An origin is verified as push and pull verify it (TLS, verify-full by default).
-    uri = (parse_origin_uri(repo.config.origin(origin)) if sep
-           else parse_local_uri(repo.config.local_uri(), auth_method=repo.config.auth_method))
     if not branch_at:
         raise InvalidArgument(f"expected [ORIGIN:]BRANCH[@LSN], got {target_spec!r}")
+    words: tuple[str, ...] = ("fullbackup", branch_at)
+    origin_uri = repo.config.origin(origin) if sep else None
+    if origin_uri is not None and is_s3_uri(origin_uri):
+        # A bucket runs no code: the local pageserver reads it and sends the tar.
+        words = ("bucket_fullbackup", origin_uri, branch_at)
+        origin_uri = None
+    # An origin is verified as push and pull verify it (TLS, verify-full by default).
+    uri = (parse_origin_uri(origin_uri) if origin_uri is not None
+           else parse_local_uri(repo.config.local_uri(), auth_method=repo.config.auth_method))
     ids = _owner_ids(owner) if owner else None
     if owner and ids:
         check_owner_target(directory, owner, ids[0])
@@ -412,7 +421,7 @@ def export(repo: Repo, target_spec: str, directory: Path, owner: str | None,
         raise InvalidArgument(f"cannot export to {directory}: {exc.strerror}") from None
     try:
         try:
-            total = asyncio.run(_export(uri, branch_at, target_fd, keep_config))
+            total = asyncio.run(_export(uri, words, target_fd, keep_config))
             os.fchmod(target_fd, 0o700)
             if ids is not None:
                 give_to(target_fd, *ids)

@@ -11,15 +11,21 @@ cancelled export stops at its next chunk.
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING
 
+from zenith.bucket.pull import pull_from_bucket
 from zenith.errors import SyntaxError_
 from zenith.pageserver.page_service import command, expect_args, split_at
+from zenith.pageserver.transfer_service import SCRATCH, bucket_location
 from zenith.pageserver.users import Role, require
 from zenith.pageserver.workers import job_of
 from zenith.pgwire.server import Session
 from zenith.postgres.export import disabled_settings, export_entries, tar_chunks
+from zenith.storage import open_repository
 
 if TYPE_CHECKING:
     from zenith.pageserver.daemon import Pageserver
@@ -47,6 +53,42 @@ async def _fullbackup(server: Pageserver, session: Session, args: list[str]) -> 
         async with job_of(server, session.user) as job:
             await _send_tar(session, job, chunks, None if keep_config else
                             await job.run(disabled_settings, server.repo, tl.timeline_id, at))
+
+
+@command("bucket_fullbackup", "<uri> <branch>[@<lsn>] [keep_config]",
+         "fullbackup of a branch of the bucket at uri (one of the origins), read into a "
+         "scratch repository first")
+async def _bucket_fullbackup(server: Pageserver, session: Session, args: list[str]) -> None:
+    """A bucket runs no code: the branch is pulled (all the checks of a pull) into a
+    scratch repository in the repository's directory, exported from there, then removed."""
+    expect_args(args, 2, 3)
+    if len(args) == 3 and args[2].lower() != "keep_config":
+        raise SyntaxError_(f"expected keep_config after the branch, got {args[2]!r}")
+    keep_config = len(args) == 3
+    require(session.user, Role.ADMIN, "export from a bucket")
+    loc = bucket_location(server, args[0])
+    name, lsn = split_at(args[1])
+    scratch = server.config.path / SCRATCH
+    scratch.mkdir(mode=0o700, parents=True, exist_ok=True)
+    where = Path(tempfile.mkdtemp(prefix="export-", dir=scratch))
+    repo = open_repository(where / "repo.db", durable=False)
+    try:
+        async with job_of(server, session.user) as job:
+            pulled = await pull_from_bucket(repo, loc, name, name, offload=job.run,
+                                            timeout=server.config.transfer_timeout,
+                                            scratch=where)
+            await session.send_notice(
+                f"read {name} from {loc} ({pulled.records} records, "
+                f"{pulled.bytes / 1048576:.1f} MiB) into a scratch repository")
+            tl = repo.resolve(name)
+            at = tl.last_record_lsn if lsn is None else lsn
+            chunks = tar_chunks(export_entries(repo, tl.timeline_id, at,
+                                               keep_config=keep_config))
+            await _send_tar(session, job, chunks, None if keep_config else
+                            await job.run(disabled_settings, repo, tl.timeline_id, at))
+    finally:
+        repo.close()
+        shutil.rmtree(where, ignore_errors=True)
 
 
 async def _send_tar(session: Session, job: LongJob, chunks: Iterator[bytes],

@@ -214,7 +214,7 @@ async def _perform_pull(server: Pageserver, session: Session, args: list[str]) -
     await _send_result(session, a.branch, f"{mask_uri(a.uri)} {a.remote_branch}", result)
 
 
-def _bucket(server: Pageserver, uri: str) -> S3Location:
+def bucket_location(server: Pageserver, uri: str) -> S3Location:
     """A bucket origin named by a client: only one of this repository's origins (the
     pageserver signs its requests with its own AWS credentials, so a client may not
     point them at an endpoint of its choosing)."""
@@ -227,7 +227,7 @@ def _bucket(server: Pageserver, uri: str) -> S3Location:
 
 
 async def _push_to_bucket(server: Pageserver, session: Session, a: TransferArgs) -> None:
-    loc = _bucket(server, a.uri)
+    loc = bucket_location(server, a.uri)
     timeline = server.repo.resolve(a.branch)
     chain = server.repo.ancestry(timeline.timeline_id)
     # A bucket has no history window of its own: all history unless --since says.
@@ -243,7 +243,7 @@ async def _push_to_bucket(server: Pageserver, session: Session, a: TransferArgs)
 
 
 async def _pull_from_bucket(server: Pageserver, session: Session, a: TransferArgs) -> None:
-    loc = _bucket(server, a.uri)
+    loc = bucket_location(server, a.uri)
     if a.since is not None:
         raise FeatureNotSupported(
             "--since is not supported when pulling from a bucket: it sends all the history "
@@ -263,7 +263,7 @@ async def _perform_list(server: Pageserver, session: Session, args: list[str]) -
     require(session.user, Role.ADMIN, "list an origin's branches")
     uri = args[0]
     if is_s3_uri(uri):
-        loc = _bucket(server, uri)
+        loc = bucket_location(server, uri)
 
         def listed() -> list[list[str | None]]:
             return branch_rows(BucketView(Bucket(loc)).list_branches())
