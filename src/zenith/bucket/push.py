@@ -26,6 +26,7 @@ from typing import Final
 
 import google_crc32c
 
+from zenith.bucket.gc import REFRESH_AFTER
 from zenith.bucket.layout import (
     MARKER,
     PRINCIPAL,
@@ -120,6 +121,7 @@ def push_to_bucket(
         new: dict[TimelineId, list[Segment]] = {}
         for send in plan.sends:
             new.setdefault(send.request.timeline_id, []).extend(uploader.send(send))
+        uploader.refresh()
         _commit(bucket, view, plan, offered, new, dest)
     return result(state.records_done, state.bytes_done)
 
@@ -150,6 +152,16 @@ class _Uploader:
         self.segment_bytes = segment_bytes
         self.compressor = AdaptiveCompressor()
         self.listed: dict[TimelineId, dict[Lsn, list[tuple[Lsn, str]]]] = {}
+        #: When each segment this push references was last written (``origin gc``).
+        self.fresh: dict[str, float] = {}
+
+    def refresh(self) -> None:
+        """Before the commit: a segment this push references that was written more than
+        REFRESH_AFTER ago (a killed push's, or this push ran long) is made new again, so
+        that ``origin gc`` (whose grace is longer) cannot remove it meanwhile."""
+        for key, written in self.fresh.items():
+            if written < time.time() - REFRESH_AFTER:
+                self.bucket.touch(key)
 
     def send(self, send: Send) -> list[Segment]:
         r = send.request
@@ -193,10 +205,10 @@ class _Uploader:
         for end, key in sorted(self._existing(tid).get(at, []), reverse=True):
             if end > upto or key != segment_key(tid, at, end):
                 continue
-            head = self.bucket.head(key)
-            if head is None:
+            found = self.bucket.stat(key)
+            if found is None:
                 continue
-            size, meta = head
+            size, meta, mtime = found
             try:
                 seg = Segment(key, at, end, int(meta["records"]), int(meta["bytes"]), size,
                               int(meta["crc32c"]), bytes.fromhex(meta["hash"]))
@@ -207,6 +219,7 @@ class _Uploader:
             # Not sent again: neither counted as sent nor still to send.
             self.state.records_total -= seg.records
             self.state.bytes_total -= seg.nbytes
+            self.fresh[key] = mtime
             return seg
         return None
 
@@ -244,7 +257,7 @@ class _Uploader:
             seg_hash = self.repo.history_hash(tid, last)
             key = segment_key(tid, at, last)
             seg = Segment(key, at, last, count, nbytes, out.size, out.crc, seg_hash)
-            out.upload(self.bucket, seg)
+            out.upload(self.bucket, seg, self.fresh)
         return seg
 
     def _base(self, r: RangeRequest) -> Segment:
@@ -269,7 +282,7 @@ class _Uploader:
             key = segment_key(r.timeline_id, r.after, r.after, base=True)
             seg = Segment(key, r.after, r.after, count, nbytes, out.size, out.crc, digest,
                           base=True)
-            out.upload(self.bucket, seg)
+            out.upload(self.bucket, seg, self.fresh)
         self._report()
         return seg
 
@@ -298,8 +311,9 @@ class _Scratch:
         self.size += len(wire)
         self.crc = google_crc32c.extend(self.crc, wire)
 
-    def upload(self, bucket: Bucket, seg: Segment) -> None:
+    def upload(self, bucket: Bucket, seg: Segment, fresh: dict[str, float]) -> None:
         self.file.flush()
+        fresh[seg.key] = time.time()
         bucket.upload(seg.key, self.path, {
             "records": str(seg.records), "bytes": str(seg.nbytes), "crc32c": str(seg.crc32c),
             "hash": seg.hash.hex()})

@@ -163,6 +163,11 @@ class Bucket:
 
     def head(self, key: str) -> tuple[int, dict[str, str]] | None:
         """Size and user metadata of an object; None when absent."""
+        found = self.stat(key)
+        return None if found is None else (found[0], found[1])
+
+    def stat(self, key: str) -> tuple[int, dict[str, str], float] | None:
+        """Size, user metadata and modification time of an object; None when absent."""
         with self._calling(f"look up {key}"):
             try:
                 r = self.client.head_object(Bucket=self.loc.bucket, Key=self.loc.key(key))
@@ -171,7 +176,37 @@ class Bucket:
                 if status == 404:
                     return None
                 raise
-            return r["ContentLength"], dict(r.get("Metadata", {}))
+            return (r["ContentLength"], dict(r.get("Metadata", {})),
+                    r["LastModified"].timestamp())
+
+    def touch(self, key: str) -> None:
+        """Make an object new again (a server-side copy onto itself): ``origin gc`` then
+        counts its grace period from now."""
+        with self._calling(f"refresh {key}"):
+            found = self.stat(key)
+            if found is None:
+                raise TransferAborted(f"{self.where}{key} vanished")
+            full = self.loc.key(key)
+            self.client.copy_object(Bucket=self.loc.bucket, Key=full,
+                                    CopySource={"Bucket": self.loc.bucket, "Key": full},
+                                    Metadata=found[1], MetadataDirective="REPLACE")
+
+    def unfinished_uploads(self, prefix: str) -> list[tuple[str, str, float]]:
+        """Multipart uploads under ``prefix`` never completed: key, id, start time."""
+        with self._calling(f"list uploads under {prefix}"):
+            found = []
+            pages = self.client.get_paginator("list_multipart_uploads").paginate(
+                Bucket=self.loc.bucket, Prefix=self.loc.key(prefix))
+            strip = len(self.loc.prefix)
+            for page in pages:
+                for u in page.get("Uploads", []):
+                    found.append((u["Key"][strip:], u["UploadId"], u["Initiated"].timestamp()))
+            return found
+
+    def abort_upload(self, key: str, upload_id: str) -> None:
+        with self._calling(f"abort the upload of {key}"):
+            self.client.abort_multipart_upload(Bucket=self.loc.bucket, Key=self.loc.key(key),
+                                               UploadId=upload_id)
 
     def list_objects(self, prefix: str) -> Iterator[ObjectInfo]:
         with self._calling(f"list {prefix}"):
@@ -194,12 +229,14 @@ class Bucket:
 
     def upload(self, key: str, path: str, metadata: dict[str, str],
                progress: Callable[[int], None] | None = None) -> int:
-        """Upload the file at ``path`` as ``key`` unless it is there already (segments are
-        immutable); large files as a multipart upload that a later call resumes. Returns
-        the bytes sent."""
+        """Upload the file at ``path`` as ``key`` unless it is there already with the same
+        size and ``crc32c`` metadata (segments are immutable); large files as a multipart
+        upload that a later call resumes. Returns the bytes sent."""
         size = os.path.getsize(path)
         with self._calling(f"upload {key}"):
-            if self.head(key) is not None:
+            there = self.head(key)
+            if there is not None and there[0] == size \
+                    and there[1].get("crc32c") == metadata.get("crc32c"):
                 return 0
             if size <= PART_SIZE:
                 with open(path, "rb") as f:

@@ -94,6 +94,45 @@ def remove(repo: Repo, name: str) -> None:
     click.echo(f"removed origin {name}")
 
 
+@origin.command("gc")
+@click.argument("name")
+@click.option("--prune", default="1d", show_default=True, metavar="AGE|now",
+              help="Remove unreachable objects older than this (30m, 12h, 7d); 'now' removes "
+                   "them all, and is for a bucket no push is writing to (as git gc "
+                   "--prune=now).")
+@click.option("--dry-run", is_flag=True, help="Count what would be removed; remove nothing.")
+@pass_repo
+def gc(repo: Repo, name: str, prune: str, dry_run: bool) -> None:
+    """Remove what no branch of bucket origin NAME reaches: segments and indexes a killed
+    or rejected push left, timelines no ref names any more. Everything a ref reaches
+    (its timeline, its ancestors, all of their segments) is kept, and so is anything
+    younger than --prune; a push in flight keeps what it uploaded for at least an hour."""
+    from zenith.bucket.gc import MIN_GRACE
+    from zenith.pageserver.retention import Window
+
+    if prune == "now":
+        grace = 0.0
+    else:
+        window = Window.parse(prune)
+        if window.seconds is None:
+            raise click.BadParameter(f"expected an age (30m, 12h, 7d) or now, got {prune!r}",
+                                     param_hint="--prune")
+        grace = window.seconds
+    if grace < MIN_GRACE:
+        click.echo(f"warning: --prune {prune} may remove what a push to {name} running now "
+                   "has uploaded but not yet committed (it would fail, and its next run "
+                   "uploads it again); an hour or more never does", err=True)
+    uri = repo.config.origin(name)
+    words = ["origin_gc", uri, repr(grace)] + (["dry_run"] if dry_run else [])
+    row = repo.query(*words, timeout=30.0).dicts()[0]
+    size = int(row["bytes_removed"] or 0) / 1048576
+    verb = "would remove" if dry_run else "removed"
+    click.echo(f"{name}: {verb} {row['removed']} objects ({size:.1f} MiB), kept "
+               f"{row['reachable']} reachable and {row['kept_young']} younger than {prune}"
+               + (f"; {'would abort' if dry_run else 'aborted'} {row['uploads_aborted']} "
+                  "unfinished uploads" if int(row["uploads_aborted"] or 0) else ""))
+
+
 def _split_target(target: str, default: str) -> tuple[str, str]:
     name, _, branch = target.partition(":")
     if not name:

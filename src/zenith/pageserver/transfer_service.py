@@ -20,6 +20,7 @@ import functools
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Final
 
+from zenith.bucket.gc import GcResult, gc_bucket
 from zenith.bucket.layout import S3Location, is_s3_uri, parse_s3_uri
 from zenith.bucket.pull import pull_from_bucket
 from zenith.bucket.push import push_to_bucket
@@ -285,6 +286,28 @@ async def _perform_list(server: Pageserver, session: Session, args: list[str]) -
                                     "other columns")
         rows = answer.rows
     await session.send_rows(BRANCH_COLUMNS, rows, f"SELECT {len(rows)}")
+
+
+@command("origin_gc", "<uri> <grace-seconds> [dry_run]",
+         "remove what no ref of the bucket at uri reaches, older than the grace period")
+async def _origin_gc(server: Pageserver, session: Session, args: list[str]) -> None:
+    expect_args(args, 2, 3)
+    require(session.user, Role.ADMIN, "collect a bucket's garbage")
+    if len(args) == 3 and args[2].lower() != "dry_run":
+        raise InvalidArgument(f"expected dry_run after the grace period, got {args[2]!r:.40}")
+    if not is_s3_uri(args[0]):
+        raise InvalidArgument("origin gc is for bucket origins (a pageserver collects its "
+                              "own garbage: zenith gc there)")
+    loc = bucket_location(server, args[0])
+    try:
+        grace = float(args[1])
+    except ValueError:
+        raise InvalidArgument(f"invalid grace period {args[1]!r:.40}") from None
+    if not 0 <= grace <= 10 * 365 * 86400:
+        raise InvalidArgument("the grace period is seconds in [0, 10 years]")
+    result = await job_of(server, session.user).run(
+        functools.partial(gc_bucket, loc, grace=grace, dry_run=len(args) == 3))
+    await session.send_rows(list(GcResult.COLUMNS), [result.to_row()], "SELECT 1")
 
 
 @command("branch_push", "<branch> [force] [dry_run] [since=LSN|WINDOW|all]",
