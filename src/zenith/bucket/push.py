@@ -17,6 +17,8 @@ Blocking (storage reads and S3 calls): the pageserver runs it in a worker thread
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import io
 import os
 import tempfile
 import time
@@ -40,7 +42,7 @@ from zenith.bucket.layout import (
     segment_key,
     segments_prefix,
 )
-from zenith.bucket.state import BucketView
+from zenith.bucket.state import BucketView, read_segment
 from zenith.bucket.store import Bucket, Conflict
 from zenith.errors import PushRejected
 from zenith.ids import TimelineId
@@ -60,6 +62,8 @@ from zenith.transfer.plan import Depth, Plan, Send, make_plan, points_to_prove
 
 #: A segment is closed at the first LSN boundary past this many bytes of frames.
 SEGMENT_BYTES: Final = 32 << 20
+#: More small segments than this on one timeline, and a push merges them.
+MERGE_AFTER: Final = 8
 
 ProgressFn = Callable[[Progress], None]
 
@@ -121,8 +125,10 @@ def push_to_bucket(
         new: dict[TimelineId, list[Segment]] = {}
         for send in plan.sends:
             new.setdefault(send.request.timeline_id, []).extend(uploader.send(send))
+        indexes = [(tl.timeline_id, uploader.merged(_index(view, tl, new[tl.timeline_id])))
+                   for tl in offered if new.get(tl.timeline_id)]
         uploader.refresh()
-        _commit(bucket, view, plan, offered, new, dest)
+        _commit(bucket, view, plan, indexes, dest)
     return result(state.records_done, state.bytes_done)
 
 
@@ -177,6 +183,51 @@ class _Uploader:
             self.state.acked_lsn = at
             self._report()
         return segments
+
+    def merged(self, index: TimelineIndex) -> TimelineIndex:
+        """``index``, its small segments (under a quarter of the segment size) merged into
+        segments of at most the segment size once there are more than MERGE_AFTER of them:
+        a pull then reads O(branch) objects, not O(pushes). A merged segment is the small
+        ones' bytes back to back (frames delimit themselves); they stay in the bucket, no
+        longer listed, until ``origin gc``."""
+        small = self.segment_bytes // 4
+        if sum(1 for s in index.segments if not s.base and s.size < small) <= MERGE_AFTER:
+            return index
+        out: list[Segment] = []
+        run: list[Segment] = []
+
+        def flush() -> None:
+            out.extend([self._concat(index.timeline_id, run)] if len(run) > 1 else run)
+            run.clear()
+
+        for seg in index.segments:
+            if seg.base or seg.size >= small:
+                flush()
+                out.append(seg)
+                continue
+            if run and sum(r.size for r in run) + seg.size > self.segment_bytes:
+                flush()
+            run.append(seg)
+        flush()
+        merged = dataclasses.replace(index, segments=tuple(out))
+        merged.check(f"merged index of timeline {index.timeline_id}")
+        return merged
+
+    def _concat(self, tid: TimelineId, run: list[Segment]) -> Segment:
+        with _Scratch(self.scratch) as out:
+            for seg in run:
+                buf = io.BytesIO()
+                read_segment(self.bucket, seg, buf)
+                data = buf.getvalue()
+                out.file.write(data)
+                out.size += len(data)
+                out.crc = google_crc32c.extend(out.crc, data)
+            first, last = run[0], run[-1]
+            seg = Segment(segment_key(tid, first.after, last.upto), first.after, last.upto,
+                          sum(r.records for r in run), sum(r.nbytes for r in run), out.size,
+                          out.crc, last.hash)
+            out.upload(self.bucket, seg, self.fresh)
+        return seg
 
     def _report(self) -> None:
         if self.progress is not None:
@@ -319,28 +370,32 @@ class _Scratch:
             "hash": seg.hash.hex()})
 
 
-def _commit(bucket: Bucket, view: BucketView, plan: Plan, offered: tuple[TimelineInfo, ...],
-            new: dict[TimelineId, list[Segment]], dest: str) -> None:
+def _index(view: BucketView, tl: TimelineInfo, segments: list[Segment]) -> TimelineIndex:
+    """The timeline's index with this push's segments."""
+    held = view.held_index(tl.timeline_id)
+    if held is None:
+        base = segments[0].after if segments[0].base else None
+        index = TimelineIndex(tl.timeline_id, tl.ancestor_id, tl.ancestor_lsn,
+                              tl.min_readable_lsn, tuple(segments), base)
+    else:
+        index = held.index.extended(segments)
+    index.check(f"index of timeline {tl.timeline_id}")
+    return index
+
+
+def _commit(bucket: Bucket, view: BucketView, plan: Plan,
+            indexes: list[tuple[TimelineId, TimelineIndex]], dest: str) -> None:
     """Indexes, then the ref: each written only over the state the plan read."""
     try:
         if view.marker is None:
             with contextlib.suppress(Conflict):
                 bucket.put(MARKER, encode_marker(), create=True)
-        for tl in offered:
-            segments = new.get(tl.timeline_id)
-            if not segments:
-                continue
-            held = view.held_index(tl.timeline_id)
+        for tid, index in indexes:
+            held = view.held_index(tid)
             if held is None:
-                base = segments[0].after if segments[0].base else None
-                index = TimelineIndex(tl.timeline_id, tl.ancestor_id, tl.ancestor_lsn,
-                                      tl.min_readable_lsn, tuple(segments), base)
-                index.check(f"new index of timeline {tl.timeline_id}")
-                bucket.put(index_key(tl.timeline_id), index.encode(), create=True)
+                bucket.put(index_key(tid), index.encode(), create=True)
             else:
-                index = held.index.extended(segments)
-                index.check(f"index of timeline {tl.timeline_id}")
-                bucket.put(index_key(tl.timeline_id), index.encode(), if_match=held.etag)
+                bucket.put(index_key(tid), index.encode(), if_match=held.etag)
         source = plan.source
         ref = Ref(source.timeline_id, source.last_record_lsn).encode()
         old = view.refs.get(dest)
