@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from typing import Final
 
-from zenith.bucket.layout import S3Location, index_key, ref_key
+from zenith.bucket.layout import index_key, ref_key
 from zenith.bucket.state import BucketView
 from zenith.bucket.store import Bucket
 from zenith.ids import TimelineId
@@ -66,10 +66,9 @@ def reachable_keys(view: BucketView) -> set[str]:
     return keys
 
 
-def gc_bucket(loc: S3Location, *, grace: float = DEFAULT_GRACE, dry_run: bool = False,
+def gc_bucket(bucket: Bucket, *, grace: float = DEFAULT_GRACE, dry_run: bool = False,
               now: float | None = None) -> GcResult:
     """Remove unreachable objects under ``timelines/`` older than ``grace`` seconds."""
-    bucket = Bucket(loc)
     # Refs and indexes first, the listing after: whatever a push commits in between is
     # younger than the grace period.
     view = BucketView(bucket)

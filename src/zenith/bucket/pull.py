@@ -68,7 +68,7 @@ def principal(loc: S3Location) -> str:
 
 async def pull_from_bucket(
     repo: Repository,
-    loc: S3Location,
+    bucket: Bucket,
     remote_branch: str,
     dest: str,
     *,
@@ -83,7 +83,7 @@ async def pull_from_bucket(
     """Pull branch ``remote_branch`` of the bucket into local branch ``dest``: the cases,
     checks and messages of a pull from a pageserver (all the history the bucket holds)."""
     def load() -> tuple[BucketView, list[TimelineInfo]]:
-        view = BucketView(Bucket(loc))
+        view = BucketView(bucket)
         return view, view.chain(remote_branch)
 
     view, chain = await offload(load)
@@ -93,7 +93,7 @@ async def pull_from_bucket(
         result = await receive_branch(
             theirs, repo, dest, pushing=False, force=force, dry_run=dry_run,
             progress=progress, timeout=timeout, locks=locks, offload=offload,
-            principal=principal(loc))
+            principal=principal(bucket.loc))
     except BaseException:
         theirs.abort("the receiver failed")
         failure = await _outcome(server)

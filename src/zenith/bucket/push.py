@@ -33,7 +33,6 @@ from zenith.bucket.layout import (
     MARKER,
     PRINCIPAL,
     Ref,
-    S3Location,
     Segment,
     TimelineIndex,
     encode_marker,
@@ -70,7 +69,7 @@ ProgressFn = Callable[[Progress], None]
 
 def push_to_bucket(
     repo: Repository,
-    loc: S3Location,
+    bucket: Bucket,
     chain: list[TimelineInfo],
     dest: str,
     *,
@@ -85,7 +84,6 @@ def push_to_bucket(
     ``dest`` of the bucket. Raises PushRejected for the cases a pageserver rejects, and
     when another push moved the branch or its timelines meanwhile."""
     started = time.monotonic()
-    bucket = Bucket(loc)
     with contextlib.ExitStack() as holds:
         for tl in chain:
             holds.enter_context(repo.hold_history(tl.timeline_id, tl.start_lsn))

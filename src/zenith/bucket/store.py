@@ -41,6 +41,7 @@ PART_SIZE: Final = 16 << 20
 CHUNK: Final = 1 << 20
 CONNECT_TIMEOUT: Final = 10.0
 READ_TIMEOUT: Final = 60.0
+ATTEMPTS: Final = 3
 
 
 class Conflict(ZenithError):
@@ -58,7 +59,9 @@ class Bucket:
     """One origin's bucket and prefix. Keys given to its methods are relative to the
     prefix."""
 
-    def __init__(self, loc: S3Location) -> None:
+    def __init__(self, loc: S3Location, *, timeout: float = READ_TIMEOUT) -> None:
+        """``timeout``: seconds the server may stay silent (connecting, or mid-answer)
+        before a call fails; a failed call is tried at most ATTEMPTS times."""
         import boto3
         import botocore.config
         import botocore.exceptions
@@ -72,8 +75,8 @@ class Bucket:
                                   "or credentials file") from None
         config = botocore.config.Config(
             s3={"addressing_style": loc.addressing},  # type: ignore[arg-type]
-            connect_timeout=CONNECT_TIMEOUT, read_timeout=READ_TIMEOUT,
-            retries={"max_attempts": 4, "mode": "standard"},
+            connect_timeout=min(CONNECT_TIMEOUT, timeout), read_timeout=timeout,
+            retries={"max_attempts": ATTEMPTS, "mode": "standard"},
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
         )

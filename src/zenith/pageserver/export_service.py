@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from zenith.bucket.pull import pull_from_bucket
 from zenith.errors import SyntaxError_
 from zenith.pageserver.page_service import command, expect_args, split_at
-from zenith.pageserver.transfer_service import SCRATCH, bucket_location
+from zenith.pageserver.transfer_service import SCRATCH, open_bucket
 from zenith.pageserver.users import Role, require
 from zenith.pageserver.workers import job_of
 from zenith.pgwire.server import Session
@@ -66,7 +66,7 @@ async def _bucket_fullbackup(server: Pageserver, session: Session, args: list[st
         raise SyntaxError_(f"expected keep_config after the branch, got {args[2]!r}")
     keep_config = len(args) == 3
     require(session.user, Role.ADMIN, "export from a bucket")
-    loc = bucket_location(server, args[0])
+    bucket = await open_bucket(server, session, args[0])
     name, lsn = split_at(args[1])
     scratch = server.config.path / SCRATCH
     scratch.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -74,11 +74,11 @@ async def _bucket_fullbackup(server: Pageserver, session: Session, args: list[st
     repo = open_repository(where / "repo.db", durable=False)
     try:
         async with job_of(server, session.user) as job:
-            pulled = await pull_from_bucket(repo, loc, name, name, offload=job.run,
+            pulled = await pull_from_bucket(repo, bucket, name, name, offload=job.run,
                                             timeout=server.config.transfer_timeout,
                                             scratch=where)
             await session.send_notice(
-                f"read {name} from {loc} ({pulled.records} records, "
+                f"read {name} from {bucket.loc} ({pulled.records} records, "
                 f"{pulled.bytes / 1048576:.1f} MiB) into a scratch repository")
             tl = repo.resolve(name)
             at = tl.last_record_lsn if lsn is None else lsn

@@ -215,6 +215,14 @@ async def _perform_pull(server: Pageserver, session: Session, args: list[str]) -
     await _send_result(session, a.branch, f"{mask_uri(a.uri)} {a.remote_branch}", result)
 
 
+async def open_bucket(server: Pageserver, session: Session, uri: str) -> Bucket:
+    """The bucket of origin ``uri`` (see :func:`bucket_location`), its calls bounded by
+    ``transfer_timeout`` as a peer's silence is."""
+    loc = bucket_location(server, uri)
+    return await job_of(server, session.user).run(
+        functools.partial(Bucket, loc, timeout=server.config.transfer_timeout))
+
+
 def bucket_location(server: Pageserver, uri: str) -> S3Location:
     """A bucket origin named by a client: only one of this repository's origins (the
     pageserver signs its requests with its own AWS credentials, so a client may not
@@ -228,34 +236,34 @@ def bucket_location(server: Pageserver, uri: str) -> S3Location:
 
 
 async def _push_to_bucket(server: Pageserver, session: Session, a: TransferArgs) -> None:
-    loc = bucket_location(server, a.uri)
+    bucket = await open_bucket(server, session, a.uri)
     timeline = server.repo.resolve(a.branch)
     chain = server.repo.ancestry(timeline.timeline_id)
     # A bucket has no history window of its own: all history unless --since says.
     depth = _depth(server, a.remote_branch, a.since) if a.since is not None else None
     async with _Reporter(session) as reporter, _long_job(server, session) as job:
         result = await job.run(functools.partial(
-            push_to_bucket, server.repo, loc, chain, a.remote_branch, force=a.force,
+            push_to_bucket, server.repo, bucket, chain, a.remote_branch, force=a.force,
             dry_run=a.dry_run, depth=depth, progress=reporter.update,
             scratch=server.config.path / SCRATCH,
             segment_bytes=server.config.bucket_segment_bytes))
         await reporter.flush()
-    await _send_result(session, a.branch, f"{loc} {a.remote_branch}", result)
+    await _send_result(session, a.branch, f"{bucket.loc} {a.remote_branch}", result)
 
 
 async def _pull_from_bucket(server: Pageserver, session: Session, a: TransferArgs) -> None:
-    loc = bucket_location(server, a.uri)
+    bucket = await open_bucket(server, session, a.uri)
     if a.since is not None:
         raise FeatureNotSupported(
             "--since is not supported when pulling from a bucket: it sends all the history "
             "it holds", hint="pull without --since (push --since makes a shallow copy there)")
     async with _Reporter(session) as reporter, _long_job(server, session) as job:
         result = await pull_from_bucket(
-            server.repo, loc, a.remote_branch, a.branch, force=a.force, dry_run=a.dry_run,
+            server.repo, bucket, a.remote_branch, a.branch, force=a.force, dry_run=a.dry_run,
             progress=reporter.update, timeout=server.config.transfer_timeout,
             locks=server.transfer_locks, offload=job.run, scratch=server.config.path / SCRATCH)
         await reporter.flush()
-    await _send_result(session, a.branch, f"{loc} {a.remote_branch}", result)
+    await _send_result(session, a.branch, f"{bucket.loc} {a.remote_branch}", result)
 
 
 @command("perform_list", "<uri>", "the branches of the pageserver or bucket at uri")
@@ -264,10 +272,10 @@ async def _perform_list(server: Pageserver, session: Session, args: list[str]) -
     require(session.user, Role.ADMIN, "list an origin's branches")
     uri = args[0]
     if is_s3_uri(uri):
-        loc = bucket_location(server, uri)
+        bucket = await open_bucket(server, session, uri)
 
         def listed() -> list[list[str | None]]:
-            return branch_rows(BucketView(Bucket(loc)).list_branches())
+            return branch_rows(BucketView(bucket).list_branches())
 
         rows = await job_of(server, session.user).run(listed)
     else:
@@ -298,15 +306,15 @@ async def _origin_gc(server: Pageserver, session: Session, args: list[str]) -> N
     if not is_s3_uri(args[0]):
         raise InvalidArgument("origin gc is for bucket origins (a pageserver collects its "
                               "own garbage: zenith gc there)")
-    loc = bucket_location(server, args[0])
     try:
         grace = float(args[1])
     except ValueError:
         raise InvalidArgument(f"invalid grace period {args[1]!r:.40}") from None
     if not 0 <= grace <= 10 * 365 * 86400:
         raise InvalidArgument("the grace period is seconds in [0, 10 years]")
+    bucket = await open_bucket(server, session, args[0])
     result = await job_of(server, session.user).run(
-        functools.partial(gc_bucket, loc, grace=grace, dry_run=len(args) == 3))
+        functools.partial(gc_bucket, bucket, grace=grace, dry_run=len(args) == 3))
     await session.send_rows(list(GcResult.COLUMNS), [result.to_row()], "SELECT 1")
 
 
