@@ -95,10 +95,13 @@ async def pull_from_bucket(
             progress=progress, timeout=timeout, locks=locks, offload=offload,
             principal=principal(bucket.loc))
     except BaseException:
+        # The bucket's side failed first (a corrupt object: the receiver then saw the
+        # stream end) — its error is the one to report; else the receiver's is.
+        first = server.done()
         theirs.abort("the receiver failed")
         failure = await _outcome(server)
-        if failure is not None and not isinstance(failure, _Closed):
-            raise failure from None  # what went wrong on the bucket's side comes first
+        if first and failure is not None and not isinstance(failure, _Closed):
+            raise failure from None
         raise
     failure = await _outcome(server)
     if failure is not None:
