@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from benchmarks import (
+    bucket_bench,
     catchup_bench,
     export_bench,
     ingest_bench,
@@ -39,6 +40,7 @@ def main() -> None:
         "export": lambda: export_bench.run(2 if quick else 50),
         "real_push": lambda: real_push_bench.run(2 if quick else 25),
         "shallow": lambda: shallow_bench.run(5 if quick else 60, 2 if quick else 10),
+        "bucket": lambda: bucket_bench.run((32 << 20) if quick else (1 << 30)),
     }
     load_before = os.getloadavg()[0]
     sections: list[Section] = []

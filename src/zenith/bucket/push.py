@@ -16,6 +16,8 @@ Blocking (storage reads and S3 calls): the pageserver runs it in a worker thread
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import contextlib
 import dataclasses
 import io
@@ -120,12 +122,17 @@ def push_to_bucket(
         if dry_run:
             return result(state.records_total, state.bytes_total)
         uploader = _Uploader(repo, bucket, scratch, state, progress, segment_bytes)
-        new: dict[TimelineId, list[Segment]] = {}
-        for send in plan.sends:
-            new.setdefault(send.request.timeline_id, []).extend(uploader.send(send))
-        indexes = [(tl.timeline_id, uploader.merged(_index(view, tl, new[tl.timeline_id])))
-                   for tl in offered if new.get(tl.timeline_id)]
-        uploader.refresh()
+        try:
+            new: dict[TimelineId, list[Segment]] = {}
+            for send in plan.sends:
+                new.setdefault(send.request.timeline_id, []).extend(uploader.send(send))
+            uploader.uploads.wait()
+            indexes = [(tl.timeline_id, uploader.merged(_index(view, tl, new[tl.timeline_id])))
+                       for tl in offered if new.get(tl.timeline_id)]
+            uploader.uploads.wait()
+            uploader.refresh()
+        finally:
+            uploader.uploads.close()
         _commit(bucket, view, plan, indexes, dest)
     return result(state.records_done, state.bytes_done)
 
@@ -158,6 +165,7 @@ class _Uploader:
         self.listed: dict[TimelineId, dict[Lsn, list[tuple[Lsn, str]]]] = {}
         #: When each segment this push references was last written (``origin gc``).
         self.fresh: dict[str, float] = {}
+        self.uploads = _Uploads(bucket, self.fresh)
 
     def refresh(self) -> None:
         """Before the commit: a segment this push references that was written more than
@@ -224,7 +232,7 @@ class _Uploader:
             seg = Segment(segment_key(tid, first.after, last.upto), first.after, last.upto,
                           sum(r.records for r in run), sum(r.nbytes for r in run), out.size,
                           out.crc, last.hash)
-            out.upload(self.bucket, seg, self.fresh)
+            out.upload(self.uploads, seg)
         return seg
 
     def _report(self) -> None:
@@ -306,7 +314,7 @@ class _Uploader:
             seg_hash = self.repo.history_hash(tid, last)
             key = segment_key(tid, at, last)
             seg = Segment(key, at, last, count, nbytes, out.size, out.crc, seg_hash)
-            out.upload(self.bucket, seg, self.fresh)
+            out.upload(self.uploads, seg)
         return seg
 
     def _base(self, r: RangeRequest) -> Segment:
@@ -331,7 +339,7 @@ class _Uploader:
             key = segment_key(r.timeline_id, r.after, r.after, base=True)
             seg = Segment(key, r.after, r.after, count, nbytes, out.size, out.crc, digest,
                           base=True)
-            out.upload(self.bucket, seg, self.fresh)
+            out.upload(self.uploads, seg)
         self._report()
         return seg
 
@@ -345,14 +353,16 @@ class _Scratch:
         self.file = os.fdopen(fd, "wb")
         self.size = 0
         self.crc = 0
+        self.handed = False
 
     def __enter__(self) -> _Scratch:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.file.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
+        if not self.handed:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
 
     def frame(self, compressor: AdaptiveCompressor, batch: list[Record]) -> None:
         wire = compressor.frame(FrameType.DATA, encode_records(batch))
@@ -360,12 +370,49 @@ class _Scratch:
         self.size += len(wire)
         self.crc = google_crc32c.extend(self.crc, wire)
 
-    def upload(self, bucket: Bucket, seg: Segment, fresh: dict[str, float]) -> None:
-        self.file.flush()
-        fresh[seg.key] = time.time()
-        bucket.upload(seg.key, self.path, {
+    def upload(self, uploads: _Uploads, seg: Segment) -> None:
+        """Hand the file to ``uploads`` (which removes it once sent)."""
+        self.file.close()
+        self.handed = True
+        uploads.submit(self.path, seg.key, {
             "records": str(seg.records), "bytes": str(seg.nbytes), "crc32c": str(seg.crc32c),
             "hash": seg.hash.hex()})
+
+
+class _Uploads:
+    """Segment uploads in one thread behind the building of the next segment (building is
+    CPU work, an upload mostly waits on the socket): one runs while at most one waits, so
+    scratch space stays bounded by three segments."""
+
+    def __init__(self, bucket: Bucket, fresh: dict[str, float]) -> None:
+        self.bucket, self.fresh = bucket, fresh
+        self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="zenith-s3")
+        self.pending: collections.deque[concurrent.futures.Future[None]] = collections.deque()
+        self.paths: set[str] = set()
+
+    def submit(self, path: str, key: str, metadata: dict[str, str]) -> None:
+        while len(self.pending) >= 2:
+            self.pending.popleft().result()  # an upload's error surfaces here
+        self.paths.add(path)
+        self.pending.append(self.pool.submit(self._upload, path, key, metadata))
+
+    def _upload(self, path: str, key: str, metadata: dict[str, str]) -> None:
+        try:
+            self.bucket.upload(key, path, metadata)
+            self.fresh[key] = time.time()
+        finally:
+            os.unlink(path)
+            self.paths.discard(path)
+
+    def wait(self) -> None:
+        while self.pending:
+            self.pending.popleft().result()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        for path in list(self.paths):  # handed over, never uploaded
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
 
 
 def _index(view: BucketView, tl: TimelineInfo, segments: list[Segment]) -> TimelineIndex:
