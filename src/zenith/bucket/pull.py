@@ -218,7 +218,8 @@ async def _exchange(end: _End, view: BucketView, chain: list[TimelineInfo], tmp:
         if r.timeline_id not in offered:
             raise TransferAborted("the receiver asked for a timeline outside the offer")
     # Every object the plan needs, downloaded and checked before anything is sent.
-    files = await offload(_fetch, view, plan.ranges, tmp)
+    # (A dry run reads only the segments a range cuts into, to count what it would send.)
+    files = await offload(_fetch, view, plan.ranges, tmp, plan.dry_run)
     totals = [f.count() for f in files]
     total_records = sum(t[0] for t in totals)
     total_bytes = sum(t[1] for t in totals)
@@ -275,7 +276,7 @@ class _RangeFiles:
     records: int = 0
     nbytes: int = 0
 
-    def _whole(self, seg: Segment) -> bool:
+    def whole(self, seg: Segment) -> bool:
         r = self.request
         return seg.base or (r.after <= seg.after and seg.upto <= r.upto and (
             r.resume is None or not seg.after < r.resume.lsn <= seg.upto))
@@ -293,7 +294,7 @@ class _RangeFiles:
         records = nbytes = 0
         keep = _Filter(self.request)
         for seg, path in self.parts:
-            if self._whole(seg):
+            if self.whole(seg):
                 records += seg.records
                 nbytes += seg.nbytes
                 continue
@@ -307,7 +308,7 @@ class _RangeFiles:
         self.records = self.nbytes = 0
         keep = _Filter(self.request)
         for seg, path in self.parts:
-            if self._whole(seg):
+            if self.whole(seg):
                 with open(path, "rb") as f:
                     yield from frames_of(f, seg.key)
                 self.records += seg.records
@@ -321,8 +322,10 @@ class _RangeFiles:
                     else encode_frame(FrameType.DATA, body)
 
 
-def _fetch(view: BucketView, ranges: tuple[RangeRequest, ...], tmp: Path) -> list[_RangeFiles]:
-    """Download and check every segment the ranges read."""
+def _fetch(view: BucketView, ranges: tuple[RangeRequest, ...], tmp: Path,
+           counting: bool = False) -> list[_RangeFiles]:
+    """Download and check every segment the ranges read (``counting``: only those a range
+    does not take whole)."""
     out: list[_RangeFiles] = []
     for n, r in enumerate(ranges):
         index = view.index(r.timeline_id)
@@ -339,12 +342,12 @@ def _fetch(view: BucketView, ranges: tuple[RangeRequest, ...], tmp: Path) -> lis
                                       f"over ({r.after}, {r.upto}]")
             segs = index.covering(r.after, r.upto)
             digest = view.hash_at(r.timeline_id, r.upto)
-        parts = []
-        for i, seg in enumerate(segs):
-            path = tmp / f"{n}-{i}.zseg"
-            with open(path, "wb") as f:
-                read_segment(view.bucket, seg, f)
-            parts.append((seg, path))
-        out.append(_RangeFiles(r, parts, digest))
+        files = _RangeFiles(r, [(seg, tmp / f"{n}-{i}.zseg") for i, seg in enumerate(segs)],
+                            digest)
+        for seg, path in files.parts:
+            if not (counting and files.whole(seg)):
+                with open(path, "wb") as f:
+                    read_segment(view.bucket, seg, f)
+        out.append(files)
     return out
 

@@ -260,7 +260,7 @@ class _Uploader:
         """A segment a killed push left at ``at``, if its records are ours: the history
         hash at its end (in its metadata) must be the one we hold there."""
         for end, key in sorted(self._existing(tid).get(at, []), reverse=True):
-            if end > upto or key != segment_key(tid, at, end):
+            if not at < end <= upto or key != segment_key(tid, at, end):
                 continue
             found = self.bucket.stat(key)
             if found is None:
