@@ -27,13 +27,13 @@ def test_racing_pushes_have_one_winner(
     trio: tuple[PageserverProc, PageserverProc, PageserverProc, str],
 ) -> None:
     """Two pageservers push their own histories to one new branch at the same moment, round
-    after round: exactly one wins each round, the other is rejected cleanly, and the
+    after round (four): exactly one wins each round, the other is rejected cleanly, and the
     branch holds the winner's history whole."""
     a, b, reader, _ = trio
     for ps, seed in ((a, "1"), (b, "2")):
         ps.cli("generate", "main", "--pages", "400", "--seed", seed, check=True)
     raced = 0
-    for rnd in range(6):
+    for rnd in range(4):
         name = f"race{rnd}"
         for ps in (a, b):  # a new timeline of its own each round (one name per timeline)
             ps.cli("branch", "create", name, "--from", "main", check=True)
@@ -62,10 +62,8 @@ def _index(s3server: S3Server, bucket: str, tid: str) -> dict:  # type: ignore[t
     return json.loads(body["Body"].read())  # type: ignore[no-any-return]
 
 
-@pytest.mark.parametrize("damage", ["flipped", "truncated"])
 def test_damaged_object_refused_with_nothing_applied(
     trio: tuple[PageserverProc, PageserverProc, PageserverProc, str], s3server: S3Server,
-    damage: str,
 ) -> None:
     a, _, reader, bucket = trio
     a.cli("generate", "main", "--pages", "300", "--rounds", "2", check=True)
@@ -73,17 +71,18 @@ def test_damaged_object_refused_with_nothing_applied(
     segment = _index(s3server, bucket, str(a.branch("main")["timeline_id"]))["segments"][-1]
     s3 = s3server.client()
     key = "team/" + segment["key"]
-    data = bytearray(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
-    if damage == "flipped":
-        data[len(data) // 2] ^= 0x40
-    else:
-        del data[len(data) - 100:]
-    s3.put_object(Bucket=bucket, Key=key, Body=bytes(data))
-
-    res = reader.cli("pull", "main", "shared")
-    assert res.returncode != 0
-    expected = "fails its CRC32C check" if damage == "flipped" else "its index says"
-    assert expected in res.stderr, res.stderr
-    assert "Traceback" not in res.stderr
-    assert reader.query("branch_list") == []
-    assert reader.query("timeline_list") == []  # nothing created, nothing applied
+    good = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+    flipped = bytearray(good)
+    flipped[len(good) // 2] ^= 0x40
+    for damaged, expected in ((bytes(flipped), "fails its CRC32C check"),
+                              (good[:-100], "its index says")):
+        s3.put_object(Bucket=bucket, Key=key, Body=damaged)
+        res = reader.cli("pull", "main", "shared")
+        assert res.returncode != 0
+        assert expected in res.stderr, res.stderr
+        assert "Traceback" not in res.stderr
+        assert reader.query("branch_list") == []
+        assert reader.query("timeline_list") == []  # nothing created, nothing applied
+    s3.put_object(Bucket=bucket, Key=key, Body=good)  # repaired: the pull goes through
+    reader.cli("pull", "main", "shared", check=True)
+    assert reader.digest("main") == a.digest("main")
