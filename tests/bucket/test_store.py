@@ -37,6 +37,7 @@ class _Killed(Exception):
 def test_multipart_upload_resumes(bucket: Bucket, tmp_path: Path,
                                   monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(store, "PART_SIZE", 5 << 20)  # S3's smallest part
+    monkeypatch.setattr(store, "SINGLE_PUT_MAX", 5 << 20)
     data = os.urandom(12 << 20)  # three parts: 5, 5 and 2 MiB
     path = tmp_path / "segment"
     path.write_bytes(data)

@@ -57,8 +57,9 @@ from zenith.transfer.messages import (
 from zenith.transfer.offload import Offload, to_thread
 from zenith.transfer.receiver import receive_branch
 
-#: Bytes of frames in flight between the bucket's side and the receiver.
-PIPE_BYTES: Final = 32 << 20
+#: Bytes of frames in flight between the bucket's side and the receiver (which reads
+#: ahead on its own, READ_AHEAD_BYTES).
+PIPE_BYTES: Final = 4 << 20
 
 
 def principal(loc: S3Location) -> str:

@@ -35,8 +35,10 @@ if TYPE_CHECKING:
 
     from zenith.bucket.layout import S3Location
 
-#: Objects up to this size go up in one PUT; larger ones as a multipart upload of parts of
-#: this size, which a new push resumes (the parts already uploaded are kept).
+#: Objects up to this size go up in one PUT (streamed from their file); larger ones (a
+#: segment of one huge LSN, such as a base-backup import) as a multipart upload of
+#: PART_SIZE parts, which a new push resumes (the parts already uploaded are kept).
+SINGLE_PUT_MAX: Final = 64 << 20
 PART_SIZE: Final = 16 << 20
 CHUNK: Final = 1 << 20
 CONNECT_TIMEOUT: Final = 10.0
@@ -241,10 +243,10 @@ class Bucket:
             if there is not None and there[0] == size \
                     and there[1].get("crc32c") == metadata.get("crc32c"):
                 return 0
-            if size <= PART_SIZE:
+            if size <= SINGLE_PUT_MAX:
                 with open(path, "rb") as f:
                     self.client.put_object(Bucket=self.loc.bucket, Key=self.loc.key(key),
-                                           Body=f.read(), Metadata=metadata)
+                                           Body=f, Metadata=metadata)
                 if progress is not None:
                     progress(size)
                 return size
