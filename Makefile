@@ -13,6 +13,8 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test]'
+	# a second S3 look-alike for the bucket tests (one without conditional writes)
+	npm install --silent --no-save --no-audit --no-fund --prefix $(VENV)/node s3rver@3.7.1
 	touch $(STAMP)
 
 lint: install

@@ -8,6 +8,7 @@ import contextlib
 import itertools
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -88,8 +89,51 @@ def s3server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
             server.proc.wait()
 
 
+#: Installed by ``make install`` (npm): an S3 look-alike that ignores conditional writes.
+S3RVER = Path(__file__).resolve().parents[2] / ".venv" / "node" / "node_modules" / ".bin" / "s3rver"
+
+
 @pytest.fixture
-def aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The environment the CLI, and the pageservers it starts, run with."""
+def s3rver(tmp_path: Path) -> Iterator[str]:
+    """s3rver on a free loopback port (its data in ``tmp_path``); its endpoint."""
+    assert S3RVER.exists(), f"{S3RVER} missing: run make install"
+    port = free_port()
+    (tmp_path / "s3rver").mkdir()
+    log = open(tmp_path / "s3rver.log", "wb")  # noqa: SIM115 (the server's lifetime)
+    proc = subprocess.Popen([str(S3RVER), "-d", str(tmp_path / "s3rver"), "-a", "127.0.0.1",
+                             "-p", str(port), "--silent"], stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, \
+                    (tmp_path / "s3rver.log").read_text()[-2000:]
+                time.sleep(0.1)
+        yield endpoint
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(10)
+        log.close()
+
+
+#: The profile of the shared credentials file that s3rver's fixed keys are under.
+S3RVER_PROFILE = "lookalike"
+
+
+@pytest.fixture
+def aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The environment the CLI, and the pageservers it starts, run with: keys in the
+    environment, and a shared credentials file with the profile ``lookalike``."""
     for k, v in AWS_ENV.items():
         monkeypatch.setenv(k, v)
+    credentials = tmp_path / "aws-credentials"
+    credentials.write_text(f"[{S3RVER_PROFILE}]\naws_access_key_id = S3RVER\n"
+                           "aws_secret_access_key = S3RVER\n")
+    credentials.chmod(0o600)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(credentials))

@@ -7,8 +7,9 @@ import re
 
 import pytest
 
-from tests.bucket.s3server import S3Server
+from tests.bucket.s3server import S3RVER_PROFILE, S3Server
 from tests.fixtures import PageserverProc, started_pageservers
+from zenith.bucket.layout import parse_s3_uri
 
 
 def records_sent(out: str) -> int:
@@ -142,8 +143,48 @@ def test_bad_uris_and_options(pair: tuple[PageserverProc, PageserverProc, str],
     laptop.cli("origin", "add", "void", s3server.uri("zenith-no-such-bucket"), check=True)
     void = laptop.cli("push", "main", "void")
     assert void.returncode != 0 and "does not exist" in void.stderr, void.stderr
+    # a profile the shared files do not have
+    laptop.cli("origin", "add", "ghost", s3server.uri("zenith-x") + "&profile=ghost",
+               check=True)
+    ghost = laptop.cli("push", "main", "ghost")
+    assert ghost.returncode != 0 and "no AWS profile 'ghost'" in ghost.stderr, ghost.stderr
     # a client may not point the pageserver's credentials at a bucket of its choosing
     direct = laptop.query  # psycopg, as an admin of the pageserver
     with pytest.raises(Exception, match="must be one of this repository's origins"):
         direct(f"perform_push main '{s3server.uri('zenith-elsewhere')}' main")
     assert uri in laptop.cli("origin", "list", check=True).stdout
+
+
+def test_second_server_without_conditional_writes(
+        pair: tuple[PageserverProc, PageserverProc, str], s3server: S3Server, s3rver: str) -> None:
+    """s3rver, an S3 look-alike that accepts If-None-Match and If-Match and ignores them:
+    zenith refuses to push there (concurrent pushes could lose updates), and pulls from a
+    copy of a bucket there as from any. Its keys come from a profile of the shared
+    credentials file (``?profile=``), the others' from the environment."""
+    laptop, cloud, uri = pair
+    laptop.cli("generate", "main", "--pages", "30", check=True)
+    laptop.cli("push", "main", "backup", check=True)
+    import boto3
+    import botocore.config
+
+    other = boto3.client("s3", endpoint_url=s3rver, region_name="us-east-1",
+                         aws_access_key_id="S3RVER", aws_secret_access_key="S3RVER",
+                         config=botocore.config.Config(s3={"addressing_style": "path"}))
+    other.create_bucket(Bucket="zenith-copy")
+    for ps in (laptop, cloud):
+        ps.cli("origin", "add", "lookalike",
+               f"s3://zenith-copy/team?endpoint={s3rver}&addressing=path"
+               f"&profile={S3RVER_PROFILE}", check=True)  # its keys: from the shared file
+    refused = laptop.cli("push", "main", "lookalike")
+    assert refused.returncode != 0 and "ignores conditional writes" in refused.stderr, \
+        refused.stderr
+    listed = other.list_objects_v2(Bucket="zenith-copy").get("Contents", [])
+    assert [o["Key"] for o in listed] == ["team/zenith-bucket.json"]  # no ref, no segment
+    source = s3server.client()
+    bucket = parse_s3_uri(uri).bucket
+    for o in source.list_objects_v2(Bucket=bucket)["Contents"]:
+        body = source.get_object(Bucket=bucket, Key=o["Key"])
+        other.put_object(Bucket="zenith-copy", Key=o["Key"], Body=body["Body"].read(),
+                         Metadata=body.get("Metadata", {}))
+    cloud.cli("pull", "main", "lookalike", check=True)
+    assert cloud.digest("main") == laptop.digest("main")

@@ -45,7 +45,7 @@ from zenith.bucket.layout import (
 )
 from zenith.bucket.state import BucketView, read_segment
 from zenith.bucket.store import Bucket, Conflict
-from zenith.errors import PushRejected
+from zenith.errors import FeatureNotSupported, PushRejected
 from zenith.ids import TimelineId
 from zenith.lsn import Lsn
 from zenith.storage import Record, Repository, TimelineInfo
@@ -95,6 +95,8 @@ def push_to_bucket(
         offered = decode(Offer, FrameType.OFFER, offer.encode()).chain
         source = offered[-1]
         view = BucketView(bucket)
+        if not dry_run:
+            _check_conditional_writes(bucket, view)
         points = points_to_prove(view, offered)  # type: ignore[arg-type]
         mismatched = {p.timeline_id: p.lsn for p in points
                       if view.hash_at(p.timeline_id, p.lsn)
@@ -135,6 +137,27 @@ def push_to_bucket(
             uploader.uploads.close()
         _commit(bucket, view, plan, indexes, dest)
     return result(state.records_done, state.bytes_done)
+
+
+def _check_conditional_writes(bucket: Bucket, view: BucketView) -> None:
+    """Refuse a server that ignores ``If-None-Match``/``If-Match`` (some S3 look-alikes
+    do): there, two pushes of one branch could both "win" and one would be lost. The
+    probe writes nothing new: a create-only PUT of the format marker, which exists (it is
+    written here first if it does not), must be refused."""
+    if view.marker is None:
+        with contextlib.suppress(Conflict):
+            bucket.put(MARKER, encode_marker(), create=True)
+        view.marker = (encode_marker(), "")
+    try:
+        bucket.put(MARKER, encode_marker(), create=True)
+    except Conflict:
+        return
+    raise FeatureNotSupported(
+        f"{bucket.where} ignores conditional writes (If-None-Match accepted over an "
+        "existing object): concurrent pushes could lose updates there, so zenith does not "
+        "push to it",
+        hint="use a server with S3 conditional writes (AWS S3, MinIO, Ceph RGW, recent "
+             "moto); pulls from it still work")
 
 
 def _since(repo: Repository, source: TimelineInfo, depth: Depth | None) -> Lsn | None:
