@@ -106,7 +106,8 @@ def gc(repo: Repo, name: str, prune: str, dry_run: bool) -> None:
     """Remove what no branch of bucket origin NAME reaches: segments and indexes a killed
     or rejected push left, timelines no ref names any more. Everything a ref reaches
     (its timeline, its ancestors, all of their segments) is kept, and so is anything
-    younger than --prune; a push in flight keeps what it uploaded for at least an hour."""
+    younger than --prune. With --prune of an hour or more, nothing a push running now will
+    commit is removed (docs/s3.md, "Garbage")."""
     from zenith.bucket.gc import MIN_GRACE
     from zenith.pageserver.retention import Window
 
