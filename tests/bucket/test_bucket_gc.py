@@ -47,7 +47,7 @@ def test_gc_keeps_what_refs_reach(pageserver_factory, s3server: S3Server,  # typ
     assert _keys(s3server, bucket) == before
 
     now = a.cli("origin", "gc", "backup", "--prune", "now", check=True)
-    assert "may remove what a push to backup running now" in now.stderr  # warned
+    assert "may remove small segments a pull from backup" in now.stderr  # warned
     m = re.match(r"backup: removed (\d+) objects \(\d+\.\d MiB\), kept (\d+) reachable and "
                  r"0 younger than now; aborted 1 unfinished uploads$", now.stdout.strip())
     assert m, now.stdout

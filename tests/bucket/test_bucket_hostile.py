@@ -83,12 +83,20 @@ def test_flooding_objects_refused_unread(pushed: tuple[PageserverProc, Pageserve
     _, b, bucket = pushed
     s3 = s3server.client()
     s3.put_object(Bucket=bucket, Key="team/refs/huge", Body=b" " * (17 << 20))
-    res = b.cli("branch", "list", "--origin", "backup")
+    s3.put_object(Bucket=bucket, Key="team/refs/folder/", Body=b"")  # as S3 consoles make
+    # that branch is refused unread; the others are usable; gc will not guess
+    res = b.cli("pull", "huge", "backup")
     assert res.returncode != 0 and "at most" in res.stderr, res.stderr
+    listed = b.cli("branch", "list", "--origin", "backup", check=True).stdout
+    assert "main" in listed and "huge" not in listed
+    res = b.cli("origin", "gc", "backup", "--prune", "now")
+    assert res.returncode != 0 and "refs/huge is not a ref zenith reads" in res.stderr, \
+        res.stderr
     s3.put_object(Bucket=bucket, Key="team/refs/huge", Body=b"{\"timeline\": [[[[")
-    res = b.cli("pull", "main", "backup")
+    res = b.cli("pull", "huge", "backup")
     assert res.returncode != 0 and "not valid JSON" in res.stderr, res.stderr
     assert b.query("branch_list") == []
+    b.cli("pull", "main", "backup", check=True)
 
 
 @pytest.fixture

@@ -10,11 +10,13 @@ from pathlib import Path
 import pytest
 
 from tests.bucket.s3server import S3Server
+from zenith.bucket.gc import GC_LOCK, PushLease, gc_bucket
 from zenith.bucket.layout import parse_s3_uri
 from zenith.bucket.pull import pull_from_bucket
 from zenith.bucket.push import push_to_bucket
 from zenith.bucket.state import BucketView
 from zenith.bucket.store import Bucket
+from zenith.errors import FeatureNotSupported, ObjectInUse
 from zenith.lsn import Lsn
 from zenith.storage import Record, RecordKind, SqliteRepository, open_repository
 from zenith.transfer.messages import Status
@@ -76,3 +78,54 @@ def test_death_between_index_and_ref(tmp_path: Path, s3server: S3Server, aws_env
     tid = src.get_branch("main").timeline.timeline_id
     at = _head(dst)
     assert dst.history_hash(tid, at) == src.history_hash(tid, at)
+
+
+def test_a_timeline_without_records_of_its_own_gets_an_index(
+        tmp_path: Path, s3server: S3Server, aws_env: None) -> None:
+    """main -> c (no records of its own) -> d: d's chain reads through c's index."""
+    src = open_repository(tmp_path / "src.db")
+    src.create_branch("main")
+    _round(src, 100, 1)
+    src.create_branch("c", "main")
+    src.create_branch("d", "c")
+    d = src.get_branch("d").timeline.timeline_id
+    src.put_records(d, [Record(KEYS[0], Lsn(500), RecordKind.IMAGE, b"d" * 300)])
+    bucket = Bucket(parse_s3_uri(s3server.uri(s3server.new_bucket())), timeout=10)
+    push_to_bucket(src, bucket, src.ancestry(d), "d", scratch=tmp_path / "s")
+    dst = open_repository(tmp_path / "dst.db")
+    asyncio.run(pull_from_bucket(dst, bucket, "d", "d", scratch=tmp_path / "s"))
+    assert dst.history_hash(d, Lsn(500)) == src.history_hash(d, Lsn(500))
+    assert gc_bucket(bucket, grace=0).removed == 0  # every object reachable, gc reads it all
+
+
+def test_gc_and_pushes_exclude_each_other(tmp_path: Path, s3server: S3Server,
+                                          aws_env: None) -> None:
+    bucket = Bucket(parse_s3_uri(s3server.uri(s3server.new_bucket())), timeout=10)
+    with PushLease(bucket), pytest.raises(ObjectInUse, match="push"):
+        gc_bucket(bucket, grace=0)  # a push is running: gc does not
+    assert bucket.get(GC_LOCK, 100) is None  # and leaves no lock behind
+    bucket.put(GC_LOCK, b"{}", create=True)  # a gc is running
+    with PushLease(bucket) as lease, pytest.raises(ObjectInUse, match="gc is running"):
+        lease.check_no_gc()  # the push does not commit
+    with pytest.raises(ObjectInUse, match="another origin gc"):
+        gc_bucket(bucket, grace=0)
+
+
+def test_a_server_ignoring_if_match_is_refused(tmp_path: Path, s3server: S3Server,
+                                               aws_env: None,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server that honours If-None-Match but not If-Match (simulated)."""
+    src = open_repository(tmp_path / "src.db")
+    src.create_branch("main")
+    _round(src, 100, 1)
+    bucket = Bucket(parse_s3_uri(s3server.uri(s3server.new_bucket())), timeout=10)
+    put = Bucket.put
+
+    def ignoring_if_match(self: Bucket, key: str, data: bytes, *, if_match: str | None = None,
+                          **kw: object) -> str:
+        return put(self, key, data, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Bucket, "put", ignoring_if_match)
+    with pytest.raises(FeatureNotSupported, match="ignores conditional writes"):
+        _push(src, bucket, tmp_path / "s")
+    assert BucketView(bucket).refs == {}

@@ -58,3 +58,16 @@ def test_multipart_upload_resumes(bucket: Bucket, tmp_path: Path,
     got = bucket.get("seg", len(data))
     assert got is not None and got[0] == data
     assert bucket.upload("seg", str(path), meta) == 0  # immutable: never sent again
+
+    # A killed upload of other bytes under a key: its parts are not mixed into the new one.
+    other = bytearray(os.urandom(12 << 20))
+    path.write_bytes(other)
+    parts = 0
+    with pytest.raises(_Killed):
+        bucket.upload("seg2", str(path), meta, die_after_two)
+    other[1] ^= 1  # the same sizes, other bytes in the first part
+    path.write_bytes(other)
+    # the first part again (its MD5 differs), not the second (the same bytes), the third
+    assert bucket.upload("seg2", str(path), meta) == (5 << 20) + (2 << 20)
+    got = bucket.get("seg2", len(other))
+    assert got is not None and got[0] == bytes(other)

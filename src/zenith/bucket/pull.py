@@ -60,6 +60,8 @@ from zenith.transfer.receiver import receive_branch
 #: Bytes of frames in flight between the bucket's side and the receiver (which reads
 #: ahead on its own, READ_AHEAD_BYTES).
 PIPE_BYTES: Final = 4 << 20
+#: Silence bound between the two in-process ends (a day: none, in effect).
+IN_PROCESS: Final = 86400.0
 
 
 def principal(loc: S3Location) -> str:
@@ -89,11 +91,14 @@ async def pull_from_bucket(
 
     view, chain = await offload(load)
     ours, theirs = _pipe_pair()
-    server = asyncio.create_task(_serve(ours, view, chain, scratch, offload, timeout))
+    # The two ends are in this process: no silence bound between them (every S3 call is
+    # bounded on its own, by the bucket's timeout), else a plan whose segments take
+    # longer than ``timeout`` to download and check would always be dropped.
+    server = asyncio.create_task(_serve(ours, view, chain, scratch, offload, IN_PROCESS))
     try:
         result = await receive_branch(
             theirs, repo, dest, pushing=False, force=force, dry_run=dry_run,
-            progress=progress, timeout=timeout, locks=locks, offload=offload,
+            progress=progress, timeout=IN_PROCESS, locks=locks, offload=offload,
             principal=principal(bucket.loc))
     except BaseException:
         # The bucket's side failed first (a corrupt object: the receiver then saw the
@@ -221,7 +226,7 @@ async def _exchange(end: _End, view: BucketView, chain: list[TimelineInfo], tmp:
     # Every object the plan needs, downloaded and checked before anything is sent.
     # (A dry run reads only the segments a range cuts into, to count what it would send.)
     files = await offload(_fetch, view, plan.ranges, tmp, plan.dry_run)
-    totals = [f.count() for f in files]
+    totals = await offload(lambda: [f.count() for f in files])
     total_records = sum(t[0] for t in totals)
     total_bytes = sum(t[1] for t in totals)
     if plan.dry_run:
@@ -311,7 +316,11 @@ class _RangeFiles:
         for seg, path in self.parts:
             if self.whole(seg):
                 with open(path, "rb") as f:
-                    yield from frames_of(f, seg.key)
+                    for wire in frames_of(f, seg.key):
+                        if wire[0] != FrameType.DATA:
+                            raise TransferAborted(f"{seg.key}: a frame of type {wire[0]} "
+                                                  "in a segment")
+                        yield wire
                 self.records += seg.records
                 self.nbytes += seg.nbytes
                 continue

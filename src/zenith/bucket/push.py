@@ -30,9 +30,10 @@ from typing import Final
 
 import google_crc32c
 
-from zenith.bucket.gc import REFRESH_AFTER
+from zenith.bucket.gc import PushLease
 from zenith.bucket.layout import (
     MARKER,
+    MAX_JSON,
     PRINCIPAL,
     Ref,
     Segment,
@@ -97,6 +98,7 @@ def push_to_bucket(
         view = BucketView(bucket)
         if not dry_run:
             _check_conditional_writes(bucket, view)
+            lease = holds.enter_context(PushLease(bucket))
         points = points_to_prove(view, offered)  # type: ignore[arg-type]
         mismatched = {p.timeline_id: p.lsn for p in points
                       if view.hash_at(p.timeline_id, p.lsn)
@@ -124,17 +126,22 @@ def push_to_bucket(
         if dry_run:
             return result(state.records_total, state.bytes_total)
         uploader = _Uploader(repo, bucket, scratch, state, progress, segment_bytes)
+        uploader.tick = lease.renew
         try:
             new: dict[TimelineId, list[Segment]] = {}
             for send in plan.sends:
                 new.setdefault(send.request.timeline_id, []).extend(uploader.send(send))
             uploader.uploads.wait()
+            # Every timeline the plan sends gets its index written if it has new segments
+            # or has none yet (a timeline with no records of its own still has one: a
+            # child's chain reads through it).
             indexes = [(tl.timeline_id, uploader.merged(_index(view, tl, new[tl.timeline_id])))
-                       for tl in offered if new.get(tl.timeline_id)]
+                       for tl in offered if tl.timeline_id in new and (
+                           new[tl.timeline_id] or view.held_index(tl.timeline_id) is None)]
             uploader.uploads.wait()
-            uploader.refresh()
         finally:
             uploader.uploads.close()
+        lease.check_no_gc()
         _commit(bucket, view, plan, indexes, dest)
     return result(state.records_done, state.bytes_done)
 
@@ -143,19 +150,24 @@ def _check_conditional_writes(bucket: Bucket, view: BucketView) -> None:
     """Refuse a server that ignores ``If-None-Match``/``If-Match`` (some S3 look-alikes
     do): there, two pushes of one branch could both "win" and one would be lost. The
     probe writes nothing new: a create-only PUT of the format marker, which exists (it is
-    written here first if it does not), must be refused."""
+    written here first if it does not), and a PUT of it if it had another ETag, must both
+    be refused."""
     if view.marker is None:
         with contextlib.suppress(Conflict):
             bucket.put(MARKER, encode_marker(), create=True)
         view.marker = (encode_marker(), "")
-    try:
-        bucket.put(MARKER, encode_marker(), create=True)
-    except Conflict:
+    for condition in ({"create": True}, {"if_match": '"0-not-its-etag"'}):
+        try:
+            bucket.put(MARKER, encode_marker(), **condition)
+        except Conflict:
+            continue
+        break
+    else:
         return
     raise FeatureNotSupported(
-        f"{bucket.where} ignores conditional writes (If-None-Match accepted over an "
-        "existing object): concurrent pushes could lose updates there, so zenith does not "
-        "push to it",
+        f"{bucket.where} ignores conditional writes (If-None-Match or If-Match accepted "
+        "where it must refuse): concurrent pushes could lose updates there, so zenith does "
+        "not push to it",
         hint="use a server with S3 conditional writes (AWS S3, MinIO, Ceph RGW, recent "
              "moto); pulls from it still work")
 
@@ -186,17 +198,10 @@ class _Uploader:
         self.segment_bytes = segment_bytes
         self.compressor = AdaptiveCompressor()
         self.listed: dict[TimelineId, dict[Lsn, list[tuple[Lsn, str]]]] = {}
-        #: When each segment this push references was last written (``origin gc``).
-        self.fresh: dict[str, float] = {}
-        self.uploads = _Uploads(bucket, self.fresh)
+        self.uploads = _Uploads(bucket)
+        #: Called after each segment (the push's lock is renewed).
+        self.tick: Callable[[], None] = lambda: None
 
-    def refresh(self) -> None:
-        """Before the commit: a segment this push references that was written more than
-        REFRESH_AFTER ago (a killed push's, or this push ran long) is made new again, so
-        that ``origin gc`` (whose grace is longer) cannot remove it meanwhile."""
-        for key, written in self.fresh.items():
-            if written < time.time() - REFRESH_AFTER:
-                self.bucket.touch(key)
 
     def send(self, send: Send) -> list[Segment]:
         r = send.request
@@ -208,6 +213,7 @@ class _Uploader:
             seg = self._reuse(r.timeline_id, at, r.upto) or self._build(r.timeline_id, at,
                                                                          r.upto)
             segments.append(seg)
+            self.tick()
             at = seg.upto
             self.state.acked_lsn = at
             self._report()
@@ -288,7 +294,7 @@ class _Uploader:
             found = self.bucket.stat(key)
             if found is None:
                 continue
-            size, meta, mtime = found
+            size, meta, _mtime = found
             try:
                 seg = Segment(key, at, end, int(meta["records"]), int(meta["bytes"]), size,
                               int(meta["crc32c"]), bytes.fromhex(meta["hash"]))
@@ -299,7 +305,6 @@ class _Uploader:
             # Not sent again: neither counted as sent nor still to send.
             self.state.records_total -= seg.records
             self.state.bytes_total -= seg.nbytes
-            self.fresh[key] = mtime
             return seg
         return None
 
@@ -307,6 +312,9 @@ class _Uploader:
         """The next segment from ``at``: records until the first LSN boundary past
         ``segment_bytes`` of frames (or ``upto``), written to a scratch file, uploaded."""
         records = self.repo.iter_records(tid, at, upto)
+        # A fresh compressor each segment: the same records always make the same bytes,
+        # so a push run again after a kill resumes the same multipart upload.
+        self.compressor = AdaptiveCompressor()
         with _Scratch(self.scratch) as out:
             last = at
             count = nbytes = 0
@@ -343,6 +351,7 @@ class _Uploader:
     def _base(self, r: RangeRequest) -> Segment:
         """A shallow copy's base at ``r.after``: one segment of images, in key order."""
         digest = self.repo.history_hash(r.timeline_id, r.after)
+        self.compressor = AdaptiveCompressor()
         with _Scratch(self.scratch) as out:
             count = nbytes = 0
             batch: list[Record] = []
@@ -407,22 +416,21 @@ class _Uploads:
     CPU work, an upload mostly waits on the socket): one runs while at most one waits, so
     scratch space stays bounded by three segments."""
 
-    def __init__(self, bucket: Bucket, fresh: dict[str, float]) -> None:
-        self.bucket, self.fresh = bucket, fresh
+    def __init__(self, bucket: Bucket) -> None:
+        self.bucket = bucket
         self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="zenith-s3")
         self.pending: collections.deque[concurrent.futures.Future[None]] = collections.deque()
         self.paths: set[str] = set()
 
     def submit(self, path: str, key: str, metadata: dict[str, str]) -> None:
+        self.paths.add(path)  # removed by close() if it never goes up
         while len(self.pending) >= 2:
             self.pending.popleft().result()  # an upload's error surfaces here
-        self.paths.add(path)
         self.pending.append(self.pool.submit(self._upload, path, key, metadata))
 
     def _upload(self, path: str, key: str, metadata: dict[str, str]) -> None:
         try:
             self.bucket.upload(key, path, metadata)
-            self.fresh[key] = time.time()
         finally:
             os.unlink(path)
             self.paths.discard(path)
@@ -442,13 +450,28 @@ def _index(view: BucketView, tl: TimelineInfo, segments: list[Segment]) -> Timel
     """The timeline's index with this push's segments."""
     held = view.held_index(tl.timeline_id)
     if held is None:
-        base = segments[0].after if segments[0].base else None
+        base = segments[0].after if segments and segments[0].base else None
         index = TimelineIndex(tl.timeline_id, tl.ancestor_id, tl.ancestor_lsn,
                               tl.min_readable_lsn, tuple(segments), base)
     else:
         index = held.index.extended(segments)
     index.check(f"index of timeline {tl.timeline_id}")
     return index
+
+
+def _put_over(bucket: Bucket, key: str, data: bytes, etag: str | None) -> None:
+    """Write ``data`` only over the object read with ``etag`` (None: only if absent). A
+    conflict where the object now holds exactly ``data`` is our own write whose answer was
+    lost and that the client tried again: not a conflict."""
+    try:
+        if etag is None:
+            bucket.put(key, data, create=True)
+        else:
+            bucket.put(key, data, if_match=etag)
+    except Conflict:
+        now = bucket.get(key, MAX_JSON)
+        if now is None or now[0] != data:
+            raise
 
 
 def _commit(bucket: Bucket, view: BucketView, plan: Plan,
@@ -460,17 +483,11 @@ def _commit(bucket: Bucket, view: BucketView, plan: Plan,
                 bucket.put(MARKER, encode_marker(), create=True)
         for tid, index in indexes:
             held = view.held_index(tid)
-            if held is None:
-                bucket.put(index_key(tid), index.encode(), create=True)
-            else:
-                bucket.put(index_key(tid), index.encode(), if_match=held.etag)
+            _put_over(bucket, index_key(tid), index.encode(), held.etag if held else None)
         source = plan.source
         ref = Ref(source.timeline_id, source.last_record_lsn).encode()
         old = view.refs.get(dest)
-        if old is None:
-            bucket.put(ref_key(dest), ref, create=True)
-        else:
-            bucket.put(ref_key(dest), ref, if_match=old.etag)
+        _put_over(bucket, ref_key(dest), ref, old.etag if old else None)
     except Conflict:
         raise PushRejected(
             f"rejected: remote changed: another push moved {dest} or its timelines in "

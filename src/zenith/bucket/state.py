@@ -8,7 +8,7 @@ it was read at, so the push can move them only from that state (conditional writ
 
 from __future__ import annotations
 
-import io
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -23,12 +23,12 @@ from zenith.bucket.layout import (
     index_key,
 )
 from zenith.bucket.store import Bucket
-from zenith.errors import TransferAborted, UnknownBranch, UnknownTimeline
+from zenith.errors import InvalidArgument, TransferAborted, UnknownBranch, UnknownTimeline
 from zenith.ids import TimelineId
 from zenith.lsn import Lsn
-from zenith.storage.api import BranchInfo, Record, TimelineInfo
+from zenith.storage.api import BranchInfo, Record, TimelineInfo, validate_branch_name
 from zenith.storage.history import Folder
-from zenith.transfer.frames import HEADER, decode_frame, decode_records
+from zenith.transfer.frames import HEADER, MAX_FRAME, decode_frame, decode_records
 from zenith.transfer.messages import MAX_CHAIN
 
 MAX_REFS = 100_000
@@ -60,14 +60,23 @@ class BucketView:
         if self.marker is not None:
             check_marker(self.marker[0])
         self.refs: dict[str, HeldRef] = {}
+        #: Objects under refs/ that are not a ref zenith can read, and why: the branch
+        #: they would name cannot be used, the others can (gc refuses to run).
+        self.bad_refs: dict[str, str] = {}
         for obj in bucket.list_objects("refs/"):
             name = obj.key[len("refs/"):]
-            got = bucket.get(obj.key, MAX_JSON)
-            if got is None:
-                continue  # deleted since the listing
-            if len(self.refs) >= MAX_REFS:
+            if not name or name.endswith("/"):
+                continue  # a "folder" marker some S3 tools write
+            if len(self.refs) + len(self.bad_refs) >= MAX_REFS:
                 raise TransferAborted(f"{bucket.where} holds more than {MAX_REFS} refs")
-            self.refs[name] = HeldRef(got[1], Ref.decode(got[0], f"ref {name}"))
+            try:
+                validate_branch_name(name)
+                got = bucket.get(obj.key, MAX_JSON)
+                if got is None:
+                    continue  # deleted since the listing
+                self.refs[name] = HeldRef(got[1], Ref.decode(got[0], f"ref {name}"))
+            except (TransferAborted, InvalidArgument) as exc:
+                self.bad_refs[name] = exc.message
         self._indexes: dict[TimelineId, HeldIndex | None] = {}
 
     def held_index(self, tid: TimelineId) -> HeldIndex | None:
@@ -96,6 +105,8 @@ class BucketView:
 
     def get_branch(self, name: str) -> BranchInfo:
         held = self.refs.get(name)
+        if name in self.bad_refs:
+            raise TransferAborted(f"{self.bucket.where}: {self.bad_refs[name]}")
         if held is None:
             raise UnknownBranch(f'branch "{name}" not found in {self.bucket.where}')
         index = self.index(held.ref.timeline_id)
@@ -160,6 +171,8 @@ def frames_of(data: BinaryIO, what: str) -> Iterator[bytes]:
         if len(head) < HEADER.size:
             raise TransferAborted(f"{what}: truncated frame header")
         body_len = HEADER.unpack(head)[3]
+        if body_len > MAX_FRAME:
+            raise TransferAborted(f"{what}: a frame of {body_len} bytes (at most {MAX_FRAME})")
         body = data.read(body_len)
         if len(body) != body_len:
             raise TransferAborted(f"{what}: truncated frame")
@@ -167,9 +180,9 @@ def frames_of(data: BinaryIO, what: str) -> Iterator[bytes]:
 
 
 def segment_records(bucket: Bucket, seg: Segment) -> Iterator[Record]:
-    """A segment's records (downloaded into memory: proofs read one segment at most)."""
-    buf = io.BytesIO()
-    read_segment(bucket, seg, buf)
-    buf.seek(0)
-    for wire in frames_of(buf, seg.key):
-        yield from decode_records(decode_frame(wire).body, lsn_order=not seg.base)
+    """A segment's records, frame by frame (downloaded to a temporary file)."""
+    with tempfile.TemporaryFile() as f:
+        read_segment(bucket, seg, f)
+        f.seek(0)
+        for wire in frames_of(f, seg.key):
+            yield from decode_records(decode_frame(wire).body, lsn_order=not seg.base)

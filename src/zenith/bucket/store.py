@@ -13,6 +13,7 @@ Every failure becomes a :class:`ZenithError` naming the bucket, never a botocore
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -90,7 +91,7 @@ class Bucket:
     # -- errors ---------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def _calling(self, what: str) -> Iterator[None]:
+    def _calling(self, what: str, *, conditional: bool = False) -> Iterator[None]:
         exc = self._exc
         try:
             yield
@@ -112,7 +113,7 @@ class Bucket:
             status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
             message = str(err.get("Message", ""))[:200]
             if code in ("PreconditionFailed", "ConditionalRequestConflict") \
-                    or status in (409, 412):
+                    or status in (409, 412) or (conditional and code == "NoSuchKey"):
                 raise Conflict(f"{self.where}: {what}: changed meanwhile") from None
             if code == "NoSuchBucket":
                 raise NotFound(f"bucket {self.loc.bucket} does not exist",
@@ -161,7 +162,7 @@ class Bucket:
             extra["IfMatch"] = if_match
         if metadata:
             extra["Metadata"] = metadata
-        with self._calling(f"write {key}"):
+        with self._calling(f"write {key}", conditional=if_match is not None):
             r = self.client.put_object(Bucket=self.loc.bucket, Key=self.loc.key(key),
                                        Body=data, **extra)
             return r["ETag"]
@@ -183,18 +184,6 @@ class Bucket:
                 raise
             return (r["ContentLength"], dict(r.get("Metadata", {})),
                     r["LastModified"].timestamp())
-
-    def touch(self, key: str) -> None:
-        """Make an object new again (a server-side copy onto itself): ``origin gc`` then
-        counts its grace period from now."""
-        with self._calling(f"refresh {key}"):
-            found = self.stat(key)
-            if found is None:
-                raise TransferAborted(f"{self.where}{key} vanished")
-            full = self.loc.key(key)
-            self.client.copy_object(Bucket=self.loc.bucket, Key=full,
-                                    CopySource={"Bucket": self.loc.bucket, "Key": full},
-                                    Metadata=found[1], MetadataDirective="REPLACE")
 
     def unfinished_uploads(self, prefix: str) -> list[tuple[str, str, float]]:
         """Multipart uploads under ``prefix`` never completed: key, id, start time."""
@@ -223,12 +212,17 @@ class Bucket:
                     yield ObjectInfo(o["Key"][strip:], o["Size"],
                                      o["LastModified"].timestamp())
 
-    def delete(self, keys: list[str]) -> None:
+    def delete(self, keys: list[str]) -> list[str]:
+        """Delete ``keys``; those the server did not delete."""
+        failed: list[str] = []
+        strip = len(self.loc.prefix)
         with self._calling("delete objects"):
             for i in range(0, len(keys), 1000):
-                self.client.delete_objects(Bucket=self.loc.bucket, Delete={
+                r = self.client.delete_objects(Bucket=self.loc.bucket, Delete={
                     "Objects": [{"Key": self.loc.key(k)} for k in keys[i:i + 1000]],
                     "Quiet": True})
+                failed += [e["Key"][strip:] for e in r.get("Errors", []) if "Key" in e]
+        return failed
 
     # -- segments -------------------------------------------------------------------------
 
@@ -261,12 +255,15 @@ class Bucket:
         with open(path, "rb") as f:
             for number, offset in enumerate(range(0, size, PART_SIZE), start=1):
                 length = min(PART_SIZE, size - offset)
+                f.seek(offset)
+                body = f.read(length)
                 etag = done.get((number, length))
-                if etag is None:
-                    f.seek(offset)
+                # A part left by an earlier upload of this key is reused only if it holds
+                # these very bytes (an unencrypted part's ETag is the MD5 of its bytes).
+                if etag is None or etag.strip('"') != hashlib.md5(body).hexdigest():
                     etag = self.client.upload_part(
                         Bucket=self.loc.bucket, Key=full, UploadId=upload_id,
-                        PartNumber=number, Body=f.read(length))["ETag"]
+                        PartNumber=number, Body=body)["ETag"]
                     sent += length
                 if progress is not None:
                     progress(length)
@@ -278,8 +275,8 @@ class Bucket:
 
     def _resumable(self, full: str, metadata: dict[str, str]
                    ) -> tuple[str, dict[tuple[int, int], str]]:
-        """An unfinished multipart upload of ``full`` with the same metadata (a killed
-        push's) and its parts, or a new one."""
+        """An unfinished multipart upload of ``full`` (a killed push's) and its parts, or a
+        new one. Its parts are checked before reuse (:meth:`_multipart`)."""
         uploads = self.client.list_multipart_uploads(
             Bucket=self.loc.bucket, Prefix=full).get("Uploads", [])
         for u in sorted(uploads, key=lambda u: u["Initiated"], reverse=True):

@@ -98,16 +98,15 @@ def remove(repo: Repo, name: str) -> None:
 @click.argument("name")
 @click.option("--prune", default="1d", show_default=True, metavar="AGE|now",
               help="Remove unreachable objects older than this (30m, 12h, 7d); 'now' removes "
-                   "them all, and is for a bucket no push is writing to (as git gc "
-                   "--prune=now).")
+                   "them all (as git gc --prune=now).")
 @click.option("--dry-run", is_flag=True, help="Count what would be removed; remove nothing.")
 @pass_repo
 def gc(repo: Repo, name: str, prune: str, dry_run: bool) -> None:
     """Remove what no branch of bucket origin NAME reaches: segments and indexes a killed
     or rejected push left, timelines no ref names any more. Everything a ref reaches
     (its timeline, its ancestors, all of their segments) is kept, and so is anything
-    younger than --prune. With --prune of an hour or more, nothing a push running now will
-    commit is removed (docs/s3.md, "Garbage")."""
+    younger than --prune. gc does not run beside a push to the bucket, nor a push commit
+    beside gc (docs/s3.md, "Garbage")."""
     from zenith.bucket.gc import MIN_GRACE
     from zenith.pageserver.retention import Window
 
@@ -120,9 +119,9 @@ def gc(repo: Repo, name: str, prune: str, dry_run: bool) -> None:
                                      param_hint="--prune")
         grace = window.seconds
     if grace < MIN_GRACE:
-        click.echo(f"warning: --prune {prune} may remove what a push to {name} running now "
-                   "has uploaded but not yet committed (it would fail, and its next run "
-                   "uploads it again); an hour or more never does", err=True)
+        click.echo(f"warning: --prune {prune} may remove small segments a pull from {name} "
+                   "running now still reads (it would fail, and work when run again); an "
+                   "hour or more does not", err=True)
     uri = repo.config.origin(name)
     words = ["origin_gc", uri, repr(grace)] + (["dry_run"] if dry_run else [])
     row = repo.query(*words, timeout=30.0).dicts()[0]

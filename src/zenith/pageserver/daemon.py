@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import ssl
 import sys
@@ -159,6 +160,8 @@ def run_pageserver(config: RepoConfig) -> None:
         log.warning("%s", warning)
     pid = PidFile(config.pid_path)
     pid.acquire(config.listen)
+    # What bucket transfers left on their way when the process was killed.
+    shutil.rmtree(config.path / transfer_service.SCRATCH, ignore_errors=True)
     repo = open_repository(config.db_path)
     try:
         server = Pageserver(config, repo, UserStore(config.users_path))

@@ -71,8 +71,9 @@ async def _bucket_fullbackup(server: Pageserver, session: Session, args: list[st
     scratch = server.config.path / SCRATCH
     scratch.mkdir(mode=0o700, parents=True, exist_ok=True)
     where = Path(tempfile.mkdtemp(prefix="export-", dir=scratch))
-    repo = open_repository(where / "repo.db", durable=False)
+    repo = None
     try:
+        repo = open_repository(where / "repo.db", durable=False)
         async with job_of(server, session.user) as job:
             pulled = await pull_from_bucket(repo, bucket, name, name, offload=job.run,
                                             timeout=server.config.transfer_timeout,
@@ -87,7 +88,8 @@ async def _bucket_fullbackup(server: Pageserver, session: Session, args: list[st
             await _send_tar(session, job, chunks, None if keep_config else
                             await job.run(disabled_settings, repo, tl.timeline_id, at))
     finally:
-        repo.close()
+        if repo is not None:
+            repo.close()
         shutil.rmtree(where, ignore_errors=True)
 
 
