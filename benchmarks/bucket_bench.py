@@ -7,30 +7,18 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import tempfile
 from pathlib import Path
 
 from tests.bucket.s3server import AWS_ENV, _start
-from tests.fixtures import PageserverProc, make_pageserver
+from tests.fixtures import make_pageserver
 
 from benchmarks.common import MiB, Section, timed
-from benchmarks.transfer_bench import _peak_rss, _restart
+from benchmarks.transfer_bench import _peak_rss, _restart, _timed_cli
 from zenith.bucket.layout import parse_s3_uri
 from zenith.bucket.store import Bucket
 
 PAGE = 8192
-
-
-def _summary_seconds(out: str) -> float:
-    m = re.search(r" in ([0-9.]+) s$", out.strip())
-    assert m, out
-    return float(m.group(1))
-
-
-def _cli(ps: PageserverProc, *args: str) -> tuple[str, float]:
-    proc, seconds = timed(lambda: ps.cli(*args, check=True, timeout=3600))
-    return proc.stdout, seconds
 
 
 def _bucket_bytes(server_client, bucket: str) -> int:  # type: ignore[no-untyped-def]
@@ -67,16 +55,13 @@ def run(total_bytes: int = 1 << 30) -> Section:
                 ps.cli("origin", "add", "backup", uri, check=True)
             laptop.cli("generate", "main", "--pages", str(pages), check=True, timeout=3600)
             _restart(laptop)
-            out, _ = _cli(laptop, "push", "main", "backup")
-            push = _summary_seconds(out)
+            _, push = _timed_cli(laptop, "push", "main", "backup")
             rss_push = _peak_rss(laptop)
             stored = _bucket_bytes(s3.client(), bucket)
             laptop.cli("generate", "main", "--pages", str(changed), "--seed", "5", check=True)
-            out, _ = _cli(laptop, "push", "main", "backup")
-            inc_push = _summary_seconds(out)
+            _, inc_push = _timed_cli(laptop, "push", "main", "backup")
             _restart(third)
-            out, _ = _cli(third, "pull", "main", "backup")
-            pull = _summary_seconds(out)
+            _, pull = _timed_cli(third, "pull", "main", "backup")
             rss_pull = _peak_rss(third)
             assert third.digest("main") == laptop.digest("main")
             index = s3.client().get_object(

@@ -9,13 +9,8 @@ import pytest
 
 from tests.bucket.s3server import S3RVER_PROFILE, S3Server
 from tests.fixtures import PageserverProc, started_pageservers
+from tests.transfer.test_push_pull import records_sent
 from zenith.bucket.layout import parse_s3_uri
-
-
-def records_sent(out: str) -> int:
-    m = re.search(r"(\d+) records", out)
-    assert m, out
-    return int(m.group(1))
 
 
 @pytest.fixture

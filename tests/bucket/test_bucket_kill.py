@@ -4,7 +4,6 @@ uploaded are reused (issue 13)."""
 
 from __future__ import annotations
 
-import re
 import subprocess
 import sys
 import time
@@ -13,14 +12,9 @@ import pytest
 
 from tests.bucket.s3server import S3Server
 from tests.fixtures import PageserverProc, started_pageservers
+from tests.transfer.test_push_pull import records_sent
 
 SEGMENT = 256 * 1024
-
-
-def records_sent(out: str) -> int:
-    m = re.search(r"(\d+) records", out)
-    assert m, out
-    return int(m.group(1))
 
 
 @pytest.fixture

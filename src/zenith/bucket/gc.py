@@ -75,6 +75,10 @@ def reachable_keys(view: BucketView) -> set[str]:
     return keys
 
 
+def _lock_body() -> bytes:
+    return f'{{"started": {time.time():.0f}}}\n'.encode()
+
+
 class PushLease:
     """A push's lock object (see the module's docstring), renewed as the push goes on."""
 
@@ -93,7 +97,7 @@ class PushLease:
 
     def renew(self) -> None:
         if time.monotonic() - self.written >= LOCK_RENEW:
-            self.bucket.put(self.key, f'{{"started": {time.time():.0f}}}\n'.encode())
+            self.bucket.put(self.key, _lock_body())
             self.written = time.monotonic()
 
     def check_no_gc(self) -> None:
@@ -115,13 +119,13 @@ def gc_bucket(bucket: Bucket, *, grace: float = DEFAULT_GRACE, dry_run: bool = F
     """Remove unreachable objects under ``timelines/`` older than ``grace`` seconds, with
     the gc lock held (refused while a push runs)."""
     try:
-        bucket.put(GC_LOCK, f'{{"started": {time.time():.0f}}}\n'.encode(), create=True)
+        bucket.put(GC_LOCK, _lock_body(), create=True)
     except Conflict:
         found = bucket.stat(GC_LOCK)
         if found is not None and found[2] > time.time() - LOCK_TTL:
             raise ObjectInUse(f"{bucket.where}: another origin gc is running",
                               hint="run it again once that one has finished") from None
-        bucket.put(GC_LOCK, f'{{"started": {time.time():.0f}}}\n'.encode())  # stale: ours
+        bucket.put(GC_LOCK, _lock_body())  # stale: ours now
     try:
         pushing = _live_push_locks(bucket)
         if pushing:

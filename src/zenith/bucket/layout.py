@@ -143,6 +143,18 @@ def segment_key(tid: TimelineId, after: Lsn, upto: Lsn, *, base: bool = False) -
             f"{'-base' if base else ''}.zseg")
 
 
+def segment_range(tid: TimelineId, key: str) -> tuple[Lsn, Lsn] | None:
+    """``(after, upto)`` of a (non-base) segment key of ``tid`` as :func:`segment_key`
+    writes it; None for any other key."""
+    name = key.removeprefix(segments_prefix(tid)).removesuffix(".zseg")
+    after, _, upto = name.partition("-")
+    try:
+        found = Lsn(int(after, 16)), Lsn(int(upto, 16))
+    except ValueError:
+        return None
+    return found if segment_key(tid, *found) == key else None
+
+
 def segments_prefix(tid: TimelineId) -> str:
     return f"timelines/{tid}/segments/"
 

@@ -24,7 +24,7 @@ import io
 import os
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Final
 
@@ -42,6 +42,7 @@ from zenith.bucket.layout import (
     index_key,
     ref_key,
     segment_key,
+    segment_range,
     segments_prefix,
 )
 from zenith.bucket.state import BucketView, read_segment
@@ -50,7 +51,7 @@ from zenith.errors import FeatureNotSupported, PushRejected
 from zenith.ids import TimelineId
 from zenith.lsn import Lsn
 from zenith.storage import Record, Repository, TimelineInfo
-from zenith.transfer.frames import FRAME_TARGET, RECORD_HEADER, AdaptiveCompressor, encode_records
+from zenith.transfer.frames import AdaptiveCompressor, cut_frames, encode_records
 from zenith.transfer.messages import (
     FrameType,
     Offer,
@@ -103,7 +104,9 @@ def push_to_bucket(
         mismatched = {p.timeline_id: p.lsn for p in points
                       if view.hash_at(p.timeline_id, p.lsn)
                       != repo.history_hash(p.timeline_id, p.lsn)}
-        since = _since(repo, source, depth)
+        since = None if depth is None else depth.since(
+            source.last_record_lsn, None if depth.seconds is None else
+            repo.commit_lsn_at(source.timeline_id, time.time() - depth.seconds))
         plan = make_plan(view, dest, offered, mismatched,  # type: ignore[arg-type]
                          pushing=True, force=force, since=since, depth=depth,
                          principal=PRINCIPAL)
@@ -172,22 +175,6 @@ def _check_conditional_writes(bucket: Bucket, view: BucketView) -> None:
              "moto); pulls from it still work")
 
 
-def _since(repo: Repository, source: TimelineInfo, depth: Depth | None) -> Lsn | None:
-    """The oldest LSN a new copy needs, from ``depth`` (as the receiver of a push to a
-    pageserver resolves it)."""
-    if depth is None:
-        return None
-    head = source.last_record_lsn
-    since: Lsn | None = None
-    if depth.lsn is not None:
-        since = depth.lsn
-    elif depth.distance is not None:
-        since = Lsn(max(0, int(head) - depth.distance))
-    elif depth.seconds is not None:
-        since = repo.commit_lsn_at(source.timeline_id, time.time() - depth.seconds)
-    return min(since, head) if since is not None else None
-
-
 class _Uploader:
     """Cuts planned ranges into segment objects and uploads them."""
 
@@ -254,9 +241,7 @@ class _Uploader:
                 buf = io.BytesIO()
                 read_segment(self.bucket, seg, buf)
                 data = buf.getvalue()
-                out.file.write(data)
-                out.size += len(data)
-                out.crc = google_crc32c.extend(out.crc, data)
+                out.append(data)
             first, last = run[0], run[-1]
             seg = Segment(segment_key(tid, first.after, last.upto), first.after, last.upto,
                           sum(r.records for r in run), sum(r.nbytes for r in run), out.size,
@@ -273,15 +258,9 @@ class _Uploader:
         if tid not in self.listed:
             found: dict[Lsn, list[tuple[Lsn, str]]] = {}
             for obj in self.bucket.list_objects(segments_prefix(tid)):
-                name = obj.key.rsplit("/", 1)[-1]
-                parts = name.removesuffix(".zseg").split("-")
-                if len(parts) != 2 or not name.endswith(".zseg"):
-                    continue
-                try:
-                    after, upto = Lsn(int(parts[0], 16)), Lsn(int(parts[1], 16))
-                except ValueError:
-                    continue
-                found.setdefault(after, []).append((upto, obj.key))
+                span = segment_range(tid, obj.key)
+                if span is not None:
+                    found.setdefault(span[0], []).append((span[1], obj.key))
             self.listed[tid] = found
         return self.listed[tid]
 
@@ -289,7 +268,7 @@ class _Uploader:
         """A segment a killed push left at ``at``, if its records are ours: the history
         hash at its end (in its metadata) must be the one we hold there."""
         for end, key in sorted(self._existing(tid).get(at, []), reverse=True):
-            if not at < end <= upto or key != segment_key(tid, at, end):
+            if not at < end <= upto:
                 continue
             found = self.bucket.stat(key)
             if found is None:
@@ -316,35 +295,26 @@ class _Uploader:
         # so a push run again after a kill resumes the same multipart upload.
         self.compressor = AdaptiveCompressor()
         with _Scratch(self.scratch) as out:
-            last = at
-            count = nbytes = 0
-            batch: list[Record] = []
-            size = 0
-            try:
+            end = upto  # unless the segment is cut before
+
+            def until_cut() -> Iterator[Record]:
+                nonlocal end
+                last = at
                 for rec in records:
                     if rec.lsn != last and out.size >= self.segment_bytes:
-                        break
-                    if batch and size >= FRAME_TARGET:
-                        out.frame(self.compressor, batch)
-                        batch, size = [], 0
-                    batch.append(rec)
-                    size += len(rec.payload) + RECORD_HEADER.size
+                        end = last
+                        return
                     last = rec.lsn
-                    count += 1
-                    nbytes += len(rec.payload)
-                    self.state.records_done += 1
-                    self.state.bytes_done += len(rec.payload)
-                else:
-                    last = upto  # every record up to the range's end
+                    yield rec
+
+            try:
+                out.write(self.compressor, cut_frames(until_cut()), self.state)
             finally:
                 close = getattr(records, "close", None)
                 if close is not None:
                     close()
-            if batch:
-                out.frame(self.compressor, batch)
-            seg_hash = self.repo.history_hash(tid, last)
-            key = segment_key(tid, at, last)
-            seg = Segment(key, at, last, count, nbytes, out.size, out.crc, seg_hash)
+            seg = Segment(segment_key(tid, at, end), at, end, out.records, out.nbytes,
+                          out.size, out.crc, self.repo.history_hash(tid, end))
             out.upload(self.uploads, seg)
         return seg
 
@@ -353,24 +323,11 @@ class _Uploader:
         digest = self.repo.history_hash(r.timeline_id, r.after)
         self.compressor = AdaptiveCompressor()
         with _Scratch(self.scratch) as out:
-            count = nbytes = 0
-            batch: list[Record] = []
-            size = 0
-            for rec in self.repo.base_records(r.timeline_id, r.after):
-                if batch and size >= FRAME_TARGET:
-                    out.frame(self.compressor, batch)
-                    batch, size = [], 0
-                batch.append(rec)
-                size += len(rec.payload) + RECORD_HEADER.size
-                count += 1
-                nbytes += len(rec.payload)
-                self.state.records_done += 1
-                self.state.bytes_done += len(rec.payload)
-            if batch:
-                out.frame(self.compressor, batch)
+            out.write(self.compressor, cut_frames(self.repo.base_records(r.timeline_id,
+                                                                         r.after)), self.state)
             key = segment_key(r.timeline_id, r.after, r.after, base=True)
-            seg = Segment(key, r.after, r.after, count, nbytes, out.size, out.crc, digest,
-                          base=True)
+            seg = Segment(key, r.after, r.after, out.records, out.nbytes, out.size, out.crc,
+                          digest, base=True)
             out.upload(self.uploads, seg)
         self._report()
         return seg
@@ -385,6 +342,7 @@ class _Scratch:
         self.file = os.fdopen(fd, "wb")
         self.size = 0
         self.crc = 0
+        self.records = self.nbytes = 0  # records written, and their payload bytes
         self.handed = False
 
     def __enter__(self) -> _Scratch:
@@ -396,11 +354,23 @@ class _Scratch:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
 
-    def frame(self, compressor: AdaptiveCompressor, batch: list[Record]) -> None:
-        wire = compressor.frame(FrameType.DATA, encode_records(batch))
-        self.file.write(wire)
-        self.size += len(wire)
-        self.crc = google_crc32c.extend(self.crc, wire)
+    def append(self, data: bytes) -> None:
+        """Frames as they are (CRC32C kept)."""
+        self.file.write(data)
+        self.size += len(data)
+        self.crc = google_crc32c.extend(self.crc, data)
+
+    def write(self, compressor: AdaptiveCompressor, batches: Iterable[list[Record]],
+              state: Progress) -> None:
+        """Each batch as one DATA frame (``transfer/frames.py``), counted here and in
+        ``state``."""
+        for batch in batches:
+            self.append(compressor.frame(FrameType.DATA, encode_records(batch)))
+            nbytes = sum(len(rec.payload) for rec in batch)
+            self.records += len(batch)
+            self.nbytes += nbytes
+            state.records_done += len(batch)
+            state.bytes_done += nbytes
 
     def upload(self, uploads: _Uploads, seg: Segment) -> None:
         """Hand the file to ``uploads`` (which removes it once sent)."""

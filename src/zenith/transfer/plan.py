@@ -50,6 +50,19 @@ class Depth:
     seconds: float | None = None
     explicit: bool = False
 
+    def since(self, head: Lsn, at_time: Lsn | None) -> Lsn | None:
+        """The oldest LSN a new copy of a branch whose head is ``head`` needs;
+        ``at_time``: the source's LSN ``seconds`` ago, as its sender found it (None: none
+        that old). None: all of it."""
+        since: Lsn | None = None
+        if self.lsn is not None:
+            since = self.lsn
+        elif self.distance is not None:
+            since = Lsn(max(0, int(head) - self.distance))
+        elif self.seconds is not None:
+            since = at_time
+        return min(since, head) if since is not None else None
+
 
 @dataclass
 class Plan:

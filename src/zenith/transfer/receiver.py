@@ -144,17 +144,8 @@ async def _prove(
         if depth is not None and depth.seconds is not None else None
     await send(channel, Ask(tuple(points), since_time), timeout)
     proof = await read_message(channel, Proof, timeout)
-    since: Lsn | None = None
-    if depth is not None:
-        head = offer.source.last_record_lsn
-        if depth.lsn is not None:
-            since = depth.lsn
-        elif depth.distance is not None:
-            since = Lsn(max(0, int(head) - depth.distance))
-        elif depth.seconds is not None:
-            since = proof.since
-        if since is not None and since > head:
-            since = head
+    since = depth.since(offer.source.last_record_lsn, proof.since) \
+        if depth is not None else None
     if len(proof.hashes) != len(points):
         raise TransferAborted(f"asked for {len(points)} proofs, got {len(proof.hashes)}")
     ours = await offload(
